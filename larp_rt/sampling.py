@@ -1,0 +1,259 @@
+"""The reference sampler: pure functions of logits, per-row parameters and a counter-based RNG.
+
+Semantics (identical in every backend and kernel; this module is the oracle):
+
+1. CFG: ``l = u + (c - u) * cfg_scale`` in float32 when the row has null-class logits ``u`` and
+   ``cfg_scale != 1``; otherwise ``l = c`` (so a request without guidance gives the same tokens whether or not
+   its batch carries CFG rows).
+2. ``temperature == 0``: greedy, ``argmax l`` (the lowest index wins ties). Otherwise ``z = float64(l) / T``.
+3. top-k (0 = off, any k up to V): keep the k largest ``z``; ties at the boundary go to the lower index.
+4. top-p (1.0 = off): order the kept tokens by (z descending, index ascending), weights ``w = exp(z - max z)``;
+   keep the smallest prefix whose mass reaches ``top_p * total`` (at least one token).
+5. Draw: one uniform ``u`` in [0, 1) from Philox4x32-10 with key = seed (64 bit) and counter =
+   (step, stream) (64 bit each); scan the kept tokens in **index order** accumulating ``w`` and take the first
+   token whose running sum exceeds ``u * total`` (float64).
+
+The log-probability of the chosen token under the filtered, renormalised distribution is
+``z_t - max z - log(sum of kept w)`` (0 for greedy).
+
+A batch given one ``SamplingParams`` with seed s gives row i the stream (s, i); a list gives each request its
+own (seed, 0): a request's tokens never depend on the batch it shares. The numpy functions here serve the
+torch-free runtime; ``larp_rt.sampling_torch`` has the same functions on tensors (device-side, no host sync).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "SamplingParams", "RowParams", "resolve_params", "philox4x32", "uniform", "sample",
+    "cfg_mix", "filtered_distribution",
+]
+
+_M32 = 0xFFFFFFFF
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to draw tokens for one request (or, given once, for every row of a batch).
+
+    cfg_scale: classifier-free guidance scale (>= 0; 1.0 = no guidance, no null-class rows).
+    temperature: >= 0; 0 = greedy. top_k: 0 = off, else 1..vocab. top_p: in (0, 1]; 1.0 = off.
+    seed: 0..2**64-1, or None to draw a fresh one (the engine reports it).
+    """
+
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self, vocab_size: int | None = None) -> SamplingParams:
+        def bad(name: str, want: str) -> ValueError:
+            return ValueError(f"SamplingParams.{name} must be {want}, got {getattr(self, name)!r}")
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+        if not is_num(self.cfg_scale) or not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise bad("cfg_scale", "a finite number >= 0 (1.0 = no guidance)")
+        if not is_num(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "a finite number >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise bad("top_k", "an int >= 0 (0 = off)")
+        if vocab_size is not None and self.top_k > vocab_size:
+            raise bad("top_k", f"at most the vocabulary size {vocab_size} (0 = off)")
+        if not is_num(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise bad("top_p", "in (0, 1] (1.0 = off)")
+        int_seed = isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
+        if self.seed is not None and (not int_seed or not 0 <= self.seed <= MAX_SEED):
+            raise bad("seed", f"None or an int in [0, {MAX_SEED}]")
+        return self
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """Per-row parameter arrays of a batch (B rows), as every sampler implementation takes them."""
+
+    cfg_scale: np.ndarray  # (B,) float32
+    temperature: np.ndarray  # (B,) float32
+    top_k: np.ndarray  # (B,) int64
+    top_p: np.ndarray  # (B,) float32
+    seed: np.ndarray  # (B,) uint64
+    stream: np.ndarray  # (B,) uint64
+
+    def __len__(self) -> int:
+        return len(self.seed)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return bool(np.any(self.cfg_scale != 1.0))
+
+
+def fresh_seed() -> int:
+    return secrets.randbits(63)
+
+
+def resolve_params(
+    params: SamplingParams | Sequence[SamplingParams], batch: int, vocab_size: int | None = None
+) -> RowParams:
+    """Validate and expand to per-row arrays; seed=None draws a fresh seed (read it back from ``.seed``).
+
+    One SamplingParams: row i gets the stream (seed, i). A list (one per request): row i gets (seed_i, 0).
+    """
+    if isinstance(params, SamplingParams):
+        params.validate(vocab_size)
+        seed = fresh_seed() if params.seed is None else int(params.seed)
+        rows = [params] * batch
+        seeds, streams = [seed] * batch, list(range(batch))
+    else:
+        rows = list(params)
+        if len(rows) != batch:
+            raise ValueError(f"params has {len(rows)} SamplingParams for {batch} class ids; give one, or one per id")
+        for i, p in enumerate(rows):
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
+            try:
+                p.validate(vocab_size)
+            except ValueError as e:
+                raise ValueError(f"params[{i}]: {e}") from None
+        seeds = [fresh_seed() if p.seed is None else int(p.seed) for p in rows]
+        streams = [0] * batch
+    return RowParams(
+        cfg_scale=np.array([p.cfg_scale for p in rows], np.float32),
+        temperature=np.array([p.temperature for p in rows], np.float32),
+        top_k=np.array([p.top_k for p in rows], np.int64),
+        top_p=np.array([p.top_p for p in rows], np.float32),
+        seed=np.array(seeds, np.uint64),
+        stream=np.array(streams, np.uint64),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Philox4x32-10 (Salmon et al. 2011), vectorised over arrays of counters
+# --------------------------------------------------------------------------------------------
+def philox4x32(counter: Sequence[np.ndarray], key: Sequence[np.ndarray], rounds: int = 10) -> list[np.ndarray]:
+    """counter: 4 uint32-valued arrays, key: 2 -> 4 uint32 arrays (uint64 dtype holding 32-bit values)."""
+    c0, c1, c2, c3 = (np.asarray(c, np.uint64) & _M32 for c in counter)
+    k0, k1 = (np.asarray(k, np.uint64) & _M32 for k in key)
+    m0, m1 = np.uint64(PHILOX_M[0]), np.uint64(PHILOX_M[1])
+    for r in range(rounds):
+        if r:
+            k0 = (k0 + np.uint64(PHILOX_W[0])) & _M32
+            k1 = (k1 + np.uint64(PHILOX_W[1])) & _M32
+        p0, p1 = m0 * c0, m1 * c2  # < 2**64: exact in uint64
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0), (p1 & _M32), ((p0 >> 32) ^ c3 ^ k1), (p0 & _M32)
+    return [c0, c1, c2, c3]
+
+
+def uniform(seed: np.ndarray, stream: np.ndarray, step: int | np.ndarray) -> np.ndarray:
+    """(B,) float64 uniforms in [0, 1) with 53 random bits: Philox(key=seed, counter=(step, stream))."""
+    seed = np.asarray(seed, np.uint64)
+    stream = np.asarray(stream, np.uint64)
+    step = np.broadcast_to(np.asarray(step, np.uint64), seed.shape)
+    x0, x1, _, _ = philox4x32(
+        (step & _M32, step >> np.uint64(32), stream & _M32, stream >> np.uint64(32)),
+        (seed & _M32, seed >> np.uint64(32)),
+    )
+    return ((x0 >> np.uint64(5)).astype(np.float64) * 67108864.0 + (x1 >> np.uint64(6)).astype(np.float64)) / 2.0**53
+
+
+# --------------------------------------------------------------------------------------------
+# the sampler
+# --------------------------------------------------------------------------------------------
+def _check_logits(name: str, x: np.ndarray, rows: int | None = None) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or (rows is not None and x.shape[0] != rows):
+        want = f"({rows}, V)" if rows is not None else "(B, V)"
+        raise ValueError(f"{name} must have shape {want}, got {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        r, i = np.argwhere(bad)[0]
+        raise ValueError(
+            f"{name} contain NaN/Inf (first at row {r}, token {i}): the model produced non-finite values; "
+            "check the weights and the precision (fp16 overflow?)"
+        )
+    return x
+
+
+def cfg_mix(cond: np.ndarray, uncond: np.ndarray | None, cfg_scale: np.ndarray) -> np.ndarray:
+    """(B, V) float32 guided logits; rows with cfg_scale == 1 (or no uncond) are ``cond`` unchanged."""
+    cond = np.asarray(cond, np.float32)
+    if uncond is None:
+        return cond
+    s = np.asarray(cfg_scale, np.float32).reshape(-1, 1)
+    mixed = uncond + (cond - uncond) * s
+    return np.where(s != 1.0, mixed, cond)
+
+
+def _kept_order(z: np.ndarray) -> np.ndarray:
+    """Indices by (z descending, index ascending)."""
+    return np.argsort(-z, kind="stable")
+
+
+def filtered_distribution(l_row: np.ndarray, temperature: float, top_k: int, top_p: float):
+    """For one row of guided logits (T > 0): (z, kept index array ascending, weights w of all tokens, max z)."""
+    z = l_row.astype(np.float64) / float(temperature)
+    V = z.shape[0]
+    zmax = z.max()
+    w = np.exp(z - zmax)
+    if (0 < top_k < V) or top_p < 1.0:
+        order = _kept_order(z)
+        if 0 < top_k < V:
+            order = order[:top_k]
+        if top_p < 1.0:
+            cum = np.cumsum(w[order])
+            n = int(np.searchsorted(cum, np.float64(np.float32(top_p)) * cum[-1], side="left")) + 1
+            order = order[: min(max(n, 1), len(order))]
+        kept = np.sort(order)
+    else:
+        kept = np.arange(V)
+    return z, kept, w, zmax
+
+
+def sample(
+    cond_logits: np.ndarray,
+    uncond_logits: np.ndarray | None,
+    params: RowParams,
+    step: int,
+    *,
+    return_logprobs: bool = False,
+):
+    """Draw one token per row. cond/uncond: (B, V) float logits (uncond = the paired null-class rows or None).
+
+    Returns (B,) int64 token ids [and (B,) float64 log-probabilities]. Never mutates its inputs.
+    """
+    B = len(params)
+    cond = _check_logits("cond_logits", cond_logits, B)
+    uncond = None if uncond_logits is None else _check_logits("uncond_logits", uncond_logits, B)
+    if uncond is not None and uncond.shape != cond.shape:
+        raise ValueError(f"uncond_logits shape {uncond.shape} must equal cond_logits shape {cond.shape}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    l = cfg_mix(cond, uncond, params.cfg_scale)
+    u = uniform(params.seed, params.stream, step)
+    tokens = np.empty(B, np.int64)
+    logp = np.zeros(B, np.float64)
+    for r in range(B):
+        T = float(params.temperature[r])
+        if T == 0.0:
+            tokens[r] = int(np.argmax(l[r]))
+            continue
+        z, kept, w, zmax = filtered_distribution(l[r], T, int(params.top_k[r]), float(params.top_p[r]))
+        cw = np.cumsum(w[kept])
+        j = int(np.searchsorted(cw, u[r] * cw[-1], side="right"))
+        t = int(kept[min(j, len(kept) - 1)])
+        tokens[r] = t
+        logp[r] = z[t] - zmax - math.log(cw[-1])
+    return (tokens, logp) if return_logprobs else tokens

@@ -1,13 +1,14 @@
 """``larp-rt`` command line.
 
-Verbs so far: ``demo`` (smoke run of the PyTorch models), ``info`` (inspect a checkpoint folder), ``presets``
-(list model presets with parameter counts). Export, engine, training, benchmark and serving verbs arrive with
-their subsystems (see the README).
+Verbs defined here: ``demo``, ``info``, ``presets``. Subsystems add their own verbs: each module named in
+``VERB_MODULES`` has ``register(subparsers)``, which adds sub-parsers whose ``fn(args) -> int`` runs the verb.
+Those modules must not import torch at import time (the CLI starts without it).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -97,6 +98,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# modules that add verbs (register(subparsers)); missing ones are skipped, so a partial install still runs
+VERB_MODULES = ("larp_rt.training.cli",)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="larp-rt", description="LARP inference runtime")
     p.add_argument("--version", action="version", version=f"larp_rt {__version__}")
@@ -114,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("presets", help="list model presets with parameter counts")
     r.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     r.set_defaults(fn=_cmd_presets)
+
+    for name in VERB_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # the module exists but one of its imports is missing: a real error
+                raise
+            continue
+        module.register(sub)
     return p
 
 

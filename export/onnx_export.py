@@ -1,0 +1,302 @@
+"""Checkpoint folders -> a bundle of ONNX graphs, verified against PyTorch.
+
+    export_bundle(tokenizer_dir, generator_dir, "bundles/larp", precision="fp32", opset=17)
+
+The graphs (see ``graphs.py``) are traced with the TorchScript-based exporter, which gives plain standard-op
+graphs that ONNX Runtime and TensorRT both take. Default opset 17 (LayerNormalization as one op; TensorRT 8.6+
+reads it); any opset in ``OPSETS`` can be chosen. Weights above ``EXTERNAL_DATA_BYTES`` go to one external
+data file per graph (``<graph>.onnx.data``). Every graph is run in ONNX Runtime (CPU) on random inputs and
+compared with PyTorch; beyond the stated tolerances the export fails and nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..bundle import BundleWriter
+from ..checkpoint import load_pretrained, save_pretrained
+from ..config import find_multiple
+from ..models import LARPGenerator, LARPTokenizer
+from .graphs import DecodeGraph, DecoderGraph, EncoderGraph, kv_names
+
+log = logging.getLogger(__name__)
+
+OPSETS = range(14, 21)
+DEFAULT_OPSET = 17
+EXTERNAL_DATA_BYTES = 256 << 20
+# max |ort - torch| allowed, by precision; indices must agree except at near-ties (checked separately)
+TOLERANCES = {
+    "fp32": {"latents": 1e-4, "video": 1e-4, "logits": 1e-3, "kv": 1e-4},
+    "fp16": {"latents": 2e-2, "video": 2e-2, "logits": 5e-2, "kv": 2e-2},
+}
+
+
+class ExportError(RuntimeError):
+    """Export or its verification failed; nothing was written."""
+
+
+@dataclass
+class GraphCheck:
+    graph: str
+    output: str
+    max_abs: float
+    max_rel: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs <= self.tol
+
+    def line(self) -> str:
+        status = "ok" if self.ok else "FAIL"
+        return (f"  {self.graph:<8} {self.output:<12} max abs {self.max_abs:.3e}  max rel {self.max_rel:.3e}  "
+                f"(tol {self.tol:.0e}) {status}")
+
+
+def _io(name: str, dtype: str, shape: list) -> dict[str, Any]:
+    return {"name": name, "dtype": dtype, "shape": shape}
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic: dict[str, dict[int, str]], opset: int) -> list[str]:
+    """Trace ``module`` to ``path``; returns the files written (graph [+ external data])."""
+    import onnx
+
+    module.eval()  # wrappers start in train mode, and the exporter restores the mode it found (dropout!)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        raw = os.path.join(tmp, "g.onnx")
+        torch.onnx.export(module, args, raw, input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+        model = onnx.load(raw, load_external_data=True)
+    onnx.checker.check_model(model, full_check=False)
+    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        data = path.name + ".data"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        return [path.name, data]
+    onnx.save_model(model, str(path))
+    return [path.name]
+
+
+def _ort_session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _compare(graph: str, output: str, ours: np.ndarray, ref: np.ndarray, tol: float) -> GraphCheck:
+    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = max_abs / max(float(np.abs(ref).max()) if ref.size else 0.0, 1e-12)  # relative to the output's scale
+    return GraphCheck(graph, output, max_abs, max_rel, tol)
+
+
+def _check_indices(idx_ort: np.ndarray, z_ref: np.ndarray, codes: np.ndarray, idx_ref: np.ndarray, tol: float):
+    """Indices may differ only where the top-2 cosines are within the latent tolerance (a near-tie)."""
+    bad = idx_ort != idx_ref
+    if not bad.any():
+        return 0
+    cos = z_ref[bad] @ codes.T  # (M, K)
+    gap = np.abs(np.take_along_axis(cos, idx_ort[bad][:, None], 1) - np.take_along_axis(cos, idx_ref[bad][:, None], 1))
+    if (gap > 4 * tol).any():
+        raise ExportError(f"encoder indices disagree with PyTorch beyond near-ties (max cosine gap {gap.max():.2e})")
+    return int(bad.sum())
+
+
+def export_bundle(
+    tokenizer_dir: str | os.PathLike | None,
+    generator_dir: str | os.PathLike | None,
+    bundle_dir: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    onnx_only: bool = False,
+    verify: bool = True,
+    overwrite: bool = False,
+    batch: int = 2,
+    seed: int = 0,
+    printer=print,
+) -> Path:
+    """Export a tokenizer and/or a generator checkpoint folder (ours or the authors') to a verified bundle."""
+    if tokenizer_dir is None and generator_dir is None:
+        raise ValueError("give a tokenizer and/or a generator checkpoint folder")
+    if precision not in TOLERANCES:
+        raise ValueError(f"precision must be one of {sorted(TOLERANCES)}, got {precision!r}")
+    if opset not in OPSETS:
+        raise ValueError(f"opset must be in [{OPSETS.start}, {OPSETS.stop - 1}], got {opset}")
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    tol = TOLERANCES[precision]
+    tok = load_pretrained(tokenizer_dir, kind="tokenizer", with_prior=False) if tokenizer_dir is not None else None
+    gen = load_pretrained(generator_dir, kind="generator") if generator_dir is not None else None
+    if tok is not None and gen is not None:
+        t, g = tok.config, gen.config
+        if g.vocab_size != t.codebook_size or g.max_seq_len != t.num_tokens:
+            raise ValueError(
+                f"generator (vocab {g.vocab_size}, {g.max_seq_len} tokens) does not match the tokenizer "
+                f"(codebook {t.codebook_size}, {t.num_tokens} tokens)"
+            )
+    checks: list[GraphCheck] = []
+    gen_rng = torch.Generator().manual_seed(seed)
+    with BundleWriter(bundle_dir, overwrite=overwrite) as w, torch.no_grad():
+        m = w.manifest
+        m.update({
+            "precision": precision,
+            "created_by": {"larp_rt": __version__, "torch": torch.__version__, "onnx": _onnx_version(), "opset": opset},
+            "tokenizer": None, "generator": None, "checkpoints": {},
+        })
+        if tok is not None:
+            checks += _export_tokenizer(w, tok, dtype, opset, batch, gen_rng, tol, verify)
+            m["tokenizer"] = {"config": tok.config.to_dict()}
+            if not onnx_only:
+                save_pretrained(tok, w.path("torch/tokenizer"))
+                m["checkpoints"]["tokenizer"] = "torch/tokenizer"
+                w.add_file("torch/tokenizer/config.json")
+                w.add_file("torch/tokenizer/model.safetensors")
+        if gen is not None:
+            checks += _export_generator(w, gen, dtype, opset, batch, gen_rng, tol, verify)
+            cfg = gen.config
+            m["generator"] = {
+                "config": cfg.to_dict(),
+                "kv_cache": {"layers": cfg.n_layer, "heads": cfg.n_head, "head_dim": cfg.head_dim,
+                             "max_seq": find_multiple(cfg.num_positions, 8), "dtype": precision},
+            }
+            m["default_sampling"] = {"cfg_scale": 1.25 if gen.has_null_class else 1.0, "temperature": 1.0,
+                                     "top_k": 0, "top_p": 1.0}
+            if not onnx_only:
+                save_pretrained(gen, w.path("torch/generator"))
+                m["checkpoints"]["generator"] = "torch/generator"
+                w.add_file("torch/generator/config.json")
+                w.add_file("torch/generator/model.safetensors")
+        if verify:
+            printer(f"verification against PyTorch ({precision}, ONNX Runtime CPU):")
+            for c in checks:
+                printer(c.line())
+            m["verification"] = [{"graph": c.graph, "output": c.output, "max_abs": c.max_abs, "max_rel": c.max_rel,
+                                  "tol": c.tol} for c in checks]
+            failed = [c for c in checks if not c.ok]
+            if failed:
+                raise ExportError(
+                    "verification failed for " + ", ".join(f"{c.graph}.{c.output}" for c in failed)
+                    + " (errors above the tolerance); nothing was written. Pass --no-verify to write it anyway."
+                )
+        out = w.commit()
+    printer(f"bundle written to {out}")
+    return out
+
+
+def _onnx_version() -> str:
+    import onnx
+
+    return onnx.__version__
+
+
+def _export_tokenizer(w: BundleWriter, tok: LARPTokenizer, dtype, opset, batch, rng, tol, verify) -> list[GraphCheck]:
+    cfg = tok.config
+    tok = tok.to(dtype).eval()
+    C, T, H, W = cfg.video_shape
+    N, d = cfg.num_tokens, cfg.code_dim
+    video = torch.rand(batch, C, T, H, W, generator=rng)
+    enc = EncoderGraph(tok)
+    files = _export(enc, (video,), w.path("encoder.onnx"), ["video"], ["indices", "latents"],
+                    {"video": {0: "B"}, "indices": {0: "B"}, "latents": {0: "B"}}, opset)
+    w.add_graph("encoder", files[0], [_io("video", "float32", ["B", C, T, H, W])],
+                [_io("indices", "int64", ["B", N]), _io("latents", "float32", ["B", N, d])], files[1:])
+    indices = torch.randint(0, cfg.codebook_size, (batch, N), generator=rng)
+    dec = DecoderGraph(tok)
+    files = _export(dec, (indices,), w.path("decoder.onnx"), ["indices"], ["video"],
+                    {"indices": {0: "B"}, "video": {0: "B"}}, opset)
+    w.add_graph("decoder", files[0], [_io("indices", "int64", ["B", N])],
+                [_io("video", "float32", ["B", C, T, H, W])], files[1:])
+    if not verify:
+        return []
+    checks = []
+    idx_ref, z_ref = enc(video)
+    idx_ort, z_ort = _ort_session(w.path("encoder.onnx")).run(None, {"video": video.numpy()})
+    checks.append(_compare("encoder", "latents", z_ort, z_ref.numpy(), tol["latents"]))
+    codes = tok.bottleneck.regularizer.codebook().float().numpy()
+    _check_indices(idx_ort, z_ref.numpy(), codes, idx_ref.numpy(), tol["latents"])
+    (vid_ort,) = _ort_session(w.path("decoder.onnx")).run(None, {"indices": indices.numpy()})
+    checks.append(_compare("decoder", "video", vid_ort, dec(indices).numpy(), tol["video"]))
+    return checks
+
+
+def _export_generator(w: BundleWriter, gen: LARPGenerator, dtype, opset, batch, rng, tol, verify) -> list[GraphCheck]:
+    cfg = gen.config
+    gen = gen.to(dtype).eval()
+    H, hd, L, V = cfg.n_head, cfg.head_dim, cfg.n_layer, cfg.vocab_size
+    S = find_multiple(cfg.num_positions, 8)
+    kv_dtype = "float16" if dtype == torch.float16 else "float32"
+    past, present = kv_names("past", L), kv_names("present", L)
+    token = torch.randint(0, V, (batch, 1), generator=rng)
+    pos = torch.tensor([int(torch.randint(1, cfg.num_positions, (1,), generator=rng))])
+    caches = [torch.randn(batch, H, S, hd, generator=rng).to(dtype) for _ in past]
+    dec = DecodeGraph(gen)
+    files = _export(dec, (token, pos, *caches), w.path("decode.onnx"), ["token", "pos", *past], ["logits", *present],
+                    {"token": {0: "B"}, "logits": {0: "B"}, **{n: {0: "B", 2: "S"} for n in past},
+                     **{n: {0: "B"} for n in present}}, opset)
+    w.add_graph("decode", files[0],
+                [_io("token", "int64", ["B", 1]), _io("pos", "int64", [1])]
+                + [_io(n, kv_dtype, ["B", H, "S", hd]) for n in past],
+                [_io("logits", "float32", ["B", V])] + [_io(n, kv_dtype, ["B", H, 1, hd]) for n in present],
+                files[1:])
+    if not verify:
+        return []
+    sess = _ort_session(w.path("decode.onnx"))
+    checks = []
+    # a step mid-sequence, against the model's own cached step (SDPA over a cache holding the same past)
+    feeds = {"token": token.numpy(), "pos": pos.numpy(), **{n: c.numpy() for n, c in zip(past, caches, strict=True)}}
+    out = sess.run(None, feeds)
+    ref_logits, ref_kv = _model_step(gen, token, pos, caches)
+    checks.append(_compare("decode", "logits", out[0], ref_logits.float().numpy(), tol["logits"]))
+    checks.append(_compare("decode", "present", np.stack(out[1:]).astype(np.float32), ref_kv, tol["kv"]))
+    # the prefill: class tokens at position 0, against the model's prefill
+    hi = cfg.num_classes + int(gen.has_null_class)
+    class_ids = torch.randint(0, hi, (batch,), generator=rng)
+    feeds = {"token": (V + class_ids).view(-1, 1).numpy(), "pos": np.zeros(1, np.int64),
+             **{n: c.numpy() for n, c in zip(past, caches, strict=True)}}
+    out = sess.run(None, feeds)
+    gen.setup_caches(batch, S, dtype=caches[0].dtype)
+    try:
+        ref = gen.prefill(class_ids)
+        ref_kv = _cache_slot(gen, 0)
+    finally:
+        gen.clear_caches()
+    checks.append(_compare("prefill", "logits", out[0], ref.float().numpy(), tol["logits"]))
+    checks.append(_compare("prefill", "present", np.stack(out[1:]).astype(np.float32), ref_kv, tol["kv"]))
+    return checks
+
+
+def _cache_slot(gen: LARPGenerator, pos: int) -> np.ndarray:
+    """(2L, B, h, 1, hd) float32: the model's cache entries at ``pos``, in graph output order."""
+    kv = []
+    for layer in gen.layers:
+        c = layer.attention.kv_cache
+        kv += [c.k_cache[:, :, pos : pos + 1], c.v_cache[:, :, pos : pos + 1]]
+    return torch.stack(kv).float().numpy()
+
+
+def _model_step(gen: LARPGenerator, token, pos, caches) -> tuple[torch.Tensor, np.ndarray]:
+    """The PyTorch model's decode_one_token with its KV cache holding ``caches`` (the reference)."""
+    B, _, S, _ = caches[0].shape
+    gen.setup_caches(B, S, dtype=caches[0].dtype)
+    try:
+        for i, layer in enumerate(gen.layers):
+            layer.attention.kv_cache.k_cache.copy_(caches[2 * i])
+            layer.attention.kv_cache.v_cache.copy_(caches[2 * i + 1])
+        return gen.decode_one_token(token, pos), _cache_slot(gen, int(pos))
+    finally:
+        gen.clear_caches()

@@ -1,0 +1,5 @@
+"""Backends: onnxruntime.py (the embedded default), torch.py (reference / CUDA path); same small interface."""
+
+from .base import Backend, StepEvent
+
+__all__ = ["Backend", "StepEvent"]

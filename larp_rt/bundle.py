@@ -1,0 +1,193 @@
+"""Bundles: one self-describing directory per deployable (``manifest.json`` + ONNX graphs [+ checkpoints]).
+
+Reading a bundle validates everything up front — the format version, the configs, every file's presence and
+sha256, the graphs' I/O names — and fails with a message saying what to do (re-export, upgrade larp_rt).
+Writing goes to a temporary sibling directory that is renamed into place only when complete, so a failed
+export never leaves a partial bundle. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, GeneratorConfig, TokenizerConfig
+
+__all__ = ["BundleError", "Bundle", "BundleWriter", "sha256_file", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "larp_rt.bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPHS = ("encoder", "decoder", "prefill", "decode")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, altered, of an unknown version or inconsistent; the message says what to do."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    name: str
+    file: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+
+class Bundle:
+    """A validated bundle directory (read-only)."""
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise BundleError(f"bundle {str(self.path)!r} does not exist or is not a directory; "
+                              "create one with `larp-rt export`")
+        mpath = self.path / MANIFEST
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except FileNotFoundError:
+            raise BundleError(
+                f"{str(mpath)!r} is missing: not a larp_rt bundle (create one with `larp-rt export`)"
+            ) from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{str(mpath)!r} is not valid JSON ({e}); re-export the bundle") from e
+        m = self.manifest
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise BundleError(f"{str(mpath)!r} is not a larp_rt bundle manifest (format != {FORMAT!r}); re-export")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"{str(mpath)!r} has bundle format_version {m.get('format_version')!r}; this larp_rt "
+                f"reads version {FORMAT_VERSION}: upgrade larp_rt or re-export the bundle with this version"
+            )
+        try:
+            tc = m.get("tokenizer")
+            gc = m.get("generator")
+            self.tokenizer_config = TokenizerConfig.from_dict(tc["config"]) if tc else None
+            self.generator_config = GeneratorConfig.from_dict(gc["config"]) if gc else None
+        except (ConfigError, KeyError, TypeError) as e:
+            raise BundleError(f"{str(mpath)!r} holds an invalid model config ({e}); re-export the bundle") from e
+        if self.tokenizer_config is None and self.generator_config is None:
+            raise BundleError(f"{str(mpath)!r} holds neither a tokenizer nor a generator")
+        self.graphs: dict[str, GraphInfo] = {}
+        for name, g in (m.get("graphs") or {}).items():
+            if name not in GRAPHS:
+                raise BundleError(f"{str(mpath)!r}: unknown graph {name!r} (known: {', '.join(GRAPHS)})")
+            try:
+                self.graphs[name] = GraphInfo(name, g["file"], list(g["inputs"]), list(g["outputs"]))
+            except (KeyError, TypeError) as e:
+                raise BundleError(f"{str(mpath)!r}: graph {name!r} entry is malformed ({e}); re-export") from e
+        self.files: dict[str, str] = dict(m.get("files") or {})
+        for rel in self.files:
+            p = (self.path / rel).resolve()
+            if self.path.resolve() not in p.parents:
+                raise BundleError(f"{str(mpath)!r}: file {rel!r} points outside the bundle")
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Check every listed file exists and has its recorded sha256."""
+        for rel, digest in self.files.items():
+            p = self.path / rel
+            if not p.is_file():
+                raise BundleError(f"bundle file {str(p)!r} is missing; re-export the bundle")
+            if sha256_file(p) != digest:
+                raise BundleError(
+                    f"bundle file {str(p)!r} was altered (sha256 mismatch with manifest.json); re-export the bundle"
+                )
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def precision(self) -> str:
+        return self.manifest.get("precision", "fp32")
+
+    @property
+    def default_sampling(self) -> dict[str, Any]:
+        return dict(self.manifest.get("default_sampling") or {})
+
+    def graph(self, name: str) -> GraphInfo:
+        if name not in self.graphs:
+            raise BundleError(
+                f"bundle {str(self.path)!r} has no {name!r} graph (it has: {', '.join(self.graphs) or 'none'}); "
+                "export it with the matching --tokenizer/--generator"
+            )
+        return self.graphs[name]
+
+    def graph_path(self, name: str) -> Path:
+        return self.path / self.graph(name).file
+
+    def checkpoint_dir(self, kind: str) -> Path | None:
+        rel = (self.manifest.get("checkpoints") or {}).get(kind)
+        return None if rel is None else self.path / rel
+
+    @property
+    def kv_cache(self) -> dict[str, Any]:
+        return dict((self.manifest.get("generator") or {}).get("kv_cache") or {})
+
+
+class BundleWriter:
+    """Collects files in a temporary directory beside ``dest``; ``commit`` writes the manifest and renames."""
+
+    def __init__(self, dest: str | os.PathLike, *, overwrite: bool = False):
+        self.dest = Path(dest)
+        if self.dest.exists() and not overwrite:
+            raise BundleError(f"{str(self.dest)!r} already exists; choose another directory or pass --force")
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        self.manifest: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "graphs": {}, "files": {}}
+
+    def path(self, rel: str) -> Path:
+        p = self.tmp / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def add_file(self, rel: str) -> None:
+        self.manifest["files"][rel] = sha256_file(self.tmp / rel)
+
+    def add_graph(self, name: str, file: str, inputs: list[dict], outputs: list[dict], extra_files=()) -> None:
+        self.manifest["graphs"][name] = {"file": file, "inputs": inputs, "outputs": outputs}
+        for rel in (file, *extra_files):
+            self.add_file(rel)
+
+    def commit(self) -> Path:
+        (self.tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
+        os.chmod(self.tmp, 0o755)  # mkdtemp makes it private
+        Bundle(self.tmp, verify=True)  # what we wrote must read back
+        if self.dest.exists():
+            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
+            os.replace(self.dest, old)
+            os.replace(self.tmp, self.dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dest)
+        return self.dest
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,222 @@
+"""``larp_rt.Engine``: encode, decode and generate over one backend of a bundle.
+
+    eng = Engine("bundles/larp-tiny")                        # ONNX Runtime (CPU, or CUDA/TensorRT EPs) by default
+    tokens = eng.encode(video)                               # (B,3,T,H,W) float in [0,1] or uint8 (B,T,H,W,3)
+    video = eng.decode(tokens)                               # -> (B,3,T,H,W) float32 in [0,1]
+    out = eng.generate([3, 7], SamplingParams(cfg_scale=1.25, seed=0))
+    out.tokens, out.seeds                                    # (2, N) int64; the seed of every request
+
+Every argument is validated here, at the boundary, with an error that names it; backends get clean arrays.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bundle import Bundle
+from .sampling import RowParams, SamplingParams, resolve_params
+
+__all__ = ["Engine", "Generation"]
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "onnxruntime", "torch")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The result of ``Engine.generate``: tokens (B, N) int64 and the seed each request used (drawn when None)."""
+
+    tokens: np.ndarray
+    seeds: list[int]
+    params: list[SamplingParams]
+
+    def __array__(self, dtype=None, copy=None):
+        return self.tokens if dtype is None else self.tokens.astype(dtype)
+
+
+class Engine:
+    def __init__(
+        self,
+        bundle: str | os.PathLike | Bundle,
+        backend: str = "auto",
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        verify: bool = True,
+    ):
+        """Load a bundle. backend: "auto" (ONNX Runtime if installed, else torch), "onnxruntime", "torch".
+        device: "auto", "cpu" or "cuda". threads: intra-op threads (default: the backend's).
+        verify: check every file's sha256 against the manifest (default; False trusts the files)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
+        if backend == "auto":
+            backend = "onnxruntime" if self.bundle.graphs and importlib.util.find_spec("onnxruntime") else "torch"
+        if backend == "onnxruntime":
+            from .backends.onnxruntime import OnnxRuntimeBackend
+
+            self.backend = OnnxRuntimeBackend(self.bundle, device=device, threads=threads)
+        else:
+            from .backends.torch import TorchBackend
+
+            self.backend = TorchBackend(self.bundle, device=device, threads=threads)
+        self.tokenizer_config = self.bundle.tokenizer_config
+        self.generator_config = self.bundle.generator_config
+        defaults = self.bundle.default_sampling
+        self.default_params = SamplingParams(**{k: defaults[k] for k in ("cfg_scale", "temperature", "top_k", "top_p")
+                                                if k in defaults})
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------
+    # tokenizer
+    # ------------------------------------------------------------------------------------------
+    def _need(self, part: str):
+        cfg = self.tokenizer_config if part == "tokenizer" else self.generator_config
+        if cfg is None:
+            raise ValueError(f"bundle {str(self.bundle.path)!r} has no {part}; export one with --{part}")
+        return cfg
+
+    def encode(self, video) -> np.ndarray:
+        """Video (B, C, T, H, W) float in [0, 1], or uint8 frames (B, T, H, W, C) -> tokens (B, N) int64."""
+        return self.backend.encode(self.check_video(video))
+
+    def decode(self, tokens) -> np.ndarray:
+        """Tokens (B, N) ints in [0, codebook) -> video (B, C, T, H, W) float32 in [0, 1]."""
+        return self.backend.decode(self.check_tokens(tokens))
+
+    def check_video(self, video) -> np.ndarray:
+        cfg = self._need("tokenizer")
+        C, T, H, W = cfg.video_shape
+        x = _as_array(video, "video")
+        if x.dtype == np.uint8:
+            if x.ndim != 5 or x.shape[1:] != (T, H, W, C) or x.shape[0] == 0:
+                raise ValueError(f"uint8 video must have shape (B, {T}, {H}, {W}, {C}) (frames, channels last), "
+                                 f"got {x.shape}; use larp_rt.video.fit_clip to resize/crop")
+            return np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3), dtype=np.float32) / np.float32(255.0)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"video must be float in [0, 1] (B, {C}, {T}, {H}, {W}) or uint8 (B, {T}, {H}, {W}, {C}), "
+                             f"got dtype {x.dtype}")
+        if x.ndim != 5 or x.shape[1:] != (C, T, H, W) or x.shape[0] == 0:
+            raise ValueError(f"float video must have shape (B, {C}, {T}, {H}, {W}) (channels first), got {x.shape}; "
+                             "add a batch axis with video[None] or resize with larp_rt.video.fit_clip")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        lo, hi = float(x.min()), float(x.max())
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
+            raise ValueError(f"video values must be finite and in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+        return x
+
+    def check_tokens(self, tokens) -> np.ndarray:
+        cfg = self._need("tokenizer")
+        x = _as_array(tokens, "tokens")
+        if not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {x.dtype}")
+        if x.ndim != 2 or x.shape[1] != cfg.num_tokens or x.shape[0] == 0:
+            raise ValueError(f"tokens must have shape (B, {cfg.num_tokens}), got {x.shape}")
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= cfg.codebook_size:
+            raise ValueError(f"tokens must be in [0, {cfg.codebook_size - 1}] (the codebook), got [{lo}, {hi}]")
+        return np.ascontiguousarray(x, dtype=np.int64)
+
+    # ------------------------------------------------------------------------------------------
+    # generator
+    # ------------------------------------------------------------------------------------------
+    def check_class_ids(self, class_ids) -> np.ndarray:
+        cfg = self._need("generator")
+        ids = _as_array(class_ids, "class_ids")
+        if ids.ndim == 0:
+            ids = ids.reshape(1)
+        if ids.ndim != 1 or ids.size == 0 or not (np.issubdtype(ids.dtype, np.integer) or ids.dtype == bool):
+            raise ValueError(f"class_ids must be a non-empty 1-D sequence of ints, got {ids.dtype} {ids.shape}")
+        ids = ids.astype(np.int64)
+        bad = ids[(ids < 0) | (ids >= cfg.num_classes)]
+        if bad.size:
+            raise ValueError(f"class_ids must be in [0, {cfg.num_classes - 1}] ({cfg.num_classes} classes), "
+                             f"got {bad.tolist()}")
+        return ids
+
+    def _rows(self, class_ids, params) -> tuple[np.ndarray, RowParams, list[SamplingParams]]:
+        ids = self.check_class_ids(class_ids)
+        cfg = self.generator_config
+        if params is None:
+            params = self.default_params
+        rp = resolve_params(params, len(ids), cfg.vocab_size)
+        plist = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
+        if rp.uses_cfg and not self._has_null_class():
+            raise ValueError("cfg_scale != 1 needs a generator trained with class dropout (a null class); "
+                             "this one has none: use cfg_scale=1.0")
+        return ids, rp, plist
+
+    def _has_null_class(self) -> bool:
+        return self.generator_config.class_dropout_prob > 0
+
+    def generate_iter(self, class_ids, params: SamplingParams | Sequence[SamplingParams] | None = None):
+        """Yield a StepEvent per position (``.step``, ``.total``, ``.tokens`` (B,)); returns the Generation."""
+        ids, rp, plist = self._rows(class_ids, params)
+        out = np.empty((len(ids), self.generator_config.max_seq_len), np.int64)
+        for ev in self.backend.generate_iter(ids, rp):
+            out[:, ev.step] = ev.tokens
+            yield ev
+        return Generation(out, [int(s) for s in rp.seed], plist)
+
+    def generate(
+        self,
+        class_ids,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Sample token sequences for ``class_ids``. ``params``: one SamplingParams for the whole batch (row i
+        draws from the stream (seed, i)), a list with one per class id (each its own stream), or None for the
+        bundle's defaults with a fresh seed. ``progress(step, total)`` is called after every position."""
+        it = self.generate_iter(class_ids, params)
+        while True:
+            try:
+                ev = next(it)
+            except StopIteration as stop:
+                return stop.value
+            if progress is not None:
+                progress(ev.step + 1, ev.total)
+
+    def generate_video(self, class_ids, params=None, *, progress=None) -> tuple[np.ndarray, Generation]:
+        """generate + decode: (B, C, T, H, W) float32 videos and the Generation."""
+        self._need("tokenizer")
+        gen = self.generate(class_ids, params, progress=progress)
+        return self.decode(gen.tokens), gen
+
+    def __repr__(self) -> str:
+        parts = [p for p, c in (("tokenizer", self.tokenizer_config), ("generator", self.generator_config)) if c]
+        return f"Engine({str(self.bundle.path)!r}, backend={self.backend_name!r}, parts={parts})"
+
+
+def _as_array(x, name: str) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
+        return x.detach().cpu().numpy()
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be array-like, got {type(x).__name__}") from e
+

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import json
 import sys
-import time
+from pathlib import Path
 
 from . import __version__
 from .config import GeneratorConfig, PriorConfig, TokenizerConfig
@@ -56,50 +56,124 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Smoke run: build the tiny tokenizer + generator (random init), round-trip a random video, generate tokens."""
-    import torch
+    from .demo import run_demo
 
-    from .models import LARPGenerator, LARPTokenizer
-
-    torch.manual_seed(args.seed)
-    tcfg, gcfg = TokenizerConfig.from_name("tiny"), GeneratorConfig.from_name("tiny")
-    print(f"larp_rt {__version__} demo (PyTorch, CPU). NOTE: randomly initialised tiny models, not trained ones: "
-          "outputs are noise; this checks the pipeline end to end.")
-    tok, gen = LARPTokenizer(tcfg).eval(), LARPGenerator(gcfg).eval()
-    torch.nn.init.normal_(tok.final_layer.linear.weight, std=0.02)  # authors' init zeroes the output layers
-    torch.nn.init.normal_(gen.output.weight, std=0.02)
-    print(f"tokenizer: {_param_count(tok) / 1e6:.2f}M params, video {tcfg.video_shape} -> {tcfg.num_tokens} tokens "
-          f"(codebook {tcfg.codebook_size}); generator: {_param_count(gen) / 1e6:.2f}M params")
-
-    video = torch.rand(args.batch, *tcfg.video_shape)
-    t0 = time.perf_counter()
-    tokens = tok.encode(video)
-    t1 = time.perf_counter()
-    recon = tok.decode(tokens)
-    t2 = time.perf_counter()
-    print(f"encode {tuple(video.shape)} -> tokens {tuple(tokens.shape)} in {1e3 * (t1 - t0):.1f} ms; "
-          f"decode -> {tuple(recon.shape)} in [{recon.min():.3f}, {recon.max():.3f}] in {1e3 * (t2 - t1):.1f} ms")
-
-    with torch.inference_mode():
-        gen.setup_caches(args.batch)
-        classes = torch.arange(args.batch) % gcfg.num_classes
-        t0 = time.perf_counter()
-        nxt = gen.prefill(classes).argmax(-1, keepdim=True)
-        out = [nxt]
-        for k in range(1, gcfg.max_seq_len):
-            nxt = gen.decode_one_token(nxt, torch.tensor([gcfg.cls_token_num + k - 1])).argmax(-1, keepdim=True)
-            out.append(nxt)
-        dt = time.perf_counter() - t0
-    seq = torch.cat(out, dim=1)
-    video_out = tok.decode(seq)
-    print(f"greedy generation of {tuple(seq.shape)} tokens for classes {classes.tolist()}: "
-          f"{1e3 * dt / gcfg.max_seq_len:.2f} ms/token; decoded to {tuple(video_out.shape)}")
+    run_demo(args.out, args.tokenizer, args.generator, seed=args.seed, scale=args.scale)
     print("demo ok")
     return 0
 
 
+def _params(args: argparse.Namespace):
+    from .sampling import SamplingParams
+
+    return SamplingParams(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed)
+
+
+def _engine(args: argparse.Namespace):
+    from .engine import Engine
+
+    return Engine(args.bundle, backend=args.backend, device=args.device, threads=args.threads)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .video import grid, write_video
+
+    try:
+        classes = [int(c) for c in args.classes.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated ints, got {args.classes!r}") from None
+    out = Path(args.out)
+    if out.suffix.lower() not in (".mp4", ".gif", ".npy"):
+        raise ValueError(f"--out must end in .mp4, .gif or .npy, got {args.out!r}")
+    eng = _engine(args)
+    params = _params(args)
+    if args.cfg_scale is None:
+        params = params.__class__(**{**params.__dict__, "cfg_scale": eng.default_params.cfg_scale})
+    step = max(1, eng.generator_config.max_seq_len // 10)
+    result = eng.generate(classes, params, progress=lambda k, n: print(f"\r  token {k}/{n}", end="", flush=True)
+                          if k % step == 0 or k == n else None)
+    print()
+    if out.suffix.lower() == ".npy":
+        np.save(out, result.tokens)  # tokens only
+        print(f"wrote tokens {result.tokens.shape} to {out}")
+    else:
+        videos = eng.decode(result.tokens)
+        write_video(out, grid(videos, scale=args.scale), fps=args.fps)
+        print(f"wrote {len(classes)} videos (grid) to {out}")
+    print(f"seeds: {result.seeds}")
+    return 0
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .video import fit_clip, read_video
+
+    eng = _engine(args)
+    cfg = eng.tokenizer_config
+    if cfg is None:
+        raise ValueError(f"bundle {args.bundle!r} has no tokenizer")
+    frames, _ = read_video(args.video)
+    C, T, H, W = cfg.video_shape
+    clip, notes = fit_clip(frames, T, H, W)
+    for n in notes:
+        print(f"note: {n} (the model takes {T}x{H}x{W})")
+    tokens = eng.encode(clip[None])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, tokens)
+    print(f"wrote tokens {tokens.shape} to {out}")
+    return 0
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .video import grid, write_video
+
+    try:
+        tokens = np.load(args.tokens, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read tokens from {args.tokens!r}: {e}") from e
+    eng = _engine(args)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    videos = eng.decode(tokens)
+    write_video(args.out, grid(videos, scale=args.scale), fps=args.fps)
+    print(f"wrote {videos.shape[0]} video(s) to {args.out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_engine
+
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise ValueError(f"--batch must be comma-separated ints, got {args.batch!r}") from None
+    backends = tuple(b.strip() for b in args.backends.split(","))
+    bench_engine(args.bundle, backends=backends, batches=batches, repeats=args.repeats, cfg_scale=args.cfg_scale,
+                 threads=args.threads)
+    return 0
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="bundle directory (from `larp-rt export`)")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
+
+
+def _video_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--scale", type=int, default=1, help="integer upscaling of the written frames (nearest)")
+
+
 # modules that add verbs (register(subparsers)); missing ones are skipped, so a partial install still runs
-VERB_MODULES = ("larp_rt.training.cli",)
+VERB_MODULES = ("larp_rt.export.cli", "larp_rt.training.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,10 +181,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"larp_rt {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="smoke run: tiny models, random video round trip, greedy generation")
-    d.add_argument("--batch", type=int, default=2, help="videos per batch (default 2)")
+    d = sub.add_parser("demo", help="export the tiny pair, generate a video grid with ONNX Runtime, time it")
+    d.add_argument("--out", default="out/demo", help="output folder (bundle, samples.mp4, samples.gif)")
+    d.add_argument("--tokenizer", help="tokenizer checkpoint (default: the committed tiny one)")
+    d.add_argument("--generator", help="generator checkpoint (default: the committed tiny one)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--scale", type=int, default=4, help="upscaling of the written grid")
     d.set_defaults(fn=_cmd_demo)
+
+    g = sub.add_parser("generate", help="sample class-conditional videos (or tokens) from a bundle")
+    _engine_args(g)
+    g.add_argument("--classes", required=True, help="comma-separated class ids, e.g. 0,3,5")
+    g.add_argument("--out", required=True, help="output .mp4 / .gif (a grid of the videos) or .npy (tokens)")
+    g.add_argument("--seed", type=int, default=None, help="seed (default: a fresh one, printed)")
+    g.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the bundle's)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    _video_args(g)
+    g.set_defaults(fn=_cmd_generate)
+
+    e = sub.add_parser("encode", help="video file -> tokens .npy (resized/cropped to the model's T/H/W)")
+    _engine_args(e)
+    e.add_argument("video", help="input video file (mp4, avi, ...)")
+    e.add_argument("--out", required=True, help="output .npy of (1, N) int64 tokens")
+    e.set_defaults(fn=_cmd_encode)
+
+    dd = sub.add_parser("decode", help="tokens .npy -> video file")
+    _engine_args(dd)
+    dd.add_argument("tokens", help=".npy of (B, N) or (N,) token ids")
+    dd.add_argument("--out", required=True, help="output .mp4 / .gif / .npy")
+    _video_args(dd)
+    dd.set_defaults(fn=_cmd_decode)
+
+    b = sub.add_parser("bench", help="latency of encode / per-token / decode, backend against backend")
+    b.add_argument("bundle")
+    b.add_argument("--backends", default="onnxruntime,torch")
+    b.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--cfg-scale", type=float, default=None)
+    b.add_argument("--threads", type=int, default=None)
+    b.set_defaults(fn=_cmd_bench)
 
     i = sub.add_parser("info", help="inspect a checkpoint folder (ours or the authors'); loads it strictly")
     i.add_argument("checkpoint", help="folder with config.json + model.safetensors")
@@ -133,12 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch", 1) < 1:
-        print("larp-rt: error: --batch must be >= 1", file=sys.stderr)
-        return 2
     try:
         return args.fn(args)
-    except (ValueError, OSError) as e:  # CheckpointError / ConfigError are ValueErrors with actionable text
+    except (ValueError, OSError, RuntimeError) as e:  # our errors are ValueErrors with actionable text
         print(f"larp-rt {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

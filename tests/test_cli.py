@@ -9,10 +9,19 @@ from larp_rt.cli import main
 from larp_rt.models import LARPGenerator
 
 
-def test_demo_runs(capsys):
-    assert main(["demo", "--batch", "1"]) == 0
+def test_demo_runs(tmp_path, capsys):
+    tiny = tmp_path / "ck"
+    torch.manual_seed(0)
+    save_pretrained(LARPGenerator(GeneratorConfig.from_name("tiny")), tiny / "gen")
+    from larp_rt.config import TokenizerConfig
+    from larp_rt.models import LARPTokenizer
+
+    save_pretrained(LARPTokenizer(TokenizerConfig.from_name("tiny")), tiny / "tok")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--tokenizer", str(tiny / "tok"),
+                 "--generator", str(tiny / "gen")]) == 0
     out = capsys.readouterr().out
-    assert "randomly initialised" in out and "demo ok" in out
+    assert "demo ok" in out and "per_token_ms" in out
+    assert (tmp_path / "demo" / "samples.mp4").stat().st_size > 0 and (tmp_path / "demo" / "samples.gif").exists()
 
 
 def test_presets_json(capsys):
@@ -31,7 +40,6 @@ def test_info_loads_a_checkpoint(tmp_path, capsys):
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["demo", "--batch", "0"]) == 2
 
 
 def test_console_script_entry_point():

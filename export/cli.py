@@ -1,0 +1,28 @@
+"""``larp-rt export``: checkpoint folders -> a verified bundle. No torch import at module import time."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .onnx_export import export_bundle
+
+    export_bundle(args.tokenizer, args.generator, args.bundle_dir, precision=args.precision, opset=args.opset,
+                  onnx_only=args.onnx_only, verify=not args.no_verify, overwrite=args.force)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export checkpoint folders (ours or the authors') to a bundle of ONNX graphs",
+                       description="Export a tokenizer and/or generator checkpoint folder to a bundle directory; "
+                                   "every graph is verified against PyTorch in ONNX Runtime.")
+    p.add_argument("bundle_dir", help="output bundle directory (must not exist unless --force)")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("--generator", help="generator checkpoint folder")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17: TensorRT-friendly)")
+    p.add_argument("--onnx-only", action="store_true", help="leave out the PyTorch checkpoints (small edge bundles)")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch verification")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+    p.set_defaults(fn=_cmd_export)

@@ -8,10 +8,9 @@ import onnxruntime as ort
 import pytest
 import torch
 from _authors import generator_config_json, tokenizer_config_json
+from larp_rt.export import ExportError, export_bundle, onnx_export
 
 from larp_rt import Bundle, BundleError, Engine, GeneratorConfig, SamplingParams, TokenizerConfig, save_pretrained
-from larp_rt.export import ExportError, export_bundle
-from larp_rt.export import onnx_export
 from larp_rt.models import LARPGenerator, LARPTokenizer
 
 
@@ -55,6 +54,7 @@ def greedy_reference(gen: LARPGenerator, classes, cfg_scale: float) -> np.ndarra
     with torch.no_grad():
         gen.setup_caches(len(cond))
         logits = gen.prefill(cond)
+        rows = torch.empty(0, dtype=torch.int64)
         for k in range(cfg.max_seq_len):
             if k:
                 logits = gen.decode_one_token(rows.view(-1, 1), torch.tensor([k]))
@@ -210,7 +210,8 @@ def test_bad_tokens_classes_and_params(ort_engine):
     with pytest.raises(ValueError, match="non-empty"):
         ort_engine.generate([], SamplingParams(seed=0))
     for kw, msg in (({"top_k": -1}, "top_k"), ({"top_k": 1025}, "vocabulary size 1024"), ({"top_p": 0}, "top_p"),
-                    ({"top_p": 1.01}, "top_p"), ({"temperature": -1}, "temperature"), ({"cfg_scale": -0.5}, "cfg_scale")):
+                    ({"top_p": 1.01}, "top_p"), ({"temperature": -1}, "temperature"),
+                    ({"cfg_scale": -0.5}, "cfg_scale")):
         with pytest.raises(ValueError, match=msg):
             ort_engine.generate([1], SamplingParams(**kw))
 

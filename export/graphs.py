@@ -79,7 +79,8 @@ class DecodeGraph(nn.Module):
         for i, layer in enumerate(gen.layers):
             past_k, past_v = past[2 * i], past[2 * i + 1]  # (B, h, S, hd)
             q, k, v = _qkv(layer, layer.attention_norm(h), cfg.n_head, cfg.head_dim)  # (B, h, 1, hd)
-            s_past = (q @ past_k.transpose(-1, -2)).float() * self.scale  # (B, h, 1, S)
+            # (B, h, S, hd) @ (B, h, hd, 1): transpose the query, never the cache (that would copy it)
+            s_past = (past_k @ q.transpose(-1, -2)).transpose(-1, -2).float() * self.scale  # (B, h, 1, S)
             s_past = s_past.masked_fill(~valid, float("-inf"))
             s_self = (q * k).sum(-1, keepdim=True).float() * self.scale  # (B, h, 1, 1)
             att = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).to(q.dtype)  # (B, h, 1, S + 1)

@@ -261,7 +261,8 @@ def _logits_for_kernel(name: str, x, rows: int) -> tuple[np.ndarray, int]:
     else:
         x = x.astype(np.float32, copy=False)  # what the reference does first
         code = DTYPE_CODES["float32"]
-    if x.shape[1] and x.strides[1] != x.itemsize or x.strides[0] % x.itemsize or x.strides[0] < 0:
+    s0, s1 = x.strides
+    if (x.shape[1] > 1 and s1 != x.itemsize) or s0 % x.itemsize or s0 < 0 or 0 < s0 < x.shape[1] * x.itemsize:
         x = np.ascontiguousarray(x)
     return x, code
 
@@ -441,12 +442,12 @@ def _run_torch(torch, cond, uncond, cfg_scale, temperature, top_k, top_p, seed, 
     if uncond is not None and uncond.dtype != cond.dtype:
         cond, uncond = cond.float(), uncond.float()
     dev = cond.device
-    if cond.stride(1) != 1:
+    if (V > 1 and cond.stride(1) != 1) or 0 < cond.stride(0) < V:
         cond = cond.contiguous()
     if uncond is not None:
         if uncond.device != dev:
             raise ValueError(f"uncond is on {uncond.device}, cond on {dev}: put both on one device")
-        if uncond.stride(1) != 1:
+        if (V > 1 and uncond.stride(1) != 1) or 0 < uncond.stride(0) < V:
             uncond = uncond.contiguous()
 
     def per_row(name, t, dtype):

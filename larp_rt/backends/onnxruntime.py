@@ -2,7 +2,8 @@
 
 The KV cache lives in buffers allocated once per batch bucket and bound with IO binding: the decode graph
 reads them in place and returns only the new position's entries, which are written into slot ``pos``. On the
-CPU the buffers are numpy arrays (no copies of the cache, ever); on a GPU provider they are device OrtValues and
+CPU the buffers are numpy arrays bound in growing windows (a step reads ~pos slots, not max_seq); on a GPU
+provider they are device OrtValues and
 the slot write is a strided device-to-device copy on the session's stream (cuda-python), so the cache never
 crosses to the host. Inputs (token, pos) and outputs (logits, new entries) are bound to preallocated buffers
 too: a decode step allocates nothing.
@@ -98,29 +99,40 @@ class OnnxRuntimeBackend(Backend):
 
 
 class _GenState:
-    """Preallocated, bound buffers for up to ``capacity`` rows."""
+    """Preallocated, bound buffers for up to ``capacity`` rows.
+
+    CPU caches grow in windows: the decode graph's cache length S is dynamic, and each step binds the cache as
+    (rows, h, S_w, hd) with S_w the smallest multiple of ``window`` above ``pos`` (capped at max_seq), so a
+    step reads about pos + window slots instead of all max_seq. Each layer's cache is one flat buffer of the
+    full size allocated once; when the window grows, the written slots move in place to the wider layout
+    (a handful of times per video). Nothing is allocated per step.
+    """
 
     def __init__(self, be: OnnxRuntimeBackend, capacity: int):
         cfg, kv = be.generator_config, be.bundle.kv_cache
         self.be, self.capacity = be, capacity
         self.L, self.H, self.S, self.hd = cfg.n_layer, cfg.n_head, int(kv["max_seq"]), cfg.head_dim
         self.V = cfg.vocab_size
+        self.window = max(16, self.S // 8)
         self.sess = be.session("decode")
         dt = be.kv_dtype
-        shape = (capacity, self.H, self.S, self.hd)
         self.token = np.zeros((capacity, 1), np.int64)
         self.pos = np.zeros(1, np.int64)
         self.logits = np.zeros((capacity, self.V), np.float32)
         if be.on_gpu:
-            self.dev = _CudaCache(be, shape, dt, self.L)
+            self.dev = _CudaCache(be, (capacity, self.H, self.S, self.hd), dt, self.L)
         else:
             self.dev = None
-            self.k = [np.zeros(shape, dt) for _ in range(self.L)]
-            self.v = [np.zeros(shape, dt) for _ in range(self.L)]
-            self.new_k = [np.zeros((capacity, self.H, 1, self.hd), dt) for _ in range(self.L)]
-            self.new_v = [np.zeros((capacity, self.H, 1, self.hd), dt) for _ in range(self.L)]
+            size = capacity * self.H * self.S * self.hd
+            self.flat = [np.zeros(size, dt) for _ in range(2 * self.L)]  # k_0, v_0, k_1, ...
+            self.new = [np.zeros((capacity, self.H, 1, self.hd), dt) for _ in range(2 * self.L)]
         self.rows = 0
+        self.width = 0  # current window S_w
         self.binding = None
+
+    def _views(self, width: int) -> list[np.ndarray]:
+        n = self.rows * self.H * width * self.hd
+        return [f[:n].reshape(self.rows, self.H, width, self.hd) for f in self.flat]
 
     def bind(self, rows: int) -> None:
         io = self.sess.io_binding()
@@ -131,25 +143,36 @@ class _GenState:
         cpu_in("token", self.token[:rows])
         cpu_in("pos", self.pos)
         io.bind_output("logits", "cpu", 0, np.float32, [rows, self.V], self.logits[:rows].ctypes.data)
+        self.binding, self.rows, self.width = io, rows, 0
         if self.dev is None:
-            for i in range(self.L):
-                cpu_in(f"past_k_{i}", self.k[i][:rows])
-                cpu_in(f"past_v_{i}", self.v[i][:rows])
-                for name, buf in ((f"present_k_{i}", self.new_k[i]), (f"present_v_{i}", self.new_v[i])):
-                    io.bind_output(name, "cpu", 0, buf.dtype, list(buf[:rows].shape), buf[:rows].ctypes.data)
+            for j, buf in enumerate(self.new):
+                name = f"present_{'kv'[j % 2]}_{j // 2}"
+                io.bind_output(name, "cpu", 0, buf.dtype, list(buf[:rows].shape), buf[:rows].ctypes.data)
         else:
             self.dev.bind(io, rows)
-        self.binding, self.rows = io, rows
+
+    def _grow(self, pos: int) -> None:
+        """Make the window hold slot ``pos``: move written slots [0, pos) to the wider layout and rebind."""
+        width = min(self.S, -(-(pos + 1) // self.window) * self.window)
+        if self.width and pos:
+            old, new = self._views(self.width), self._views(width)
+            for o, n in zip(old, new, strict=True):
+                np.copyto(n[:, :, :pos], o[:, :, :pos])  # overlapping: numpy buffers the move
+        self.views = self._views(width)
+        for j, v in enumerate(self.views):
+            self.binding.bind_input(f"past_{'kv'[j % 2]}_{j // 2}", "cpu", 0, v.dtype, list(v.shape), v.ctypes.data)
+        self.width = width
 
     def run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         rows = self.rows
         self.token[:rows, 0] = tokens
         self.pos[0] = pos
+        if self.dev is None and pos >= self.width:
+            self._grow(pos)
         self.sess.run_with_iobinding(self.binding)
         if self.dev is None:
-            for i in range(self.L):
-                self.k[i][:rows, :, pos] = self.new_k[i][:rows, :, 0]
-                self.v[i][:rows, :, pos] = self.new_v[i][:rows, :, 0]
+            for cache, new in zip(self.views, self.new, strict=True):
+                cache[:, :, pos] = new[:rows, :, 0]
         else:
             self.dev.write_slot(rows, pos)
         return self.logits[:rows]

@@ -406,18 +406,11 @@ def register_torch_op():
         except ImportError:
             return None
 
-        @torch.library.custom_op("larp_rt::sample", mutates_args=())
-        def _sample(
-            cond: torch.Tensor,
-            uncond: torch.Tensor | None,
-            cfg_scale: torch.Tensor,
-            temperature: torch.Tensor,
-            top_k: torch.Tensor,
-            top_p: torch.Tensor,
-            seed: torch.Tensor,
-            stream: torch.Tensor,
-            step: torch.Tensor,
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+        schema = ("(Tensor cond, Tensor? uncond, Tensor cfg_scale, Tensor temperature, Tensor top_k, Tensor top_p, "
+                  "Tensor seed, Tensor stream, Tensor step) -> (Tensor, Tensor)")
+
+        @torch.library.custom_op("larp_rt::sample", mutates_args=(), schema=schema)
+        def _sample(cond, uncond, cfg_scale, temperature, top_k, top_p, seed, stream, step):
             return _run_torch(torch, cond, uncond, cfg_scale, temperature, top_k, top_p, seed, stream, step)
 
         @_sample.register_fake

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "SamplingParams", "RowParams", "resolve_params", "philox4x32", "uniform", "sample",
+    "SamplingParams", "RowParams", "resolve_params", "philox4x32", "uniform", "uniform_table", "sample",
     "cfg_mix", "filtered_distribution",
 ]
 
@@ -156,14 +156,19 @@ def philox4x32(counter: Sequence[np.ndarray], key: Sequence[np.ndarray], rounds:
 
 def uniform(seed: np.ndarray, stream: np.ndarray, step: int | np.ndarray) -> np.ndarray:
     """(B,) float64 uniforms in [0, 1) with 53 random bits: Philox(key=seed, counter=(step, stream))."""
-    seed = np.asarray(seed, np.uint64)
-    stream = np.asarray(stream, np.uint64)
-    step = np.broadcast_to(np.asarray(step, np.uint64), seed.shape)
+    seed, stream, step = np.broadcast_arrays(
+        np.asarray(seed, np.uint64), np.asarray(stream, np.uint64), np.asarray(step, np.uint64)
+    )
     x0, x1, _, _ = philox4x32(
         (step & _M32, step >> np.uint64(32), stream & _M32, stream >> np.uint64(32)),
         (seed & _M32, seed >> np.uint64(32)),
     )
     return ((x0 >> np.uint64(5)).astype(np.float64) * 67108864.0 + (x1 >> np.uint64(6)).astype(np.float64)) / 2.0**53
+
+
+def uniform_table(params: RowParams, steps: int) -> np.ndarray:
+    """(B, steps) uniforms of steps 0..steps-1 for every row, in one vectorised Philox pass."""
+    return uniform(params.seed[:, None], params.stream[:, None], np.arange(steps, dtype=np.uint64)[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,10 +234,13 @@ def sample(
     step: int,
     *,
     return_logprobs: bool = False,
+    u: np.ndarray | None = None,
 ):
     """Draw one token per row. cond/uncond: (B, V) float logits (uncond = the paired null-class rows or None).
 
-    Returns (B,) int64 token ids [and (B,) float64 log-probabilities]. Never mutates its inputs.
+    ``u``: the rows' uniforms for this step if already drawn (``uniform_table`` precomputes a whole video's);
+    must equal ``uniform(params.seed, params.stream, step)``. Returns (B,) int64 token ids [and (B,) float64
+    log-probabilities]. Never mutates its inputs.
     """
     B = len(params)
     cond = _check_logits("cond_logits", cond_logits, B)
@@ -242,7 +250,8 @@ def sample(
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     l = cfg_mix(cond, uncond, params.cfg_scale)
-    u = uniform(params.seed, params.stream, step)
+    if u is None:
+        u = uniform(params.seed, params.stream, step)
     tokens = np.empty(B, np.int64)
     logp = np.zeros(B, np.float64)
     for r in range(B):

@@ -35,6 +35,12 @@ class DeviceRowParams:
     def __len__(self) -> int:
         return len(self.host)
 
+    def uniform_table(self, steps: int) -> Tensor:
+        """(B, steps) float64 uniforms of steps 0..steps-1, drawn in one pass (same values as ``uniform``)."""
+        step = torch.arange(steps, device=self.seed.device).view(1, -1)
+        B = len(self.host)
+        return uniform(self.seed.view(-1, 1).expand(B, steps), self.stream.view(-1, 1).expand(B, steps), step)
+
 
 def _mulhilo(m: int, c: Tensor) -> tuple[Tensor, Tensor]:
     # m * c for 32-bit m, c without int64 overflow: split c into 16-bit halves
@@ -61,7 +67,7 @@ def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[Tensor
 
 def uniform(seed: Tensor, stream: Tensor, step: int | Tensor) -> Tensor:
     """(B,) float64 in [0, 1): Philox(key=seed, counter=(step, stream)); int64 bit patterns for 64-bit values."""
-    step = torch.as_tensor(step, dtype=torch.int64, device=seed.device).expand_as(seed)
+    step = torch.as_tensor(step, dtype=torch.int64, device=seed.device).expand_as(seed)  # broadcastable
     x0, x1, _, _ = philox4x32(
         (step & _M32, (step >> 32) & _M32, stream & _M32, (stream >> 32) & _M32), (seed & _M32, (seed >> 32) & _M32)
     )
@@ -85,6 +91,7 @@ def sample(
     *,
     return_logprobs: bool = False,
     check_finite: bool = True,
+    u: Tensor | None = None,
 ):
     """Draw one token per row: (B, V) logits -> (B,) int64 [and (B,) float64 log-probabilities].
 
@@ -126,7 +133,7 @@ def sample(
         keep, wk = None, w
     cw = torch.cumsum(wk, dim=-1)  # index order
     total = cw[:, -1:]
-    u = uniform(params.seed, params.stream, step).view(-1, 1)
+    u = (uniform(params.seed, params.stream, step) if u is None else u).view(-1, 1)
     j = torch.searchsorted(cw, u * total, right=True).view(-1)
     if keep is not None:
         last_kept = (V - 1) - torch.argmax(keep.flip(-1).to(torch.uint8), dim=-1)

@@ -34,6 +34,15 @@ def test_uniforms_agree_and_are_uniform():
     assert chi2.sf(((counts - len(u) / 20) ** 2 / (len(u) / 20)).sum(), df=19) > 1e-4
 
 
+def test_uniform_tables_equal_per_step_draws():
+    p = resolve_params([SamplingParams(seed=3), SamplingParams(seed=2**64 - 1)], 2)
+    table = S.uniform_table(p, 40)
+    assert all(np.array_equal(table[:, k], S.uniform(p.seed, p.stream, k)) for k in range(40))
+    assert np.array_equal(ST.DeviceRowParams(p, "cpu").uniform_table(40).numpy(), table)
+    logits = np.random.default_rng(0).normal(size=(2, 30)).astype(np.float32)
+    assert np.array_equal(S.sample(logits, None, p, 7), S.sample(logits, None, p, 7, u=table[:, 7]))
+
+
 def rows(n, **kw) -> S.RowParams:
     return resolve_params(SamplingParams(**{"seed": 0, **kw}), n)
 

@@ -91,13 +91,18 @@ class Backend:
         assert cfg is not None
         B, N = len(class_ids), cfg.max_seq_len
         layout = CfgRows.build(class_ids, params, cfg.null_class)
+        # the reference sampler takes the whole video's uniforms, drawn once; a fused kernel draws its own
+        table = sampling.uniform_table(params, N) if self.sampler is sampling.sample else None
         logits = self._begin(layout.class_ids)
         rows_tokens = np.empty(layout.rows, np.int64)
         for k in range(N):
             if k:
                 logits = self._step(rows_tokens, cfg.cls_token_num + k - 1)
             cond, uncond = layout.split(logits, B)
-            tokens = self.sampler(cond, uncond, params, k)
+            if table is not None:
+                tokens = self.sampler(cond, uncond, params, k, u=table[:, k])
+            else:
+                tokens = self.sampler(cond, uncond, params, k)
             rows_tokens[:B] = tokens
             rows_tokens[B:] = tokens[layout.guided]
             yield StepEvent(k, N, tokens)

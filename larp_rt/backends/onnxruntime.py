@@ -154,10 +154,11 @@ class _GenState:
     def _grow(self, pos: int) -> None:
         """Make the window hold slot ``pos``: move written slots [0, pos) to the wider layout and rebind."""
         width = min(self.S, -(-(pos + 1) // self.window) * self.window)
-        if self.width and pos:
+        written = min(pos, self.width)
+        if written:
             old, new = self._views(self.width), self._views(width)
             for o, n in zip(old, new, strict=True):
-                np.copyto(n[:, :, :pos], o[:, :, :pos])  # overlapping: numpy buffers the move
+                np.copyto(n[:, :, :written], o[:, :, :written])  # overlapping: numpy buffers the move
         self.views = self._views(width)
         for j, v in enumerate(self.views):
             self.binding.bind_input(f"past_{'kv'[j % 2]}_{j // 2}", "cpu", 0, v.dtype, list(v.shape), v.ctypes.data)

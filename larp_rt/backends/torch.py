@@ -71,6 +71,7 @@ class TorchBackend(Backend):
         dparams = ST.DeviceRowParams(params, self.device)
         guided = torch.as_tensor(layout.guided, device=self.device)
         check = self.device.type == "cpu"  # a finiteness check is a host sync: CPU only
+        table = dparams.uniform_table(N)  # every step's uniforms in one pass
         with torch.inference_mode():
             logits = gen.prefill(torch.as_tensor(layout.class_ids, device=self.device))
             pos = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -84,7 +85,7 @@ class TorchBackend(Backend):
                 if len(layout.guided):
                     uncond = cond.clone()
                     uncond[guided] = logits[B:].float()
-                tokens = ST.sample(cond, uncond, dparams, k, check_finite=check)
+                tokens = ST.sample(cond, uncond, dparams, k, check_finite=check, u=table[:, k])
                 row_tokens = torch.cat([tokens, tokens[guided]]) if len(layout.guided) else tokens
                 yield StepEvent(k, N, tokens.cpu().numpy())
 

@@ -1,0 +1,106 @@
+"""Engine benchmarks on this CPU: ONNX Runtime vs torch eager vs the authors' loop, side by side in one run.
+
+    .venv/bin/python -m pytest benchmarks/test_bench_engine.py --benchmark-only \
+        --benchmark-json=benchmarks/results/engine_cpu_raw.json
+    .venv/bin/python benchmarks/report.py benchmarks/results/engine_cpu_raw.json   # table + engine_cpu.json
+
+Cases: encode and decode (batch 1, 8) and one decode step mid-video (position N/2, CFG on: 2B rows) including
+sampling, at batch 1 and 8, for the ``tiny`` and ``small`` presets (random weights). Each step case records
+the bytes of weights it reads and the weight-read floor (those bytes / the read bandwidth measured in the same
+run), so the report gives ``floor_ratio`` = step time / floor.
+"""
+
+import numpy as np
+import pytest
+import torch
+from authors_loop import authors_decode_one_token
+
+from larp_rt import Engine, SamplingParams
+from larp_rt.backends.base import CfgRows
+from larp_rt.sampling import resolve_params, uniform_table
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+torch.set_grad_enabled(False)
+PRESETS = ["tiny", "small"]
+
+
+def _info(benchmark, machine, **kw):
+    benchmark.extra_info.update({"machine": machine, **kw})
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize("op", ["encode", "decode"])
+def test_tokenizer(benchmark, bundles, machine, preset, batch, backend, op):
+    eng = Engine(bundles[preset], backend=backend, device="cpu")
+    cfg = eng.tokenizer_config
+    rng = np.random.default_rng(0)
+    if op == "encode":
+        x = rng.random((batch, *cfg.video_shape), dtype=np.float32)
+        fn = lambda: eng.encode(x)  # noqa: E731
+    else:
+        x = rng.integers(0, cfg.codebook_size, (batch, cfg.num_tokens))
+        fn = lambda: eng.decode(x)  # noqa: E731
+    _info(benchmark, machine, group=f"{op} {preset} b{batch}", preset=preset, batch=batch, path=backend, op=op)
+    rounds = 3 if preset == "small" else 20
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+def _step_ort(eng: Engine, batch: int, pos: int):
+    """One mid-video ONNX Runtime step (graph + CFG split + sampler) at ``pos`` for ``batch`` guided rows."""
+    be = eng.backend
+    params = resolve_params(SamplingParams(seed=0, cfg_scale=1.25), batch)
+    ids = np.arange(batch) % eng.generator_config.num_classes
+    it = be.generate_iter(ids, params)
+    next(it)  # prefill: binds the caches
+    st = be._gen_state
+    layout = CfgRows.build(ids, params, eng.generator_config.null_class)
+    rows = np.zeros(layout.rows, np.int64)
+    u = uniform_table(params, pos + 1)[:, pos]  # as in Engine.generate: a video's uniforms drawn once
+
+    def step():
+        logits = st.run(rows, pos)
+        cond, uncond = layout.split(logits, batch)
+        return be.sampler(cond, uncond, params, pos, u=u)
+
+    return step
+
+
+def _step_torch(eng: Engine, batch: int, pos: int):
+    from larp_rt import sampling_torch as ST
+
+    gen = eng.backend.gen
+    params = ST.DeviceRowParams(resolve_params(SamplingParams(seed=0, cfg_scale=1.25), batch), "cpu")
+    gen.setup_caches(2 * batch)
+    gen.prefill(torch.arange(2 * batch) % gen.config.num_classes)
+    tokens, p = torch.zeros(2 * batch, 1, dtype=torch.int64), torch.tensor([pos])
+    u = params.uniform_table(pos + 1)[:, pos]
+
+    def step():
+        logits = gen.decode_one_token(tokens, p)
+        return ST.sample(logits[:batch], logits[batch:], params, pos, u=u)
+
+    return step
+
+
+def _step_authors(eng: Engine, batch: int, pos: int):
+    gen = eng.backend.gen
+    gen.setup_caches(2 * batch)
+    gen.prefill(torch.arange(2 * batch) % gen.config.num_classes)
+    x, p = torch.zeros(batch, 1, dtype=torch.int64), torch.tensor([pos])
+    return lambda: authors_decode_one_token(gen, x, p, 1.25, temperature=1.0, top_k=0, top_p=1.0)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("path", ["onnxruntime", "torch", "authors"])
+def test_decode_step_cfg(benchmark, bundles, machine, bandwidth, weight_bytes, preset, batch, path):
+    eng = Engine(bundles[preset], backend="onnxruntime" if path == "onnxruntime" else "torch", device="cpu")
+    pos = eng.generator_config.max_seq_len // 2
+    make = {"onnxruntime": _step_ort, "torch": _step_torch, "authors": _step_authors}[path]
+    step = make(eng, batch, pos)
+    read = weight_bytes[preset]
+    _info(benchmark, machine, group=f"step {preset} b{batch}", preset=preset, batch=batch, path=path, op="step",
+          pos=pos, weight_read_bytes=read, bandwidth_gbs=bandwidth, floor_ms=1e3 * read / (bandwidth * 1e9))
+    benchmark.pedantic(step, rounds=30 if preset == "small" else 200, iterations=1, warmup_rounds=3)

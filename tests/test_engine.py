@@ -326,3 +326,20 @@ def test_onnxruntime_engine_works_without_torch(models_and_bundle):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "the torch backend needs PyTorch" in r.stdout
+
+
+def test_external_data_and_nan_logits(tmp_path, monkeypatch):
+    _, gen = tiny_models()
+    with torch.no_grad():
+        gen.output.weight[3, :] = float("nan")
+    save_pretrained(gen, tmp_path / "g")
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # force the external-data layout
+    with pytest.raises(ExportError, match="verification failed"):  # NaN never verifies
+        export_bundle(None, tmp_path / "g", tmp_path / "b", printer=lambda s: None)
+    bundle = export_bundle(None, tmp_path / "g", tmp_path / "b", verify=False, printer=lambda s: None)
+    b = Bundle(bundle)
+    assert "decode.onnx.data" in b.files and (bundle / "decode.onnx.data").stat().st_size > 1e5
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        Engine(bundle).generate([1], SamplingParams(seed=0))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        Engine(bundle, backend="torch").generate([1], SamplingParams(seed=0))

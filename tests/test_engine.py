@@ -343,3 +343,12 @@ def test_external_data_and_nan_logits(tmp_path, monkeypatch):
         Engine(bundle).generate([1], SamplingParams(seed=0))
     with pytest.raises(ValueError, match="NaN/Inf"):
         Engine(bundle, backend="torch").generate([1], SamplingParams(seed=0))
+
+
+def test_cuda_device_without_a_gpu_provider_says_how_to_fix(models_and_bundle):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    with pytest.raises(RuntimeError, match=r"device='cuda' needs onnxruntime-gpu.*larp_rt\[gpu\]"):
+        Engine(models_and_bundle[2], backend="onnxruntime", device="cuda")
+    with pytest.raises(ValueError, match="device must be"):
+        Engine(models_and_bundle[2], device="tpu")

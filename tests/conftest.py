@@ -1,6 +1,11 @@
 import importlib.util
+import os
 
 import pytest
+
+# ONNX Runtime's idle worker threads spin by default; on 2 cores that starves the torch references that the
+# tests run in the same process (x50 slower). Deployments keep the default (see README).
+os.environ.setdefault("LARP_RT_ORT_SPIN", "0")
 
 
 def _has_cuda() -> bool:

@@ -60,6 +60,8 @@ class OnnxRuntimeBackend(Backend):
         so.log_severity_level = 3
         if threads is not None:
             so.intra_op_num_threads = int(threads)
+        if os.environ.get("LARP_RT_ORT_SPIN", "1") == "0":  # idle ORT threads stop spinning (shared CPUs)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._so = so
         self._sessions: dict[str, object] = {}
         self._gen_state: _GenState | None = None

@@ -60,6 +60,7 @@ def run_demo(out: str | Path = "out/demo", tokenizer: str | None = None, generat
     g = grid(videos, cols=n, scale=scale)
     paths = [write_video(out / "samples.mp4", g), write_video(out / "samples.gif", g)]
     printer(f"      wrote {', '.join(map(str, paths))} (rows: two samples per class, columns: classes 0..{n - 1})")
+    eng.close()  # its ONNX Runtime threads would compete with the torch measurements
     printer("[4/4] latency, batch 1 (ONNX Runtime vs torch eager, this CPU):")
     rows = bench_engine(str(bundle), batches=(1,), repeats=3, printer=lambda s: printer("      " + s))
     return {"bundle": str(bundle), "videos": [str(p) for p in paths], "tokens": result.tokens, "latency": rows}

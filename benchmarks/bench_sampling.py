@@ -8,7 +8,8 @@ Grid: rows R in {1, 2, 64, 256}, vocabulary V in {8192, 16384, 65536}, top_k in 
   kernel  the larp_rt::sample op (CPU: the C++ kernel through the torch op; CUDA: the CUDA kernel), and
   torch   the reference chain: softmax (after topk for 0 < k < V) + multinomial + gather; top-p by sort +
           cumsum + mask + multinomial (torch's own RNG, float32 softmax as usual in inference code).
-GB/s = logits bytes read once (R * V * 4) / median time. Ends with one JSON line.
+GB/s = logits bytes read once (R * V * 4) / median time. Both sides use --threads CPU threads (default 1: on a
+small shared machine torch's thread pool otherwise dominates its timings). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -98,8 +99,11 @@ def time_cuda(fn, budget_s: float) -> tuple[float, int]:
     return statistics.median(ts), n
 
 
-def run(device: str, budget_s: float, quick: bool) -> dict:
+def run(device: str, budget_s: float, quick: bool, threads: int) -> dict:
     op = K.register_torch_op()
+    torch.set_num_threads(threads)
+    K.set_num_threads(threads)
+    load_before = os.getloadavg()
     if device == "cuda":
         if not torch.cuda.is_available() or K.cuda_library() is None:
             raise SystemExit("--device cuda needs a CUDA GPU and the CUDA kernels (pip install -e . with nvcc)")
@@ -108,7 +112,7 @@ def run(device: str, budget_s: float, quick: bool) -> dict:
     else:
         if K.cpu_library() is None:
             raise SystemExit(f"CPU kernels not built: {K.available()['errors']}")
-        machine = f"{machine_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        machine = f"{machine_name()}, torch {torch.__version__}, {threads} thread(s) for both sides"
         timer = time_cpu
     rows = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -124,11 +128,11 @@ def run(device: str, budget_s: float, quick: bool) -> dict:
                 dp = DeviceRowParams(params, device)
                 top_p32 = dp.top_p.float()
 
-                def kernel():
+                def kernel(logits=logits, dp=dp, top_p32=top_p32, step=step):
                     return op(logits, None, dp.cfg_scale, dp.temperature, dp.top_k, top_p32, dp.seed, dp.stream,
                               step)
 
-                def chain():
+                def chain(logits=logits, k=k, p=p):
                     return torch_chain(logits, k, p, gen)
 
                 budget = budget_s if R * V <= 64 * 16384 else budget_s / 2
@@ -142,11 +146,11 @@ def run(device: str, budget_s: float, quick: bool) -> dict:
                       f"torch {tt * 1e6:10.1f} us ({gb / tt:6.2f} GB/s)  x{tt / tk:5.2f}", file=sys.stderr, flush=True)
     info = K.available()
     return {"machine": machine, "device": device, "exp_impl": info["exp_impl"], "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "rows": rows}
+            "threads": threads, "loadavg_before_after": [load_before[0], os.getloadavg()[0]], "rows": rows}
 
 
 def markdown(res: dict) -> str:
-    lines = [f"machine: {res['machine']}", "",
+    lines = [f"machine: {res['machine']} (load average before/after: {res['loadavg_before_after']})", "",
              "| R | V | top_k | top_p | kernel µs | kernel GB/s | torch chain µs | torch GB/s | speedup |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["rows"]:
@@ -160,10 +164,11 @@ def main(argv=None) -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--budget", type=float, default=0.25, help="seconds of timed runs per case and side")
     ap.add_argument("--quick", action="store_true", help="a few cases only (smoke test)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (torch and the kernel)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default results/sampling_<device>.json)")
     args = ap.parse_args(argv)
     t0 = time.time()
-    res = run(args.device, args.budget, args.quick)
+    res = run(args.device, args.budget, args.quick, args.threads)
     res["wall_s"] = round(time.time() - t0, 1)
     out = args.out or RESULTS / f"sampling_{args.device}.json"
     if not args.quick or args.out:

@@ -31,7 +31,7 @@ from . import sampling as _ref
 __all__ = [
     "ENV_DISABLE", "ENV_LIB_DIR", "SampleArgs", "available", "disabled", "set_disabled", "force_fallback",
     "library_dir", "cpu_library", "cuda_library", "ort_custom_op_library", "sample_numpy", "register_torch_op",
-    "sample_torch", "launch_cuda", "DTYPE_CODES",
+    "sample_torch", "launch_cuda", "set_num_threads", "DTYPE_CODES",
 ]
 
 ENV_DISABLE = "LARP_RT_DISABLE_KERNELS"
@@ -115,7 +115,9 @@ def _load(name: str) -> ctypes.CDLL | None:
         path = library_dir() / name
         lib = None
         if not path.is_file():
-            _errors[name] = f"{path} not found: build the kernels with `pip install -e .` (see cpp_ext/README.md)"
+            how = ("this install was built without a CUDA toolkit: reinstall with nvcc on PATH or CUDA_HOME set"
+                   if name == CUDA_LIB else "build the kernels with `pip install -e .` (see cpp_ext/README.md)")
+            _errors[name] = f"{path} not found: {how}"
         else:
             try:
                 lib = ctypes.CDLL(str(path))
@@ -241,8 +243,11 @@ def available() -> dict:
     }
 
 
-def _raise(lib: ctypes.CDLL) -> None:
-    raise ValueError(lib.larp_last_error().decode("utf-8", "replace"))
+def _raise(lib: ctypes.CDLL, rc: int = 1, cuda: bool = False) -> None:
+    fn = lib.larp_cuda_last_error if cuda else lib.larp_last_error
+    fn.restype = ctypes.c_char_p
+    msg = fn().decode("utf-8", "replace")
+    raise (RuntimeError if rc == 2 else ValueError)(msg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,7 +279,20 @@ def _param(params: _ref.RowParams, name: str, dtype, B: int) -> np.ndarray:
     return a
 
 
+_num_threads: int | None = None
+
+
+def set_num_threads(n: int | None) -> None:
+    """Worker threads of the CPU kernel over rows (None = automatic: all cores for large batches)."""
+    global _num_threads
+    if n is not None and int(n) < 1:
+        raise ValueError(f"num_threads must be >= 1 or None, got {n}")
+    _num_threads = None if n is None else int(n)
+
+
 def _default_threads(B: int, V: int) -> int:
+    if _num_threads is not None:
+        return min(_num_threads, max(B, 1))
     if B < 2 or B * V < (1 << 19):
         return 1
     return max(1, min(B, os.cpu_count() or 1))
@@ -358,10 +376,11 @@ def launch_cuda(
     step_ptr: int | None = None,
     ld_cond: int | None = None,
     ld_uncond: int | None = None,
-    cuda_stream: int = 0,
+    cuda_stream=0,
 ) -> None:
-    """Enqueue the CUDA sampling kernel on ``cuda_stream`` (a cudaStream_t / CUstream handle as an int, e.g.
-    ``int(cuda.bindings.driver.CUstream)`` or a TensorRT execution stream) with device pointers (ints):
+    """Enqueue the CUDA sampling kernel on ``cuda_stream`` (a cudaStream_t / CUstream handle: an int, or any
+    object ``int()`` accepts such as cuda-python's ``CUstream`` / ``cudaStream_t``; 0 = the legacy default
+    stream), e.g. the stream a TensorRT execution context runs on, with device pointers (ints):
     ``cond``/``uncond`` logits [batch, vocab] (row strides ``ld_*`` in elements, default vocab), per-row
     float32 ``cfg_scale``/``temperature``/``top_p``, int64 ``top_k``, uint64 ``seed``/``stream_ids``, outputs
     int64 ``tokens`` and optional float64 ``logprobs``; the step from ``step_ptr`` (device int64) when given.
@@ -377,8 +396,10 @@ def launch_cuda(
         num_threads=0, batch=batch, vocab=vocab, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
         top_p=top_p, seed=seed, stream=stream_ids, step_ptr=step_ptr, step=step, tokens=tokens, logprobs=logprobs,
     )
-    if lib.larp_sample_cuda(ctypes.byref(args), ctypes.c_void_p(cuda_stream or None)) != 0:
-        _raise(lib)
+    handle = int(cuda_stream) if cuda_stream is not None else 0
+    rc = lib.larp_sample_cuda(ctypes.byref(args), ctypes.c_void_p(handle or None))
+    if rc != 0:
+        _raise(lib, rc, cuda=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,7 +515,7 @@ def _run_torch(torch, cond, uncond, cfg_scale, temperature, top_k, top_p, seed, 
     else:
         raise ValueError(f"larp_rt::sample runs on cpu or cuda tensors, got {dev}")
     if rc != 0:
-        _raise(lib)
+        _raise(lib, rc, cuda=on_cuda)
     return tokens, logp
 
 

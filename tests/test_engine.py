@@ -352,3 +352,20 @@ def test_cuda_device_without_a_gpu_provider_says_how_to_fix(models_and_bundle):
         Engine(models_and_bundle[2], backend="onnxruntime", device="cuda")
     with pytest.raises(ValueError, match="device must be"):
         Engine(models_and_bundle[2], device="tpu")
+
+
+def test_fused_kernel_and_reference_sampler_give_the_same_tokens(models_and_bundle):
+    from larp_rt import kernels
+
+    if not kernels.available()["cpu"]:
+        pytest.skip(f"the CPU sampling kernel is not built: {kernels.available()['errors']}")
+    params = [SamplingParams(seed=1), SamplingParams(seed=2, top_k=10, cfg_scale=2.0),
+              SamplingParams(seed=3, top_p=0.8, temperature=0.7), SamplingParams(seed=4, temperature=0.0)]
+    fast = Engine(models_and_bundle[2])
+    assert fast.backend.sampler is kernels.sample_numpy  # the engine picks the fused kernel
+    a = fast.generate([1, 2, 3, 4], params).tokens
+    with kernels.force_fallback():
+        b = Engine(models_and_bundle[2]).generate([1, 2, 3, 4], params).tokens
+        c = Engine(models_and_bundle[2], backend="torch").generate([1, 2, 3, 4], params).tokens
+    d = Engine(models_and_bundle[2], backend="torch").generate([1, 2, 3, 4], params).tokens  # torch op
+    assert np.array_equal(a, b) and np.array_equal(a, c) and np.array_equal(a, d)

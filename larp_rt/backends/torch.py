@@ -59,6 +59,19 @@ class TorchBackend(Backend):
         with self.torch.inference_mode():
             return self.tok.decode(self.torch.from_numpy(tokens).to(self.device)).float().cpu().numpy()
 
+    def _sampler(self):
+        """The fused kernel op where it is built for this device, else the torch reference (same draws)."""
+        from .. import kernels
+
+        info = kernels.available()
+        built = info["cuda"] if self.device.type == "cuda" else info["cpu"]
+        if built and not info["disabled"] and kernels.register_torch_op() is not None:
+            return lambda cond, uncond, p, k, u: kernels.sample_torch(cond, uncond, p, k)
+        from .. import sampling_torch as ST
+
+        check = self.device.type == "cpu"  # a finiteness check is a host sync: CPU only
+        return lambda cond, uncond, p, k, u: ST.sample(cond, uncond, p, k, check_finite=check, u=u)
+
     def generate_iter(self, class_ids: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
         from .. import sampling_torch as ST
 
@@ -70,8 +83,8 @@ class TorchBackend(Backend):
             gen.setup_caches(1 << max(R - 1, 0).bit_length())  # batch buckets: allocated once, reused
         dparams = ST.DeviceRowParams(params, self.device)
         guided = torch.as_tensor(layout.guided, device=self.device)
-        check = self.device.type == "cpu"  # a finiteness check is a host sync: CPU only
-        table = dparams.uniform_table(N)  # every step's uniforms in one pass
+        sample = self._sampler()
+        table = dparams.uniform_table(N)  # every step's uniforms in one pass (the reference's)
         with torch.inference_mode():
             logits = gen.prefill(torch.as_tensor(layout.class_ids, device=self.device))
             pos = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -85,9 +98,13 @@ class TorchBackend(Backend):
                 if len(layout.guided):
                     uncond = cond.clone()
                     uncond[guided] = logits[B:].float()
-                tokens = ST.sample(cond, uncond, dparams, k, check_finite=check, u=table[:, k])
+                tokens = sample(cond, uncond, dparams, k, table[:, k])
                 row_tokens = torch.cat([tokens, tokens[guided]]) if len(layout.guided) else tokens
-                yield StepEvent(k, N, tokens.cpu().numpy())
+                host = tokens.cpu().numpy()
+                if (host < 0).any():  # the CUDA kernel marks rows whose logits were NaN/Inf with -1
+                    raise ValueError("logits contain NaN/Inf: the model produced non-finite values; "
+                                     "check the weights and the precision")
+                yield StepEvent(k, N, host)
 
     def close(self) -> None:
         if self.gen is not None:

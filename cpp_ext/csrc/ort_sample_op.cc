@@ -1,0 +1,161 @@
+// ONNX Runtime custom-op library: domain "larp_rt", op "Sample" (CPU kernel always; the CUDA kernel on the CUDA
+// execution provider's compute stream when built with LARP_RT_WITH_CUDA).
+//
+//   inputs   0 logits      [R, V] float / float16 / bfloat16; R = B, or 2B with the null-class (CFG) rows last
+//            1 cfg_scale   [B] float        2 temperature [B] float     3 top_k [B] int64
+//            4 top_p       [B] float        5 seed        [B] int64 (uint64 bit pattern)
+//            6 stream      [B] int64        7 step        [] or [1] int64 (Philox counter high half)
+//   outputs  0 tokens      [B] int64        1 logprobs    [B] double (optional)
+//
+// Semantics: larp_rt/sampling.py. Register with SessionOptions.register_custom_ops_library(path).
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "larp_rt/larp_sampling.h"
+
+namespace {
+
+const char* kDomain = "larp_rt";
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+[[noreturn]] void bad(const std::string& msg) { throw Ort::Exception("larp_rt.Sample: " + msg, ORT_INVALID_ARGUMENT); }
+
+struct SampleKernel {
+  explicit SampleKernel(bool cuda) : cuda_(cuda) {}
+
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    if (ctx.GetInputCount() != 8) bad("expects 8 inputs, got " + std::to_string(ctx.GetInputCount()));
+    Ort::ConstValue logits = ctx.GetInput(0);
+    const auto info = logits.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> shape = info.GetShape();
+    if (shape.size() != 2) bad("logits must have shape [R, V], got " + shape_str(shape));
+    int32_t dtype;
+    switch (info.GetElementType()) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: dtype = 0; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: dtype = 1; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: dtype = 2; break;
+      default: bad("logits must be float, float16 or bfloat16");
+    }
+    static const char* names[8] = {"logits", "cfg_scale", "temperature", "top_k", "top_p", "seed", "stream", "step"};
+    static const ONNXTensorElementDataType types[8] = {
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64,     ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64};
+    Ort::ConstValue cfg = ctx.GetInput(1);
+    const int64_t B = cfg.GetTensorTypeAndShapeInfo().GetElementCount();
+    const void* ptr[8] = {logits.GetTensorRawData()};
+    for (int i = 1; i < 8; ++i) {
+      Ort::ConstValue v = ctx.GetInput(i);
+      const auto ti = v.GetTensorTypeAndShapeInfo();
+      if (ti.GetElementType() != types[i]) bad(std::string(names[i]) + " has the wrong element type (see the op's doc)");
+      const int64_t n = (int64_t)ti.GetElementCount();
+      if (i < 7 && (ti.GetShape().size() != 1 || n != B))
+        bad(std::string(names[i]) + " must have shape [B] = [" + std::to_string(B) + "], got " + shape_str(ti.GetShape()));
+      if (i == 7 && n != 1) bad("step must have one element, got shape " + shape_str(ti.GetShape()));
+      ptr[i] = v.GetTensorRawData();
+    }
+    const int64_t R = shape[0], V = shape[1];
+    if (R != B && R != 2 * B)
+      bad("logits has " + std::to_string(R) + " rows for B = " + std::to_string(B) +
+          " parameter rows: want B (no CFG) or 2B (cond rows, then null-class rows)");
+    Ort::UnownedValue tokens = ctx.GetOutput(0, std::vector<int64_t>{B});
+    double* logprobs = nullptr;
+    if (ctx.GetOutputCount() > 1) {
+      Ort::UnownedValue lp = ctx.GetOutput(1, std::vector<int64_t>{B});
+      if (lp) logprobs = lp.GetTensorMutableData<double>();
+    }
+    if (B == 0) return;
+    larp_sample_args a{};
+    const size_t esize = dtype == 0 ? 4 : 2;
+    a.cond = ptr[0];
+    a.uncond = R == 2 * B ? static_cast<const char*>(ptr[0]) + (size_t)(B * V) * esize : nullptr;
+    a.ld_cond = V;
+    a.ld_uncond = V;
+    a.dtype = dtype;
+    a.num_threads = 1;
+    a.batch = B;
+    a.vocab = V;
+    a.cfg_scale = static_cast<const float*>(ptr[1]);
+    a.temperature = static_cast<const float*>(ptr[2]);
+    a.top_k = static_cast<const int64_t*>(ptr[3]);
+    a.top_p = static_cast<const float*>(ptr[4]);
+    a.seed = static_cast<const uint64_t*>(ptr[5]);
+    a.stream = static_cast<const uint64_t*>(ptr[6]);
+    a.step_ptr = static_cast<const int64_t*>(ptr[7]);
+    a.tokens = tokens.GetTensorMutableData<int64_t>();
+    a.logprobs = logprobs;
+#ifdef LARP_RT_WITH_CUDA
+    if (cuda_) {
+      if (larp_sample_cuda(&a, ctx.GetGPUComputeStream()) != 0) bad(larp_cuda_last_error());
+      return;
+    }
+#endif
+    if (larp_sample_cpu(&a) != 0) bad(larp_last_error());
+  }
+
+  bool cuda_;
+};
+
+struct SampleOp : Ort::CustomOpBase<SampleOp, SampleKernel> {
+  explicit SampleOp(bool cuda) : cuda_(cuda) {}
+  void* CreateKernel(const OrtApi& /*api*/, const OrtKernelInfo* /*info*/) const { return new SampleKernel(cuda_); }
+  const char* GetName() const { return "Sample"; }
+  const char* GetExecutionProviderType() const { return cuda_ ? "CUDAExecutionProvider" : "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 8; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    switch (i) {
+      case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float / float16 / bfloat16, checked at run time
+      case 3: case 5: case 6: case 7: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i == 0 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+                  : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL;
+  }
+  bool cuda_;
+};
+
+std::mutex g_mu;
+std::vector<OrtCustomOpDomain*> g_domains;  // must outlive every session that uses them: kept for the process
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                           const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (!api) {  // the runtime is older than the vendored headers: report it through the version-1 API
+    return api_base->GetApi(1)->CreateStatus(ORT_FAIL, "the larp_rt custom-op library needs onnxruntime >= 1.21");
+  }
+  Ort::InitApi(api);
+  static SampleOp cpu_op(false);
+#ifdef LARP_RT_WITH_CUDA
+  static SampleOp cuda_op(true);
+#endif
+  OrtCustomOpDomain* domain = nullptr;
+  if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &cpu_op)) return st;
+#ifdef LARP_RT_WITH_CUDA
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &cuda_op)) return st;
+#endif
+  {
+    std::lock_guard<std::mutex> lock(g_mu);
+    g_domains.push_back(domain);
+  }
+  return api->AddCustomOpDomain(options, domain);
+}

@@ -1,0 +1,54 @@
+/* larp_rt sampling kernels: the C ABI of the launchers (liblarp_sampling.so, liblarp_sampling_cuda.so).
+ * Loaded with ctypes by larp_rt/kernels.py (the PyTorch op and the numpy entry point), linked into the ONNX
+ * Runtime custom-op library, and callable from cuda-python for the TensorRT path. */
+#ifndef LARP_RT_LARP_SAMPLING_H_
+#define LARP_RT_LARP_SAMPLING_H_
+
+#include <stdint.h>
+
+#include "larp_rt/sample_args.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LARP_SAMPLING_ABI_VERSION 1
+
+#if defined(_WIN32)
+#define LARP_API __declspec(dllexport)
+#else
+#define LARP_API __attribute__((visibility("default")))
+#endif
+
+/* All functions return 0 on success; otherwise 1 for a bad argument (larp_last_error(), thread-local, says
+ * which argument and how to fix it) or 2 for a CUDA runtime error (larp_cuda_last_error()). */
+LARP_API int larp_sampling_abi_version(void);
+LARP_API const char* larp_last_error(void);
+
+/* ---- CPU (liblarp_sampling.so) ---- */
+/* Checks every argument (including the per-row parameters and the logits' finiteness), then samples. */
+LARP_API int larp_sample_cpu(const larp_sample_args* args);
+/* The float64 exp of the weights. impl 0: libm exp (default; what numpy uses without AVX-512).
+ * impl 1: `fn` is an 8-lane AVX-512 vector function __m512d(__m512d) applied lane-wise, e.g. numpy's own
+ * __svml_exp8_ha, so that the kernel reproduces numpy's np.exp bit for bit on machines where numpy uses it. */
+LARP_API int larp_set_exp_impl(int impl, void* fn);
+LARP_API int larp_get_exp_impl(void);
+/* exp over n values with the current implementation (lets the caller check it against numpy). */
+LARP_API int larp_exp_batch(const double* in, double* out, int64_t n);
+
+/* ---- CUDA (liblarp_sampling_cuda.so, which also holds the CPU functions above; also inside the ORT custom-op library when built with CUDA) ---- */
+/* Host-side checks only (pointers, shapes, dtype); the per-row parameters live in device memory and are
+ * clamped in the kernel (top_k to [0, V], top_p outside (0, 1) = off); rows with non-finite logits get
+ * token -1 and logprob NaN. Enqueues on `stream` (cudaStream_t; NULL = legacy default stream); never
+ * synchronises, so it can be captured in a CUDA graph (use step_ptr for the step). */
+LARP_API int larp_sample_cuda(const larp_sample_args* args, void* stream);
+/* The number of CUDA devices this library can use (0 without a driver or device). */
+LARP_API int larp_cuda_device_count(void);
+/* The message of the last failed larp_sample_cuda call on this thread. */
+LARP_API const char* larp_cuda_last_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LARP_RT_LARP_SAMPLING_H_ */

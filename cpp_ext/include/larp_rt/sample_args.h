@@ -1,0 +1,52 @@
+/* larp_rt sampling kernels: the argument block shared by the CPU kernel, the CUDA kernel and every binding.
+ * Plain C so that ctypes / cuda-python / ONNX Runtime / TensorRT code can fill it. Torch-free. */
+#ifndef LARP_RT_SAMPLE_ARGS_H_
+#define LARP_RT_SAMPLE_ARGS_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One call samples one token for each of `batch` rows.
+ *
+ * cond:   [batch, >= vocab] logits (row stride ld_cond elements; 0 = one row shared by all) of the
+ *         conditional rows.
+ * uncond: [batch, >= vocab] logits of the paired null-class rows (row stride ld_uncond), or NULL.
+ *         For the usual [2B, V] CFG layout (cond rows first): uncond = cond + B * V, ld = V.
+ * dtype:  0 float32, 1 float16, 2 bfloat16 (both inputs), upcast exactly to float32.
+ * Per-row parameter arrays (length batch, same memory space as the logits):
+ *   cfg_scale (float32), temperature (float32, 0 = greedy), top_k (int64, 0 = off, <= vocab),
+ *   top_p (float32 in (0, 1], 1 = off), seed and stream (uint64; int64 bit patterns are fine).
+ * step:   the Philox counter's high half; read from *step_ptr when step_ptr != NULL (device memory for the
+ *         CUDA kernel, so a captured CUDA graph picks up the current step), else the `step` field.
+ * tokens: [batch] int64 output. logprobs: [batch] float64 output (log-probability of the token under the
+ *         filtered, renormalised distribution; 0 for greedy rows) or NULL.
+ * num_threads: CPU kernel only: worker threads over rows (<= 1: the calling thread). */
+typedef struct larp_sample_args {
+  const void* cond;
+  const void* uncond;
+  int64_t ld_cond;
+  int64_t ld_uncond;
+  int32_t dtype;
+  int32_t num_threads;
+  int64_t batch;
+  int64_t vocab;
+  const float* cfg_scale;
+  const float* temperature;
+  const int64_t* top_k;
+  const float* top_p;
+  const uint64_t* seed;
+  const uint64_t* stream;
+  const int64_t* step_ptr;
+  int64_t step;
+  int64_t* tokens;
+  double* logprobs;
+} larp_sample_args;
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LARP_RT_SAMPLE_ARGS_H_ */

@@ -1,7 +1,16 @@
-"""The authors' checkpoint layout, written out from ../shared/LARP.md section 5 and their hub config.json format,
-independently of larp_rt's modules (the tests compare our state dicts against it)."""
+"""Test helpers. The authors' checkpoint layout, written out from ../shared/LARP.md section 5 and their hub
+config.json format, independently of larp_rt's modules (the tests compare our state dicts against it)."""
 
 from __future__ import annotations
+
+# a prelude for `python -c` that makes `import torch` fail, to prove torch-free paths
+NO_TORCH = (
+    "import sys\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'): raise ImportError('torch is blocked')\n"
+    "sys.meta_path.insert(0, Block())\n"
+)
 
 
 def tokenizer_keys(D=768, enc_depth=12, dec_depth=12, N=1024, P=1024, K=8192, d=16, patch=(4, 8, 8), C=3,

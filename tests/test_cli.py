@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import torch
+from _authors import NO_TORCH
 
 from larp_rt import GeneratorConfig, save_pretrained
 from larp_rt.cli import main
@@ -49,12 +50,7 @@ def test_console_script_entry_point():
 
 def test_import_larp_rt_without_torch():
     """The runtime core must import where torch is not installed (ONNX Runtime / TensorRT deployments)."""
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.'): raise ImportError('torch is blocked')\n"
-        "sys.meta_path.insert(0, Block())\n"
+    code = NO_TORCH + (
         "import larp_rt\n"
         "from larp_rt import TokenizerConfig, GeneratorConfig\n"
         "assert TokenizerConfig.from_name('larp-l').num_tokens == 1024\n"

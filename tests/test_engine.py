@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from _authors import generator_config_json, tokenizer_config_json
+from _authors import NO_TORCH, generator_config_json, tokenizer_config_json
 from larp_rt.export import ExportError, export_bundle, onnx_export
 
 from larp_rt import Bundle, BundleError, Engine, GeneratorConfig, SamplingParams, TokenizerConfig, save_pretrained
@@ -304,12 +304,7 @@ def test_authors_hub_folders_export_unchanged(tmp_path):
 
 
 def test_onnxruntime_engine_works_without_torch(models_and_bundle):
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.'): raise ImportError('torch is blocked')\n"
-        "sys.meta_path.insert(0, Block())\n"
+    code = NO_TORCH + (
         "import numpy as np\n"
         "from larp_rt import Engine, SamplingParams\n"
         f"eng = Engine({str(models_and_bundle[2])!r})\n"

@@ -8,6 +8,7 @@ Those modules must not import torch at import time (the CLI starts without it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -91,7 +92,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     eng = _engine(args)
     params = _params(args)
     if args.cfg_scale is None:
-        params = params.__class__(**{**params.__dict__, "cfg_scale": eng.default_params.cfg_scale})
+        params = dataclasses.replace(params, cfg_scale=eng.default_params.cfg_scale)
     step = max(1, eng.generator_config.max_seq_len // 10)
     result = eng.generate(classes, params, progress=lambda k, n: print(f"\r  token {k}/{n}", end="", flush=True)
                           if k % step == 0 or k == n else None)

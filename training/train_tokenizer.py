@@ -1,0 +1,320 @@
+"""Train the LARP tokenizer with its AR prior.
+
+    loss = l1_weight * |recon - video| + vq_weight * loss_q + prior.loss_weight * loss_prior
+           [+ gan_weight * GAN (non-saturating, ViT discriminator)] [+ perceptual_weight * LPIPS]
+
+Signal initialisation (``bottleneck_init``, on by default): with the authors' init, a small tokenizer's residual
+streams are dominated by the fixed sin-cos position embeddings. Code vectors come out nearly identical for every
+slot and clip (cosine ~0.99), and the decoder learns the mean clip and ignores its tokens for thousands of steps
+(it learns to attend by position only). Before the first step the trainer therefore scales the patch embedding by
+``patch_embed_gain`` and every block's output projections (attn.proj, mlp.fc2) by ``residual_gain`` so that the
+content dominates, centres and scales ``in_linear`` on the first batch (codes spread over the sphere) and rescales
+``out_linear`` to weight std ``code_gain``. Resumed runs keep their weights.
+
+Quantizer warm-up (``quantizer_warmup`` steps, 0 = off): the first steps train encoder and decoder as a continuous
+auto-encoder on the L2-normalised latents (no SVQ, no prior); at the switch the codebook is re-initialised from
+encoder latents of the next batches, so every code starts where the encoder puts its vectors (no dead codes,
+no single-code collapse), then training continues with the full loss.
+
+The prior's parameters form their own AdamW group at ``lr * prior.lr_mult``; its 2-round scheduled sampling
+ratio follows ``PriorConfig.ss_ratio(step, steps)``. One process, one GPU, or DDP under torchrun.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from ..checkpoint import save_pretrained
+from ..config import TokenizerConfig
+from ..models import LARPTokenizer
+from .common import (
+    Progress,
+    autocast_for,
+    check_resume_config,
+    cosine_lr,
+    latest_state,
+    load_state,
+    param_groups,
+    save_state,
+    setup_dist,
+)
+from .config import TokenizerTrainConfig
+from .data import StepBatchSampler, build_datasets, collate
+
+__all__ = ["train_tokenizer", "tokenizer_config_for", "init_bottleneck"]
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_config_for(cfg: TokenizerTrainConfig) -> TokenizerConfig:
+    """The model config a training config describes (preset + overrides [+ prior preset + overrides])."""
+    tcfg = TokenizerConfig.from_name(cfg.model, **cfg.model_overrides)
+    if cfg.prior is not None:
+        tcfg = tcfg.with_prior(cfg.prior, **cfg.prior_overrides)
+    elif cfg.prior_overrides:
+        raise ValueError("prior_overrides given but prior is None; set prior to a PriorConfig preset (e.g. 'tiny')")
+    return tcfg
+
+
+@torch.no_grad()
+def init_bottleneck(model: LARPTokenizer, video: torch.Tensor, code_gain: float, patch_embed_gain: float = 1.0,
+                    residual_gain: float = 1.0) -> None:
+    """Signal init (see the module docstring): content gains, then in_linear outputs zero-mean and unit-std over
+    ``video``'s slots, and out_linear weight std = ``code_gain``."""
+    cfg = model.config
+    model.x_embedder.proj.weight.mul_(patch_embed_gain)
+    for block in [*model.encoder.blocks, *model.decoder.blocks]:
+        block.attn.proj.weight.mul_(residual_gain)
+        block.mlp.fc2.weight.mul_(residual_gain)
+    x = model.x_embedder(video) + model.encoder_patch_pe  # (B, P, D)
+    q = model.encoder_latent_query_embed.unsqueeze(0).expand(x.shape[0], -1, -1)  # (B, N, D)
+    h = model.encoder(x, q).reshape(-1, cfg.enc_dim)  # (B*N, D)
+    lin = model.bottleneck.in_linear
+    y = h @ lin.weight.t()  # (B*N, d)
+    mu, sd = y.mean(0), y.std(0).clamp_min(1e-6)
+    lin.weight.div_(sd[:, None])
+    lin.bias.copy_(-mu / sd)
+    out_w = model.bottleneck.out_linear.weight  # (D, d)
+    out_w.mul_(code_gain / out_w.std())
+
+
+@torch.no_grad()
+def init_codebook_from_latents(model: LARPTokenizer, videos: list[torch.Tensor], generator: torch.Generator) -> None:
+    """Codebook rows <- distinct normalised encoder latents of ``videos`` (+ small noise), drawn with ``generator``."""
+    z = torch.cat([F.normalize(model.encode_latents(v), dim=-1).reshape(-1, model.config.code_dim) for v in videos])
+    K = model.config.codebook_size
+    pick = torch.randperm(len(z), generator=generator, device=generator.device)[:K] if len(z) >= K else \
+        torch.randint(len(z), (K,), generator=generator, device=generator.device)
+    noise = torch.randn(K, z.shape[1], generator=generator, device=generator.device) * 0.02
+    model.bottleneck.regularizer.embedding.weight.copy_(F.normalize(z[pick] + noise, dim=-1))
+
+
+class _TrainForward(torch.nn.Module):
+    """The training forward under one module (so DDP sees every path): full LARP loss or the continuous warm-up."""
+
+    def __init__(self, model: LARPTokenizer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, video, *, ss_ratio: float, generator: torch.Generator, continuous: bool) -> dict:
+        if continuous:
+            z = F.normalize(self.model.encode_latents(video), dim=-1)  # (B, N, d)
+            zero = z.new_zeros(())
+            return {"recon": self.model.decode_codes(z), "loss_q": zero}
+        return self.model(video, ss_ratio=ss_ratio, generator=generator)
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig, out: str | Path, *, resume: bool = True, stop_after: int | None = None,
+                    device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) into ``out``; returns {"history": [per-step logs], "steps_done", "wall_s", "val": {...}}.
+
+    ``stop_after``: stop once this many steps are done (a resumable state is saved there), e.g. to split a
+    long run into sessions. The final model is written to ``out`` (config.json + model.safetensors).
+    """
+    out = Path(out)
+    d = setup_dist(device)
+    try:
+        return _train(cfg, out, d, resume=resume, stop_after=stop_after, progress=progress)
+    finally:
+        d.close()
+
+
+def _train(cfg: TokenizerTrainConfig, out: Path, d, *, resume: bool, stop_after: int | None,
+           progress: bool) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    dev = d.device
+    tcfg = tokenizer_config_for(cfg)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # model, optimiser (prior in its own group at lr * lr_mult) -------------------------------------
+    torch.manual_seed(cfg.seed)  # same init on every rank
+    model = LARPTokenizer(tcfg).to(dev)
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, exclude="prior_model", name="tokenizer")
+    prior_w = 0.0
+    if model.prior_model is not None:
+        prior_w = tcfg.prior.loss_weight
+        groups += param_groups(model.prior_model, cfg.lr * tcfg.prior.lr_mult, cfg.weight_decay, name="prior")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    optimizers: dict[str, torch.optim.Optimizer] = {"main": opt}
+    modules: dict[str, torch.nn.Module] = {}
+
+    disc = None
+    if cfg.gan_weight > 0:
+        from .losses import VideoDiscriminator
+
+        disc = VideoDiscriminator(tcfg, cfg.disc_dim, cfg.disc_depth, cfg.disc_heads).to(dev)
+        opt_d = torch.optim.AdamW(param_groups(disc, cfg.lr, cfg.weight_decay, name="disc"), lr=cfg.lr,
+                                  betas=tuple(cfg.betas))
+        optimizers["disc"] = opt_d
+        modules["disc"] = disc
+    lpips = None
+    if cfg.perceptual_weight > 0:
+        from .losses import LPIPS
+
+        lpips = LPIPS(cfg.perceptual_weights).to(dev)
+
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(cfg.seed * 1_000_003 + 17 + d.rank)  # SVQ sampling, scheduled sampling, GAN labels
+    torch.manual_seed(cfg.seed * 1_000_003 + 29 + d.rank)  # dropout (global stream)
+
+    start = 0
+    state = latest_state(out) if resume else None
+    if state is not None:
+        meta = load_state(state, model=model, optimizers=optimizers, generator=gen, modules=modules)
+        check_resume_config(meta.get("training", {}), cfg.to_dict(), state)
+        start = int(meta["step"])
+        if d.main:
+            log.info("resumed from %s (step %d)", state, start)
+    if start >= cfg.steps:
+        if d.main:
+            log.info("nothing to do: %s already holds %d >= %d steps", out, start, cfg.steps)
+
+    # data ------------------------------------------------------------------------------------------
+    train_ds, val_ds = build_datasets(cfg, frames=tcfg.frames, height=tcfg.height, width=tcfg.width)
+    sampler = StepBatchSampler(len(train_ds), global_batch=cfg.batch_size, steps=cfg.steps, start_step=start,
+                               rank=d.rank, world_size=d.world_size, seed=cfg.data_seed)
+    # own generator: creating the iterator must not draw from the global RNG (exact resume)
+    loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                        persistent_workers=False, pin_memory=dev.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
+
+    if start == 0 and cfg.bottleneck_init:  # the global first batch, so every rank computes the same weights
+        first = StepBatchSampler(len(train_ds), global_batch=cfg.batch_size, steps=1, seed=cfg.data_seed).batch(0)
+        init_bottleneck(model, collate([train_ds[i] for i, _ in first])[0].to(dev), cfg.code_gain,
+                        cfg.patch_embed_gain, cfg.residual_gain)
+    step_fn = _TrainForward(model)
+    net = DDP(step_fn, device_ids=[dev.index] if dev.type == "cuda" else None,
+              find_unused_parameters=cfg.quantizer_warmup > 0) if d.enabled else step_fn
+    disc_net = DDP(disc, device_ids=[dev.index] if dev.type == "cuda" else None) if (d.enabled and disc) else disc
+    autocast, scaler = autocast_for(dev, cfg.precision)
+    meta_out = {"training": cfg.to_dict(), "world_size": d.world_size}
+    bar = Progress(cfg.steps, start, "tokenizer", enabled=d.main and progress,
+                   log_path=out / "train_log.jsonl" if d.main else None)
+
+    history: list[dict[str, float]] = []
+    model.train()
+    step = start
+    for step, (video, _) in zip(range(start, cfg.steps), loader, strict=False):
+        if stop_after is not None and step >= stop_after:
+            break
+        video = video.to(dev, non_blocking=True)  # (B, 3, T, H, W)
+        mult = cosine_lr(step, steps=cfg.steps, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
+        for o in optimizers.values():
+            for g in o.param_groups:
+                g["lr"] = g["base_lr"] * mult
+        ss = tcfg.prior.ss_ratio(step, cfg.steps) if tcfg.prior is not None else 0.0
+        continuous = step < cfg.quantizer_warmup
+        if cfg.quantizer_warmup and step == cfg.quantizer_warmup:  # switch: codebook <- latents (same on all ranks)
+            nxt = StepBatchSampler(len(train_ds), global_batch=cfg.batch_size, steps=step + 4, seed=cfg.data_seed)
+            vids = [collate([train_ds[i] for i, _ in nxt.batch(s)])[0].to(dev) for s in range(step, step + 4)]
+            cb_gen = torch.Generator(device=dev)
+            cb_gen.manual_seed(cfg.seed + 99)
+            init_codebook_from_latents(model, vids, cb_gen)
+        use_gan = disc is not None and step >= cfg.gan_start
+
+        with autocast():
+            o_ = net(video, ss_ratio=ss, generator=gen, continuous=continuous)
+            recon = o_["recon"].float()  # (B, 3, T, H, W) unclamped
+            l1 = (recon - video).abs().mean()
+            loss = cfg.l1_weight * l1 + cfg.vq_weight * o_["loss_q"]
+            logs = {"l1": l1.detach(), "vq": o_["loss_q"].detach()}
+            if "loss_prior" in o_:
+                loss = loss + prior_w * o_["loss_prior"]
+                logs["prior"], logs["prior_acc"] = o_["loss_prior"].detach(), o_["prior_acc"]
+            if lpips is not None:
+                lp = lpips(recon.clamp(0, 1), video)
+                loss = loss + cfg.perceptual_weight * lp
+                logs["lpips"] = lp.detach()
+            if use_gan:
+                disc.requires_grad_(False)
+                g_adv = _g_loss(disc_net(recon))
+                disc.requires_grad_(True)
+                loss = loss + cfg.gan_weight * g_adv
+                logs["g_adv"] = g_adv.detach()
+        opt.zero_grad(set_to_none=True)
+        _backward_step(loss, opt, model.parameters(), cfg.grad_clip, scaler)
+
+        if use_gan and (step - cfg.gan_start) % cfg.disc_every == 0:
+            with autocast():
+                d_loss = _d_loss(disc_net(video), disc_net(recon.detach()), gen)
+            optimizers["disc"].zero_grad(set_to_none=True)
+            _backward_step(d_loss, optimizers["disc"], disc.parameters(), cfg.grad_clip, scaler)
+            logs["d_loss"] = d_loss.detach()
+
+        logs["loss"] = loss.detach()
+        rec = {k: float(d.mean(v.float())) for k, v in logs.items()}
+        rec["lr"], rec["ss_ratio"] = cfg.lr * mult, ss
+        history.append({"step": step, **rec})
+        done = step + 1
+        bar.update(done, rec, write=(done % cfg.log_every == 0) or done == cfg.steps)
+        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
+            if d.main:
+                save_state(out, done, model=model, optimizers=optimizers, generator=gen, modules=modules,
+                           meta=meta_out)
+            d.barrier()
+        step = done
+    bar.close()
+
+    result: dict[str, Any] = {"history": history, "steps_done": step, "out": str(out), "config": tcfg.to_dict()}
+    if step < cfg.steps:  # interrupted on purpose: leave a resumable state
+        if d.main and history:
+            save_state(out, step, model=model, optimizers=optimizers, generator=gen, modules=modules, meta=meta_out)
+        d.barrier()
+        result["wall_s"] = time.perf_counter() - t_start
+        return result
+
+    # final model + held-out reconstruction metrics ----------------------------------------------------
+    model.eval()
+    val: dict[str, float] = {}
+    if d.main:
+        from .evaluate import reconstruction_metrics
+
+        val = reconstruction_metrics(model, val_ds, batch_size=max(1, min(64, cfg.batch_size)), device=dev)
+        wall = time.perf_counter() - t_start
+        save_pretrained(model, out, extra={"training": cfg.to_dict(), "steps": cfg.steps, "val": val,
+                                           "train_wall_s": round(wall, 1), "world_size": d.world_size})
+        if cfg.keep_resume and history:
+            save_state(out, step, model=model, optimizers=optimizers, generator=gen, modules=modules, meta=meta_out)
+        elif not cfg.keep_resume:
+            shutil.rmtree(out / "resume", ignore_errors=True)
+        log.info("tokenizer saved to %s: val %s", out, val)
+    d.barrier()
+    result.update(val=val, wall_s=time.perf_counter() - t_start)
+    return result
+
+
+def _g_loss(logits):
+    from .losses import g_loss_nonsaturating
+
+    return g_loss_nonsaturating(logits)
+
+
+def _d_loss(real, fake, gen):
+    from .losses import d_loss_nonsaturating
+
+    return d_loss_nonsaturating(real, fake, generator=gen if gen.device.type == "cpu" else None)
+
+
+def _backward_step(loss, opt, params, clip: float, scaler) -> None:
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(list(params), clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from authors_loop import authors_decode_one_token
 
-from larp_rt import Engine, SamplingParams
+from larp_rt import Engine, SamplingParams, sampling
 from larp_rt.backends.base import CfgRows
 from larp_rt.sampling import resolve_params, uniform_table
 
@@ -57,12 +57,13 @@ def _step_ort(eng: Engine, batch: int, pos: int):
     st = be._gen_state
     layout = CfgRows.build(ids, params, eng.generator_config.null_class)
     rows = np.zeros(layout.rows, np.int64)
-    u = uniform_table(params, pos + 1)[:, pos]  # as in Engine.generate: a video's uniforms drawn once
+    # as in Engine.generate: the fused kernel (when built) draws its own uniforms; the reference takes a table
+    extra = {"u": uniform_table(params, pos + 1)[:, pos]} if be.sampler is sampling.sample else {}
 
     def step():
         logits = st.run(rows, pos)
         cond, uncond = layout.split(logits, batch)
-        return be.sampler(cond, uncond, params, pos, u=u)
+        return be.sampler(cond, uncond, params, pos, **extra)
 
     return step
 

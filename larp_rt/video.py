@@ -131,6 +131,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0) -
             imgs[0].save(tmp, save_all=True, append_images=imgs[1:], duration=max(1, round(1000 / fps)), loop=0)
         else:
             _write_mp4(tmp, f, fps)
+        os.chmod(tmp, 0o644)  # mkstemp files are private; outputs are ordinary files
         os.replace(tmp, p)
     except BaseException:
         os.unlink(tmp)

@@ -12,6 +12,7 @@ Resumable state of a run lives in ``<out>/resume/step_XXXXXXXX/``:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -30,6 +31,8 @@ from ..checkpoint import save_pretrained
 
 __all__ = ["Dist", "setup_dist", "cosine_lr", "autocast_for", "save_state", "load_state", "latest_state",
            "Progress", "param_groups"]
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,6 +199,30 @@ def latest_state(out: Path) -> Path | None:
         return None
     p = out / "resume" / f.read_text().strip()
     return p if (p / "state.json").is_file() else None
+
+
+def seed_and_resume(out: Path, cfg, d, *, resume: bool, model: nn.Module,
+                    optimizers: Mapping[str, torch.optim.Optimizer],
+                    modules: Mapping[str, nn.Module] | None = None) -> tuple[torch.Generator, int]:
+    """Seed this rank's RNG streams, then restore the latest resumable state under ``out`` (if ``resume``).
+
+    Returns the rank's explicit generator (sampling, dropout decisions) and the step to start from. The global
+    torch stream (dropout) is seeded per rank too; both are then overwritten by a restored state.
+    """
+    gen = torch.Generator(device=d.device)
+    gen.manual_seed(cfg.seed * 1_000_003 + 17 + d.rank)
+    torch.manual_seed(cfg.seed * 1_000_003 + 29 + d.rank)
+    start = 0
+    state = latest_state(out) if resume else None
+    if state is not None:
+        meta = load_state(state, model=model, optimizers=optimizers, generator=gen, modules=modules)
+        check_resume_config(meta.get("training", {}), cfg.to_dict(), state)
+        start = int(meta["step"])
+        if d.main:
+            log.info("resumed from %s (step %d)", state, start)
+    if start >= cfg.steps and d.main:
+        log.info("nothing to do: %s already holds %d >= %d steps", out, start, cfg.steps)
+    return gen, start
 
 
 def load_state(path: Path, *, model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],

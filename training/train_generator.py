@@ -27,12 +27,10 @@ from ..models import LARPGenerator
 from .common import (
     Progress,
     autocast_for,
-    check_resume_config,
     cosine_lr,
-    latest_state,
-    load_state,
     param_groups,
     save_state,
+    seed_and_resume,
     setup_dist,
 )
 from .config import GeneratorTrainConfig
@@ -161,16 +159,8 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
     model = LARPGenerator(gcfg).to(dev)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, name="generator"), lr=cfg.lr,
                             betas=tuple(cfg.betas))
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(cfg.seed * 1_000_003 + 17 + d.rank)  # class dropout
-    torch.manual_seed(cfg.seed * 1_000_003 + 29 + d.rank)  # token / residual dropout
-
-    start = 0
-    state = latest_state(out) if resume else None
-    if state is not None:
-        meta = load_state(state, model=model, optimizers={"main": opt}, generator=gen)
-        check_resume_config(meta.get("training", {}), cfg.to_dict(), state)
-        start = int(meta["step"])
+    # gen: class dropout; the global stream: token / residual dropout
+    gen, start = seed_and_resume(out, cfg, d, resume=resume, model=model, optimizers={"main": opt})
 
     train_t = torch.from_numpy(data["train_tokens"]).long()  # (M, N)
     train_l = torch.from_numpy(data["train_labels"]).long()  # (M,)

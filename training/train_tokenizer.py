@@ -39,12 +39,10 @@ from ..models import LARPTokenizer
 from .common import (
     Progress,
     autocast_for,
-    check_resume_config,
     cosine_lr,
-    latest_state,
-    load_state,
     param_groups,
     save_state,
+    seed_and_resume,
     setup_dist,
 )
 from .config import TokenizerTrainConfig
@@ -163,21 +161,8 @@ def _train(cfg: TokenizerTrainConfig, out: Path, d, *, resume: bool, stop_after:
 
         lpips = LPIPS(cfg.perceptual_weights).to(dev)
 
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(cfg.seed * 1_000_003 + 17 + d.rank)  # SVQ sampling, scheduled sampling, GAN labels
-    torch.manual_seed(cfg.seed * 1_000_003 + 29 + d.rank)  # dropout (global stream)
-
-    start = 0
-    state = latest_state(out) if resume else None
-    if state is not None:
-        meta = load_state(state, model=model, optimizers=optimizers, generator=gen, modules=modules)
-        check_resume_config(meta.get("training", {}), cfg.to_dict(), state)
-        start = int(meta["step"])
-        if d.main:
-            log.info("resumed from %s (step %d)", state, start)
-    if start >= cfg.steps:
-        if d.main:
-            log.info("nothing to do: %s already holds %d >= %d steps", out, start, cfg.steps)
+    # gen: SVQ sampling, scheduled sampling, GAN labels; the global stream: dropout
+    gen, start = seed_and_resume(out, cfg, d, resume=resume, model=model, optimizers=optimizers, modules=modules)
 
     # data ------------------------------------------------------------------------------------------
     train_ds, val_ds = build_datasets(cfg, frames=tcfg.frames, height=tcfg.height, width=tcfg.width)

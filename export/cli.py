@@ -9,7 +9,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .onnx_export import export_bundle
 
     export_bundle(args.tokenizer, args.generator, args.bundle_dir, precision=args.precision, opset=args.opset,
-                  onnx_only=args.onnx_only, verify=not args.no_verify, overwrite=args.force)
+                  onnx_only=args.onnx_only, verify=not args.no_verify, overwrite=args.force,
+                  fused_sampler=args.fused_sampler)
     return 0
 
 
@@ -23,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17: TensorRT-friendly)")
     p.add_argument("--onnx-only", action="store_true", help="leave out the PyTorch checkpoints (small edge bundles)")
+    p.add_argument("--fused-sampler", action="store_true",
+                   help="also write decode_sample.onnx: the decode step with the fused sampling op (larp_rt::Sample); "
+                        "needs the built kernels where the bundle runs")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch verification")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
     p.set_defaults(fn=_cmd_export)

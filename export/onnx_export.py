@@ -129,15 +129,29 @@ def export_bundle(
     overwrite: bool = False,
     batch: int = 2,
     seed: int = 0,
+    fused_sampler: bool = False,
     printer=print,
 ) -> Path:
-    """Export a tokenizer and/or a generator checkpoint folder (ours or the authors') to a verified bundle."""
+    """Export a tokenizer and/or a generator checkpoint folder (ours or the authors') to a verified bundle.
+
+    A generator brings ``decode.onnx`` and the standard-ops sampler ``sample.onnx``; ``fused_sampler`` adds
+    ``decode_sample.onnx`` (decode + the custom ``larp_rt::Sample`` op; needs the built kernels).
+    """
     if tokenizer_dir is None and generator_dir is None:
         raise ValueError("give a tokenizer and/or a generator checkpoint folder")
     if precision not in TOLERANCES:
         raise ValueError(f"precision must be one of {sorted(TOLERANCES)}, got {precision!r}")
     if opset not in OPSETS:
         raise ValueError(f"opset must be in [{OPSETS.start}, {OPSETS.stop - 1}], got {opset}")
+    if fused_sampler and generator_dir is None:
+        raise ValueError("fused_sampler needs a generator")
+    if fused_sampler:
+        from .. import kernels
+
+        if kernels.ort_custom_op_library() is None:
+            raise ValueError("fused_sampler needs the ONNX Runtime custom-op library (liblarp_rt_ort.so), which this "
+                             "install has not built: " + kernels.available()["errors"].get("liblarp_rt_ort.so", "")
+                             + ". Reinstall with `pip install -e .`, or export without --fused-sampler")
     dtype = torch.float16 if precision == "fp16" else torch.float32
     tol = TOLERANCES[precision]
     tok = load_pretrained(tokenizer_dir, kind="tokenizer", with_prior=False) if tokenizer_dir is not None else None
@@ -168,12 +182,15 @@ def export_bundle(
                 w.add_file("torch/tokenizer/model.safetensors")
         if gen is not None:
             checks += _export_generator(w, gen, dtype, opset, batch, gen_rng, tol, verify)
+            checks += _export_samplers(w, gen.config, fused_sampler, batch, gen_rng, verify)
             cfg = gen.config
             m["generator"] = {
                 "config": cfg.to_dict(),
                 "kv_cache": {"layers": cfg.n_layer, "heads": cfg.n_head, "head_dim": cfg.head_dim,
                              "max_seq": find_multiple(cfg.num_positions, 8), "dtype": precision},
             }
+            m["sampler"] = {"graph": "sample", "fused": "decode_sample" if fused_sampler else None,
+                            "custom_op_domain": "larp_rt", "custom_op_library": "liblarp_rt_ort.so"}
             m["default_sampling"] = {"cfg_scale": 1.25 if gen.has_null_class else 1.0, "temperature": 1.0,
                                      "top_k": 0, "top_p": 1.0}
             if not onnx_only:
@@ -300,3 +317,78 @@ def _model_step(gen: LARPGenerator, token, pos, caches) -> tuple[torch.Tensor, n
         return gen.decode_one_token(token, pos), _cache_slot(gen, int(pos))
     finally:
         gen.clear_caches()
+
+
+def _export_samplers(w: BundleWriter, cfg, fused: bool, batch: int, rng, verify: bool) -> list[GraphCheck]:
+    """``sample.onnx`` always; ``decode_sample.onnx`` with ``fused``. Both verified against the reference sampler:
+    token ids must be equal, logprobs within 1e-9."""
+    import onnx
+
+    from .. import sampling as S
+    from .sampler_graph import FUSED_EXTRA_INPUTS, SAMPLER_INPUTS, build_sampler_model, fuse_decode_sample
+
+    V = cfg.vocab_size
+    onnx.save_model(build_sampler_model(), str(w.path("sample.onnx")))
+    w.add_graph("sample", "sample.onnx", [_io("logits", "float32", ["R", V])]
+                + [_io(n, t, ["B"]) for n, t in SAMPLER_INPUTS],
+                [_io("tokens", "int64", ["B"]), _io("logprobs", "float64", ["B"])])
+    decode_info = w.manifest["graphs"]["decode"]
+    if fused:
+        dec = onnx.load(str(w.path("decode.onnx")), load_external_data=False)  # initializers stay external
+        onnx.save_model(fuse_decode_sample(dec), str(w.path("decode_sample.onnx")))
+        w.add_graph("decode_sample", "decode_sample.onnx",
+                    decode_info["inputs"] + [_io(n, t, [] if n == "sample_step" else ["B_req"])
+                                             for n, t in FUSED_EXTRA_INPUTS],
+                    [_io("tokens", "int64", ["B_req"]), _io("logprobs", "float64", ["B_req"])]
+                    + decode_info["outputs"][1:], decode_info.get("data", []))
+    if not verify:
+        return []
+    checks = []
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    np_rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    params = S.RowParams(
+        cfg_scale=np.array([1.0, 2.0] * batch, np.float32)[:batch], temperature=np.array([1.0, 0.0, 0.7] * batch,
+                                                                                        np.float32)[:batch],
+        top_k=np.array([0, 5, V] * batch, np.int64)[:batch], top_p=np.array([0.9, 1.0] * batch, np.float32)[:batch],
+        seed=np_rng.integers(0, 2**63, batch).astype(np.uint64), stream=np.arange(batch, dtype=np.uint64))
+    logits = (np_rng.standard_normal((2 * batch, V)) * 3).astype(np.float32)
+    u = S.uniform(params.seed, params.stream, 7)
+    sess = _ort_session(w.path("sample.onnx"))
+    tokens, logp = sess.run(None, {"logits": logits, "cfg_scale": params.cfg_scale, "temperature": params.temperature,
+                                   "top_k": params.top_k, "top_p": params.top_p, "uniform": u})
+    want_t, want_l = S.sample(logits[:batch], logits[batch:], params, 7, return_logprobs=True)
+    if not np.array_equal(tokens, want_t):
+        raise ExportError(f"sample.onnx drew {tokens.tolist()} where the reference sampler draws {want_t.tolist()}")
+    checks.append(_compare("sample", "logprobs", logp, want_l, 1e-9))
+    if fused:
+        checks.append(_verify_fused(w, cfg, params, batch, np_rng))
+    return checks
+
+
+def _verify_fused(w: BundleWriter, cfg, params, batch: int, rng) -> GraphCheck:
+    """One prefill step of decode_sample.onnx (2B rows: guided) == decode.onnx's logits through the reference."""
+    import onnxruntime as ort
+
+    from .. import kernels
+    from .. import sampling as S
+
+    info = w.manifest["graphs"]["decode"]
+    feeds = {"token": (cfg.vocab_size + rng.integers(0, cfg.num_classes, (2 * batch, 1))).astype(np.int64),
+             "pos": np.zeros(1, np.int64)}
+    for io in info["inputs"][2:]:
+        _, H, _, hd = io["shape"]
+        feeds[io["name"]] = np.zeros((2 * batch, H, 8, hd), np.float16 if io["dtype"] == "float16" else np.float32)
+    logits = _ort_session(w.path("decode.onnx")).run(["logits"], feeds)[0]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.register_custom_ops_library(kernels.ort_custom_op_library())
+    fused = ort.InferenceSession(str(w.path("decode_sample.onnx")), so, providers=["CPUExecutionProvider"])
+    extra = {"cfg_scale": params.cfg_scale, "temperature": params.temperature, "top_k": params.top_k,
+             "top_p": params.top_p, "seed": params.seed.view(np.int64), "stream": params.stream.view(np.int64),
+             "sample_step": np.array(0, np.int64)}
+    tokens, logp = fused.run(["tokens", "logprobs"], {**feeds, **extra})
+    want_t, want_l = S.sample(logits[:batch], logits[batch:], params, 0, return_logprobs=True)
+    if not np.array_equal(tokens, want_t):
+        raise ExportError(f"decode_sample.onnx drew {tokens.tolist()} where decode.onnx + the reference sampler "
+                          f"draw {want_t.tolist()}")
+    return _compare("fused", "logprobs", logp, want_l, 1e-9)

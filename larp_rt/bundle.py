@@ -24,7 +24,7 @@ __all__ = ["BundleError", "Bundle", "BundleWriter", "sha256_file", "FORMAT", "FO
 FORMAT = "larp_rt.bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-GRAPHS = ("encoder", "decoder", "prefill", "decode")
+GRAPHS = ("encoder", "decoder", "prefill", "decode", "sample", "decode_sample")
 
 
 class BundleError(ValueError):
@@ -166,6 +166,8 @@ class BundleWriter:
 
     def add_graph(self, name: str, file: str, inputs: list[dict], outputs: list[dict], extra_files=()) -> None:
         self.manifest["graphs"][name] = {"file": file, "inputs": inputs, "outputs": outputs}
+        if extra_files:
+            self.manifest["graphs"][name]["data"] = list(extra_files)  # external data the graph reads
         for rel in (file, *extra_files):
             self.add_file(rel)
 

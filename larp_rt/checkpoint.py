@@ -373,6 +373,8 @@ def save_pretrained(model, path: str | os.PathLike, *, extra: Mapping[str, Any] 
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt", "larp_rt_kind": kind})
         Path(tmp, CONFIG_FILE).write_text(cfg_text + "\n")
+        for name in (WEIGHTS_FILE, CONFIG_FILE):  # temp files are private; checkpoints are ordinary files
+            os.chmod(os.path.join(tmp, name), 0o644)
         os.replace(os.path.join(tmp, WEIGHTS_FILE), out / WEIGHTS_FILE)
         os.replace(os.path.join(tmp, CONFIG_FILE), out / CONFIG_FILE)
     return out

@@ -49,24 +49,35 @@ class Engine:
         device: str = "auto",
         threads: int | None = None,
         verify: bool = True,
+        sampler: str = "auto",
     ):
         """Load a bundle. backend: "auto" (ONNX Runtime if installed, else torch), "onnxruntime", "torch".
         device: "auto", "cpu" or "cuda". threads: intra-op threads (default: the backend's).
-        verify: check every file's sha256 against the manifest (default; False trusts the files)."""
+        verify: check every file's sha256 against the manifest (default; False trusts the files).
+        sampler (ONNX Runtime): "auto" (the fastest available), "fused" (the bundle's decode_sample graph),
+        "kernel" (the C++ kernel), "graph" (the bundle's standard-ops sample graph) or "reference" (numpy);
+        every one draws the same tokens for the same seeds. ``engine.sampler_name`` says which one runs."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        from .backends.onnxruntime import SAMPLERS
+
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
         if backend == "auto":
             backend = "onnxruntime" if self.bundle.graphs and importlib.util.find_spec("onnxruntime") else "torch"
         if backend == "onnxruntime":
             from .backends.onnxruntime import OnnxRuntimeBackend
 
-            self.backend = OnnxRuntimeBackend(self.bundle, device=device, threads=threads)
+            self.backend = OnnxRuntimeBackend(self.bundle, device=device, threads=threads, sampler=sampler)
         else:
+            if sampler not in ("auto", "kernel", "reference"):
+                raise ValueError(f"sampler={sampler!r} runs on the onnxruntime backend; the torch backend takes "
+                                 "'auto', 'kernel' or 'reference'")
             from .backends.torch import TorchBackend
 
             self.backend = TorchBackend(self.bundle, device=device, threads=threads)
@@ -79,6 +90,11 @@ class Engine:
     @property
     def backend_name(self) -> str:
         return self.backend.name
+
+    @property
+    def sampler_name(self) -> str:
+        """Which sampler draws the tokens: "fused", "kernel", "graph" or "reference" (same draws in each)."""
+        return self.backend.sampler_name
 
     def close(self) -> None:
         self.backend.close()

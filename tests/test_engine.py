@@ -10,8 +10,19 @@ import torch
 from _authors import NO_TORCH, generator_config_json, tokenizer_config_json
 from larp_rt.export import ExportError, export_bundle, onnx_export
 
-from larp_rt import Bundle, BundleError, Engine, GeneratorConfig, SamplingParams, TokenizerConfig, save_pretrained
+from larp_rt import (
+    Bundle,
+    BundleError,
+    Engine,
+    GeneratorConfig,
+    SamplingParams,
+    TokenizerConfig,
+    kernels,
+    save_pretrained,
+)
 from larp_rt.models import LARPGenerator, LARPTokenizer
+
+HAVE_ORT_OP = kernels.ort_custom_op_library() is not None
 
 
 def tiny_models(seed=0, **gen_overrides):
@@ -30,7 +41,8 @@ def models_and_bundle(tmp_path_factory):
     tok, gen = tiny_models()
     save_pretrained(tok, root / "tok")
     save_pretrained(gen, root / "gen")
-    bundle = export_bundle(root / "tok", root / "gen", root / "bundle", printer=lambda s: None)
+    bundle = export_bundle(root / "tok", root / "gen", root / "bundle", printer=lambda s: None,
+                           fused_sampler=HAVE_ORT_OP)
     return tok, gen, bundle
 
 
@@ -73,7 +85,7 @@ def greedy_reference(gen: LARPGenerator, classes, cfg_scale: float) -> np.ndarra
 def test_every_graph_matches_pytorch(models_and_bundle):
     tok, gen, bundle = models_and_bundle
     b = Bundle(bundle)
-    assert set(b.graphs) == {"encoder", "decoder", "decode"}
+    assert set(b.graphs) == {"encoder", "decoder", "decode", "sample"} | ({"decode_sample"} if HAVE_ORT_OP else set())
     so = ort.SessionOptions()
     run = lambda name, feeds: ort.InferenceSession(str(b.graph_path(name)), so).run(None, feeds)  # noqa: E731
     video = torch.rand(3, *tok.config.video_shape, generator=torch.Generator().manual_seed(5))
@@ -106,7 +118,9 @@ def test_manifest_is_self_describing(models_and_bundle):
     m = b.manifest
     assert m["precision"] == "fp32" and m["created_by"]["opset"] == 17
     assert m["default_sampling"] == {"cfg_scale": 1.25, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    assert {v["graph"] for v in m["verification"]} == {"encoder", "decoder", "decode", "prefill"}
+    fused = {"fused"} if HAVE_ORT_OP else set()
+    assert {v["graph"] for v in m["verification"]} == {"encoder", "decoder", "decode", "prefill", "sample"} | fused
+    assert m["sampler"]["graph"] == "sample" and ("decode_sample" in b.graphs) == HAVE_ORT_OP
     assert b.checkpoint_dir("generator").is_dir() and b.tokenizer_config == TokenizerConfig.from_name("tiny")
     assert b.graph("decode").input_names[:2] == ["token", "pos"]
     assert all(len(d) == 64 for d in b.files.values())
@@ -331,11 +345,16 @@ def test_external_data_and_nan_logits(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # force the external-data layout
     with pytest.raises(ExportError, match="verification failed"):  # NaN never verifies
         export_bundle(None, tmp_path / "g", tmp_path / "b", printer=lambda s: None)
-    bundle = export_bundle(None, tmp_path / "g", tmp_path / "b", verify=False, printer=lambda s: None)
+    bundle = export_bundle(None, tmp_path / "g", tmp_path / "b", verify=False, printer=lambda s: None,
+                           fused_sampler=HAVE_ORT_OP)
     b = Bundle(bundle)
     assert "decode.onnx.data" in b.files and (bundle / "decode.onnx.data").stat().st_size > 1e5
-    with pytest.raises(ValueError, match="NaN/Inf"):
-        Engine(bundle).generate([1], SamplingParams(seed=0))
+    if HAVE_ORT_OP:  # the fused graph reads the decode graph's weights file: no second copy
+        assert b.manifest["graphs"]["decode_sample"]["data"] == ["decode.onnx.data"]
+        assert (bundle / "decode_sample.onnx").stat().st_size < 1e5 and len(list(bundle.glob("*.data"))) == 1
+    for sampler in ("fused", "kernel", "graph", "reference") if HAVE_ORT_OP else ("graph", "reference"):
+        with pytest.raises(ValueError, match="NaN/Inf"):
+            Engine(bundle, sampler=sampler).generate([1], SamplingParams(seed=0))
     with pytest.raises(ValueError, match="NaN/Inf"):
         Engine(bundle, backend="torch").generate([1], SamplingParams(seed=0))
 
@@ -356,11 +375,50 @@ def test_fused_kernel_and_reference_sampler_give_the_same_tokens(models_and_bund
         pytest.skip(f"the CPU sampling kernel is not built: {kernels.available()['errors']}")
     params = [SamplingParams(seed=1), SamplingParams(seed=2, top_k=10, cfg_scale=2.0),
               SamplingParams(seed=3, top_p=0.8, temperature=0.7), SamplingParams(seed=4, temperature=0.0)]
-    fast = Engine(models_and_bundle[2])
-    assert fast.backend.sampler is kernels.sample_numpy  # the engine picks the fused kernel
+    fast = Engine(models_and_bundle[2], sampler="kernel")
+    assert fast.backend.sampler is kernels.sample_numpy and fast.sampler_name == "kernel"
     a = fast.generate([1, 2, 3, 4], params).tokens
     with kernels.force_fallback():
         b = Engine(models_and_bundle[2]).generate([1, 2, 3, 4], params).tokens
         c = Engine(models_and_bundle[2], backend="torch").generate([1, 2, 3, 4], params).tokens
     d = Engine(models_and_bundle[2], backend="torch").generate([1, 2, 3, 4], params).tokens  # torch op
     assert np.array_equal(a, b) and np.array_equal(a, c) and np.array_equal(a, d)
+
+
+@pytest.mark.parametrize("sampler", ["fused", "kernel", "graph", "reference"])
+def test_every_sampler_draws_the_same_tokens(models_and_bundle, sampler):
+    """The fused graph, the C++ kernel, the standard-ops graph and the numpy reference: the same draws, including
+    a batch where only some requests use guidance (the fused graph then runs 2B rows) and greedy rows."""
+    if sampler in ("fused", "kernel") and not HAVE_ORT_OP:
+        pytest.skip(f"the kernels are not built: {kernels.available()['errors']}")
+    params = [SamplingParams(seed=1), SamplingParams(seed=2, top_k=10, cfg_scale=2.0),
+              SamplingParams(seed=3, top_p=0.8, temperature=0.7), SamplingParams(seed=4, temperature=0.0),
+              SamplingParams(seed=5, top_k=3, top_p=0.5, cfg_scale=1.5, temperature=1.3)]
+    eng = Engine(models_and_bundle[2], sampler=sampler)
+    assert eng.sampler_name == sampler
+    got = eng.generate([1, 2, 3, 4, 0], params).tokens
+    with kernels.force_fallback():
+        want = Engine(models_and_bundle[2], sampler="reference").generate([1, 2, 3, 4, 0], params).tokens
+    assert np.array_equal(got, want)
+    one = SamplingParams(seed=8, cfg_scale=1.25, top_k=40)  # one SamplingParams: streams (8, i)
+    with kernels.force_fallback():
+        want = Engine(models_and_bundle[2], sampler="reference").generate([6, 6], one).tokens
+    assert np.array_equal(eng.generate([6, 6], one).tokens, want)
+
+
+def test_auto_sampler_and_bad_sampler_choices(models_and_bundle, tmp_path):
+    eng = Engine(models_and_bundle[2])
+    assert eng.sampler_name == ("fused" if HAVE_ORT_OP else "reference")
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        Engine(models_and_bundle[2], sampler="magic")
+    with pytest.raises(ValueError, match="runs on the onnxruntime backend"):
+        Engine(models_and_bundle[2], backend="torch", sampler="graph")
+    _, gen = tiny_models()
+    save_pretrained(gen, tmp_path / "g")
+    plain = export_bundle(None, tmp_path / "g", tmp_path / "b", verify=False, printer=lambda s: None)
+    with pytest.raises(ValueError, match="no decode_sample graph.*--fused-sampler"):
+        Engine(plain, sampler="fused")
+    with kernels.force_fallback():
+        assert Engine(models_and_bundle[2]).sampler_name == "reference"
+        with pytest.raises(ValueError, match="sampler='fused' is not available"):
+            Engine(models_and_bundle[2], sampler="fused")

@@ -67,6 +67,8 @@ class Backend:
         self.tokenizer_config = tokenizer_config
         self.generator_config = generator_config
         self.sampler: Sampler = sampling.sample  # the engine may swap in a fused kernel with the same semantics
+        self.sampler_takes_uniform = True  # the sampler accepts u= (the whole video's uniforms drawn at once)
+        self.sampler_name = "reference"
 
     # tokenizer -------------------------------------------------------------------------------
     def encode(self, video: np.ndarray) -> np.ndarray:
@@ -92,7 +94,7 @@ class Backend:
         B, N = len(class_ids), cfg.max_seq_len
         layout = CfgRows.build(class_ids, params, cfg.null_class)
         # the reference sampler takes the whole video's uniforms, drawn once; a fused kernel draws its own
-        table = sampling.uniform_table(params, N) if self.sampler is sampling.sample else None
+        table = sampling.uniform_table(params, N) if self.sampler_takes_uniform else None
         logits = self._begin(layout.class_ids)
         rows_tokens = np.empty(layout.rows, np.int64)
         for k in range(N):

@@ -12,13 +12,16 @@ too: a decode step allocates nothing.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
+from .. import sampling
 from ..bundle import Bundle
-from .base import Backend
+from ..sampling import RowParams
+from .base import Backend, StepEvent
 
-__all__ = ["OnnxRuntimeBackend", "available_providers"]
+__all__ = ["OnnxRuntimeBackend", "SAMPLERS", "available_providers"]
 
 
 def available_providers() -> list[str]:
@@ -44,13 +47,23 @@ def _bucket(rows: int) -> int:
     return 1 << max(rows - 1, 0).bit_length()  # 1, 2, 4, 8, ...
 
 
+SAMPLERS = ("auto", "fused", "kernel", "graph", "reference")
+
+
 class OnnxRuntimeBackend(Backend):
+    """sampler: how tokens are drawn (identical draws for the same seeds, see larp_rt/sampling.py):
+    "fused" = the bundle's decode_sample graph (decode + the custom larp_rt::Sample op, one run per token);
+    "kernel" = decode graph + the C++ kernel through ctypes; "graph" = decode graph + the bundle's standard-ops
+    sample graph; "reference" = decode graph + the numpy reference; "auto" = the fastest available here."""
+
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int | None = None):
+    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int | None = None, sampler: str = "auto"):
         import onnxruntime as ort
 
         super().__init__(bundle.tokenizer_config, bundle.generator_config)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         self.ort = ort
         self.bundle = bundle
         self.providers = _providers(device)
@@ -66,10 +79,41 @@ class OnnxRuntimeBackend(Backend):
         self._sessions: dict[str, object] = {}
         self._gen_state: _GenState | None = None
         self.kv_dtype = np.float16 if bundle.precision == "fp16" else np.float32
+        if bundle.generator_config is not None:
+            self._choose_sampler(sampler)
+
+    def _choose_sampler(self, want: str) -> None:
         from .. import kernels
 
-        if kernels.available()["cpu"]:  # the fused CPU kernel: same draws as the reference, faster
-            self.sampler = kernels.sample_numpy
+        info = kernels.available()
+        lib_ok = info["ort_library"] is not None and not info["disabled"]
+        has_fused = "decode_sample" in self.bundle.graphs
+        if want == "fused" and not (has_fused and lib_ok):
+            why = ("the bundle has no decode_sample graph (export with --fused-sampler)" if not has_fused else
+                   "the ONNX Runtime custom-op library is " + ("disabled" if info["disabled"] else "not built"))
+            raise ValueError(f"sampler='fused' is not available: {why}; use sampler='auto'")
+        if want == "kernel" and not (info["cpu"] and not info["disabled"]):
+            raise ValueError("sampler='kernel' needs the built CPU kernels (pip install -e .; see cpp_ext/README.md)"
+                             " and LARP_RT_DISABLE_KERNELS unset; use sampler='auto'")
+        if want == "auto":
+            # measured on CPU (benchmarks/): the fused graph saves the logits round trip and a Python call per
+            # token; on GPU providers it also keeps the logits on the device (when the library has CUDA)
+            if has_fused and lib_ok and (not self.on_gpu or info["cuda_library"]):
+                want = "fused"
+            elif info["cpu"] and not info["disabled"] and not self.on_gpu:
+                want = "kernel"
+            elif self.on_gpu and "sample" in self.bundle.graphs:
+                want = "graph"
+            else:
+                want = "reference"
+        self.sampler_name = want
+        if want == "fused":
+            self._so.register_custom_ops_library(kernels.ort_custom_op_library())
+        elif want == "kernel":
+            self.sampler, self.sampler_takes_uniform = kernels.sample_numpy, False
+        elif want == "graph":
+            self.sampler = self._graph_sampler
+        # "reference": the base class default
 
     def session(self, name: str):
         if name not in self._sessions:
@@ -82,6 +126,19 @@ class OnnxRuntimeBackend(Backend):
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         return self.session("decoder").run(["video"], {"indices": tokens})[0]
+
+    # sampling through the bundle's standard-ops graph -----------------------------------------
+    def _graph_sampler(self, cond, uncond, params: RowParams, step: int, u=None) -> np.ndarray:
+        logits = cond if uncond is None else np.concatenate([cond, uncond])
+        if u is None:
+            u = sampling.uniform(params.seed, params.stream, step)
+        tokens = self.session("sample").run(["tokens"], {
+            "logits": np.ascontiguousarray(logits, np.float32), "cfg_scale": params.cfg_scale,
+            "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+            "uniform": np.ascontiguousarray(u, np.float64)})[0]
+        if (tokens < 0).any():
+            sampling.sample(cond, uncond, params, step)  # raises the reference's error naming the row
+        return tokens
 
     # generation ------------------------------------------------------------------------------
     def _state(self, rows: int) -> _GenState:
@@ -98,6 +155,28 @@ class OnnxRuntimeBackend(Backend):
 
     def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
         return self._gen_state.run(tokens, pos)
+
+    def generate_iter(self, class_ids: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
+        if self.sampler_name != "fused":
+            yield from super().generate_iter(class_ids, params)
+            return
+        # the fused graph samples in the graph: rows are B, or 2B with a null row for every request when any
+        # uses guidance (cfg_scale == 1 rows then mix to exactly their cond logits, as in the reference)
+        cfg = self.generator_config
+        B, N = len(class_ids), cfg.max_seq_len
+        guided = params.uses_cfg
+        ids = np.concatenate([class_ids, np.full(B, cfg.null_class, np.int64)]) if guided else class_ids
+        st = self._state(len(ids))
+        st.bind(len(ids), params)
+        tokens = st.run(ids + cfg.vocab_size, 0, sample_step=0)
+        for k in range(N):
+            if k:
+                row_tokens = np.concatenate([tokens, tokens]) if guided else tokens
+                tokens = st.run(row_tokens, cfg.cls_token_num + k - 1, sample_step=k)
+            if (tokens < 0).any():
+                raise ValueError("logits contain NaN/Inf: the model produced non-finite values; "
+                                 "check the weights and the precision (fp16 overflow?)")
+            yield StepEvent(k, N, tokens.copy())
 
     def close(self) -> None:
         self._sessions.clear()
@@ -120,11 +199,20 @@ class _GenState:
         self.L, self.H, self.S, self.hd = cfg.n_layer, cfg.n_head, int(kv["max_seq"]), cfg.head_dim
         self.V = cfg.vocab_size
         self.window = max(16, self.S // 8)
-        self.sess = be.session("decode")
+        self.fused = be.sampler_name == "fused"
+        self.sess = be.session("decode_sample" if self.fused else "decode")
         dt = be.kv_dtype
         self.token = np.zeros((capacity, 1), np.int64)
         self.pos = np.zeros(1, np.int64)
-        self.logits = np.zeros((capacity, self.V), np.float32)
+        if self.fused:  # per-request sampling inputs and the drawn tokens
+            self.sample_step = np.zeros((), np.int64)
+            self.params = {n: np.zeros(capacity, t) for n, t in (
+                ("cfg_scale", np.float32), ("temperature", np.float32), ("top_k", np.int64), ("top_p", np.float32),
+                ("seed", np.int64), ("stream", np.int64))}
+            self.tokens = np.zeros(capacity, np.int64)
+            self.logprobs = np.zeros(capacity, np.float64)
+        else:
+            self.logits = np.zeros((capacity, self.V), np.float32)
         if be.on_gpu:
             self.dev = _CudaCache(be, (capacity, self.H, self.S, self.hd), dt, self.L)
         else:
@@ -140,7 +228,7 @@ class _GenState:
         n = self.rows * self.H * width * self.hd
         return [f[:n].reshape(self.rows, self.H, width, self.hd) for f in self.flat]
 
-    def bind(self, rows: int) -> None:
+    def bind(self, rows: int, params: RowParams | None = None) -> None:
         io = self.sess.io_binding()
 
         def cpu_in(name: str, buf: np.ndarray) -> None:  # zero-copy: ORT reads our buffer in place
@@ -148,7 +236,19 @@ class _GenState:
 
         cpu_in("token", self.token[:rows])
         cpu_in("pos", self.pos)
-        io.bind_output("logits", "cpu", 0, np.float32, [rows, self.V], self.logits[:rows].ctypes.data)
+        if self.fused:
+            assert params is not None
+            B = len(params)
+            for name, buf in self.params.items():
+                src = getattr(params, name)
+                buf[:B] = src.view(np.int64) if src.dtype == np.uint64 else src
+                cpu_in(name, buf[:B])
+            cpu_in("sample_step", self.sample_step)
+            io.bind_output("tokens", "cpu", 0, np.int64, [B], self.tokens[:B].ctypes.data)
+            io.bind_output("logprobs", "cpu", 0, np.float64, [B], self.logprobs[:B].ctypes.data)
+            self.batch = B
+        else:
+            io.bind_output("logits", "cpu", 0, np.float32, [rows, self.V], self.logits[:rows].ctypes.data)
         self.binding, self.rows, self.width = io, rows, 0
         if self.dev is None:
             for j, buf in enumerate(self.new):
@@ -170,19 +270,30 @@ class _GenState:
             self.binding.bind_input(f"past_{'kv'[j % 2]}_{j // 2}", "cpu", 0, v.dtype, list(v.shape), v.ctypes.data)
         self.width = width
 
-    def run(self, tokens: np.ndarray, pos: int) -> np.ndarray:
+    def run(self, tokens: np.ndarray, pos: int, sample_step: int | None = None) -> np.ndarray:
+        """One step; returns the (rows, V) logits, or with the fused graph the (B,) drawn tokens."""
         rows = self.rows
         self.token[:rows, 0] = tokens
         self.pos[0] = pos
         if self.dev is None and pos >= self.width:
             self._grow(pos)
-        self.sess.run_with_iobinding(self.binding)
+        if self.fused:
+            self.sample_step[...] = sample_step
+            try:
+                self.sess.run_with_iobinding(self.binding)
+            except Exception as e:  # the op's CPU kernel refuses non-finite logits with the reference's message
+                msg = str(e)
+                if "NaN/Inf" in msg:
+                    raise ValueError(msg[msg.index("larp_rt.Sample"):] if "larp_rt.Sample" in msg else msg) from None
+                raise
+        else:
+            self.sess.run_with_iobinding(self.binding)
         if self.dev is None:
             for cache, new in zip(self.views, self.new, strict=True):
                 cache[:, :, pos] = new[:rows, :, 0]
         else:
             self.dev.write_slot(rows, pos)
-        return self.logits[:rows]
+        return self.tokens[: self.batch] if self.fused else self.logits[:rows]
 
 
 class _CudaCache:

@@ -1,0 +1,174 @@
+"""Sampling as ONNX graphs: the portable standard-ops sampler and the fused decode + sample graph.
+
+* ``sample.onnx`` (``build_sampler_model``): the reference sampler (``larp_rt/sampling.py``) in standard ONNX
+  ops (opset 17), for runtimes without the custom op (other ONNX runtimes, ONNX Runtime execution providers the
+  custom-op library was not built for). Inputs ``logits`` (R, V) float32 with R = B, or 2B with the null-class
+  rows last; per-row ``cfg_scale``, ``temperature``, ``top_k``, ``top_p`` (B,); ``uniform`` (B,) float64, the
+  rows' Philox uniforms for this step (``larp_rt.sampling.uniform``: bit operations have no standard op before
+  opset 18, and one uniform per row is cheap on the host). Outputs ``tokens`` (B,) int64 and ``logprobs``
+  (B,) float64. The computation follows the reference step by step (float32 CFG mix, float64 z, a stable
+  (z desc, index asc) order from TopK, sequential float64 CumSum for the top-p cut and the draw); the only
+  difference is the float64 exp/log of the runtime vs numpy's (last-bit), so logprobs agree to ~1e-15 and a token
+  can differ only if ``u * total`` falls within rounding of a cumulative boundary. A row whose logits are
+  non-finite gets token -1 and logprob NaN (a graph cannot raise; the engine does). Float64 keeps it out of
+  TensorRT (no double there): TensorRT deployments launch the CUDA kernel beside the plan instead.
+* ``decode_sample.onnx`` (``fuse_decode_sample``): the decode step with the custom ``larp_rt::Sample`` op on its
+  logits (``liblarp_rt_ort.so``, bit-exact with the reference): one session run per token returns the token ids
+  and the new cache entries; the logits never leave the graph. It shares the decode graph's external data file
+  when there is one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["SAMPLER_OPSET", "SAMPLER_INPUTS", "SAMPLE_PARAM_INPUTS", "build_sampler_model", "fuse_decode_sample"]
+
+SAMPLER_OPSET = 17
+# (name, ONNX element type name) of the per-row inputs, shared by both graphs
+SAMPLE_PARAM_INPUTS = [("cfg_scale", "float32"), ("temperature", "float32"), ("top_k", "int64"),
+                       ("top_p", "float32")]
+SAMPLER_INPUTS = SAMPLE_PARAM_INPUTS + [("uniform", "float64")]
+FUSED_EXTRA_INPUTS = SAMPLE_PARAM_INPUTS + [("seed", "int64"), ("stream", "int64"), ("sample_step", "int64")]
+
+
+class _G:
+    """A tiny node builder: every call adds one node and returns its output name."""
+
+    def __init__(self):
+        from onnx import helper
+
+        self.h = helper
+        self.nodes: list = []
+        self.inits: list = []
+        self.n = 0
+
+    def const(self, value, dtype) -> str:
+        from onnx import numpy_helper
+
+        name = f"c{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def __call__(self, op: str, *inputs: str, outputs: int = 1, **attrs):
+        self.n += 1
+        outs = [f"{op.lower()}_{self.n}_{i}" for i in range(outputs)]
+        self.nodes.append(self.h.make_node(op, list(inputs), outs, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+
+def _sampler_nodes(g: _G, logits: str, cfg_scale: str, temperature: str, top_k: str, top_p: str, uniform: str,
+                   tokens: str, logprobs: str) -> None:
+    from onnx import TensorProto as TP
+
+    i0, i1 = g.const([0], np.int64), g.const([1], np.int64)
+    B = g("Shape", cfg_scale)  # (1,)
+    R = g("Shape", logits, end=1)  # (1,)
+    V = g("Shape", logits, start=1, end=2)  # (1,)
+    cond = g("Slice", logits, i0, B, i0)  # rows [0, B)
+    uncond = g("Slice", logits, g("Sub", R, B), R, i0)  # rows [R - B, R): == cond when R == B
+    # 1. CFG in float32, exactly the reference's (uncond + (cond - uncond) * s where s != 1, else cond)
+    s = g("Unsqueeze", cfg_scale, i1)  # (B, 1)
+    guided = g("Not", g("Equal", s, g.const(1.0, np.float32)))
+    l = g("Where", guided, g("Add", uncond, g("Mul", g("Sub", cond, uncond), s)), cond)  # (B, V)
+    # non-finite rows: cond always, uncond where guided -> token -1
+    def nonfinite(x):
+        return g("Or", g("IsNaN", x), g("IsInf", x))
+    bad = g("Or", nonfinite(cond), g("And", guided, nonfinite(uncond)))
+    bad_row = g("Greater", g("ReduceMax", g("Cast", bad, to=TP.FLOAT), axes=[1], keepdims=0),
+                g.const(0.0, np.float32))  # (B,)
+    # 2. greedy: argmax, first index on ties
+    greedy_tok = g("ArgMax", l, axis=1, keepdims=0)
+    t = g("Unsqueeze", temperature, i1)  # (B, 1)
+    is_greedy = g("Equal", t, g.const(0.0, np.float32))
+    t_safe = g("Cast", g("Where", is_greedy, g.const(1.0, np.float32), t), to=TP.DOUBLE)
+    z = g("Div", g("Cast", l, to=TP.DOUBLE), t_safe)  # (B, V) float64
+    zmax = g("ReduceMax", z, axes=[1], keepdims=1)  # (B, 1)
+    w = g("Exp", g("Sub", z, zmax))
+    # 3./4. the (z desc, index asc) order: TopK over all V is stable by spec (lower index first on ties);
+    # l/T has the order of l for T > 0, so sort the float32 logits
+    sorted_idx = g("TopK", l, V, axis=1, largest=1, sorted=1, outputs=2)[1]  # (B, V) int64
+    shape = g("Shape", l)
+    arange = g("Range", g.const(0, np.int64), g("Squeeze", V, i0), g.const(1, np.int64))  # (V,)
+    rank_of_pos = g("Expand", g("Unsqueeze", arange, i0), shape)  # (B, V): position j in sorted order
+    rank = g("ScatterElements", rank_of_pos, sorted_idx, rank_of_pos, axis=1)  # rank[token] (any init works)
+    k = g("Unsqueeze", top_k, i1)  # (B, 1); 0 = off
+    k_eff = g("Where", g("Or", g("Equal", k, g.const(0, np.int64)), g("Greater", k, V)), V, k)
+    w_sorted = g("GatherElements", w, sorted_idx, axis=1)
+    in_k = g("Less", rank_of_pos, k_eff)
+    cum = g("CumSum", g("Where", in_k, w_sorted, g.const(0.0, np.float64)), i1)  # sequential float64
+    total_k = g("Gather", cum, g("Sub", V, i1), axis=1)  # (B, 1)
+    p = g("Unsqueeze", top_p, i1)
+    thr = g("Mul", g("Cast", p, to=TP.DOUBLE), total_k)
+    below = g("ReduceSum", g("Cast", g("And", in_k, g("Less", cum, thr)), to=TP.INT64), i1, keepdims=1)
+    n_p = g("Min", g("Add", below, g.const(1, np.int64)), k_eff)
+    n = g("Where", g("Less", p, g.const(1.0, np.float32)), n_p, k_eff)  # (B, 1) tokens kept
+    keep = g("Less", rank, n)  # (B, V) in index order
+    # 5. draw: first kept token whose running (index-order) sum exceeds u * total, else the last kept one
+    cw = g("CumSum", g("Where", keep, w, g.const(0.0, np.float64)), i1)
+    total = g("Gather", cw, g("Sub", V, i1), axis=1)  # (B, 1)
+    x = g("Mul", g("Unsqueeze", uniform, i1), total)
+    hit = g("And", keep, g("Greater", cw, x))
+    first_hit = g("ArgMax", g("Cast", hit, to=TP.FLOAT), axis=1, keepdims=0)
+    any_hit = g("Greater", g("ReduceMax", g("Cast", hit, to=TP.FLOAT), axes=[1], keepdims=0),
+                g.const(0.0, np.float32))
+    pos1 = g("Cast", g("Add", rank_of_pos, g.const(1, np.int64)), to=TP.DOUBLE)  # index + 1 (exact)
+    last_kept = g("ArgMax", g("Where", keep, pos1, g.const(0.0, np.float64)), axis=1, keepdims=0)
+    drawn = g("Where", any_hit, first_hit, last_kept)  # (B,)
+    z_t = g("GatherElements", z, g("Unsqueeze", drawn, i1), axis=1)  # (B, 1)
+    lp = g("Squeeze", g("Sub", g("Sub", z_t, zmax), g("Log", total)), i1)
+    tok = g("Where", g("Squeeze", is_greedy, i1), greedy_tok, drawn)
+    lp = g("Where", g("Squeeze", is_greedy, i1), g.const(0.0, np.float64), lp)
+    g.nodes.append(g.h.make_node("Where", [bad_row, g.const(-1, np.int64), tok], [tokens]))
+    g.nodes.append(g.h.make_node("Where", [bad_row, g.const(np.nan, np.float64), lp], [logprobs]))
+
+
+def build_sampler_model():
+    """The standard-ops sampler as an ``onnx.ModelProto`` (see the module docstring for its I/O)."""
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper
+
+    g = _G()
+    _sampler_nodes(g, "logits", "cfg_scale", "temperature", "top_k", "top_p", "uniform", "tokens", "logprobs")
+    types = {"float32": TP.FLOAT, "int64": TP.INT64, "float64": TP.DOUBLE}
+    inputs = [helper.make_tensor_value_info("logits", TP.FLOAT, ["R", "V"])]
+    inputs += [helper.make_tensor_value_info(n, types[t], ["B"]) for n, t in SAMPLER_INPUTS]
+    outputs = [helper.make_tensor_value_info("tokens", TP.INT64, ["B"]),
+               helper.make_tensor_value_info("logprobs", TP.DOUBLE, ["B"])]
+    graph = helper.make_graph(g.nodes, "larp_rt_sampler", inputs, outputs, initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", SAMPLER_OPSET)],
+                              producer_name="larp_rt")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def fuse_decode_sample(decode_model):
+    """The decode graph + ``larp_rt::Sample`` on its logits: a new ModelProto (initializers shared by reference
+    when the decode model keeps them as external data, so no weights are duplicated on disk).
+
+    Extra inputs: ``cfg_scale``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stream`` (B,) and
+    ``sample_step`` () int64; the graph's rows must be B (no guidance) or 2B (null-class rows last). Outputs:
+    ``tokens`` (B,) int64, ``logprobs`` (B,) float64, then the decode graph's ``present_*`` entries.
+    """
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(decode_model)
+    graph = m.graph
+    types = {"float32": TP.FLOAT, "int64": TP.INT64}
+    for name, t in FUSED_EXTRA_INPUTS:
+        shape = [] if name == "sample_step" else ["B_req"]
+        graph.input.append(helper.make_tensor_value_info(name, types[t], shape))
+    graph.node.append(helper.make_node(
+        "Sample", ["logits"] + [n for n, _ in FUSED_EXTRA_INPUTS], ["tokens", "logprobs"], domain="larp_rt",
+        name="larp_rt_sample"))
+    kept = [o for o in graph.output if o.name != "logits"]
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info("tokens", TP.INT64, ["B_req"]),
+                         helper.make_tensor_value_info("logprobs", TP.DOUBLE, ["B_req"])] + kept)
+    if not any(o.domain == "larp_rt" for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid("larp_rt", 1))
+    return m

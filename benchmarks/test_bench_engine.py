@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from authors_loop import authors_decode_one_token
+from conftest import measure_bandwidth
 
 from larp_rt import Engine, SamplingParams, sampling
 from larp_rt.backends.base import CfgRows
@@ -48,16 +49,19 @@ def test_tokenizer(benchmark, bundles, machine, preset, batch, backend, op):
 
 
 def _step_ort(eng: Engine, batch: int, pos: int):
-    """One mid-video ONNX Runtime step (graph + CFG split + sampler) at ``pos`` for ``batch`` guided rows."""
+    """One mid-video ONNX Runtime step at ``pos`` for ``batch`` guided rows, sampling included, on the engine's
+    sampler: the fused decode_sample graph (one run gives the tokens) or the decode graph + the kernel."""
     be = eng.backend
     params = resolve_params(SamplingParams(seed=0, cfg_scale=1.25), batch)
     ids = np.arange(batch) % eng.generator_config.num_classes
     it = be.generate_iter(ids, params)
     next(it)  # prefill: binds the caches
     st = be._gen_state
+    rows = np.zeros(st.rows, np.int64)
+    if st.fused:
+        return lambda: st.run(rows, pos, sample_step=pos)
     layout = CfgRows.build(ids, params, eng.generator_config.null_class)
-    rows = np.zeros(layout.rows, np.int64)
-    # as in Engine.generate: the fused kernel (when built) draws its own uniforms; the reference takes a table
+    # as in Engine.generate: the kernel draws its own uniforms; the reference takes a table
     extra = {"u": uniform_table(params, pos + 1)[:, pos]} if be.sampler is sampling.sample else {}
 
     def step():
@@ -96,12 +100,14 @@ def _step_authors(eng: Engine, batch: int, pos: int):
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("path", ["onnxruntime", "torch", "authors"])
-def test_decode_step_cfg(benchmark, bundles, machine, bandwidth, weight_bytes, preset, batch, path):
+def test_decode_step_cfg(benchmark, bundles, machine, weight_bytes, preset, batch, path):
+    bw = measure_bandwidth()  # per case, just before it: this machine's bandwidth drifts between runs
     eng = Engine(bundles[preset], backend="onnxruntime" if path == "onnxruntime" else "torch", device="cpu")
     pos = eng.generator_config.max_seq_len // 2
     make = {"onnxruntime": _step_ort, "torch": _step_torch, "authors": _step_authors}[path]
     step = make(eng, batch, pos)
     read = weight_bytes[preset]
     _info(benchmark, machine, group=f"step {preset} b{batch}", preset=preset, batch=batch, path=path, op="step",
-          pos=pos, weight_read_bytes=read, bandwidth_gbs=bandwidth, floor_ms=1e3 * read / (bandwidth * 1e9))
+          pos=pos, weight_read_bytes=read, bandwidth_gbs=bw, floor_ms=1e3 * read / (bw * 1e9),
+          sampler=getattr(eng, "sampler_name", "torch"))
     benchmark.pedantic(step, rounds=30 if preset == "small" else 200, iterations=1, warmup_rounds=3)

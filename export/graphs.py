@@ -48,18 +48,17 @@ class DecoderGraph(nn.Module):
         return self.tok.decode_codes(codes).float().clamp(0.0, 1.0)
 
 
-def _qkv(layer, x: Tensor, n_head: int, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-    B, L, _ = x.shape
-    q, k, v = layer.attention.wqkv(x).view(B, L, 3, n_head, head_dim).permute(2, 0, 3, 1, 4)
-    return q, k, v  # each (B, h, L, hd)
-
-
 class DecodeGraph(nn.Module):
     """One token at position ``pos`` against a static cache of past entries.
 
     Prefill is the same step at ``pos`` 0 with ``token = vocab_size + class_id``: the graph embeds through
     one table [token embeddings; class embeddings], so a single graph (one copy of the weights, one TensorRT
     engine) serves both.
+
+    Written for a one-token step (the hot loop of generation runs it ~1000 times per video): with L = 1 the
+    head split/merge layouts (B, 1, h, hd) <-> (B, h, 1, hd) are the same memory, so they are reshapes, never
+    transposes; the softmax scale is folded into the query rows of ``wqkv``; ``w1`` and ``w3`` are one matrix
+    (one MatMul reads both). Weights are stored (in, out) so that every projection is a plain MatMul.
     """
 
     def __init__(self, gen: LARPGenerator):
@@ -67,29 +66,45 @@ class DecodeGraph(nn.Module):
         if gen.cls_embedding is None:
             raise ValueError("frame-prediction generators (prefix of video tokens) cannot be exported yet")
         self.gen = gen
-        self.scale = gen.config.head_dim**-0.5
+        cfg = gen.config
+        D, scale = cfg.dim, cfg.head_dim**-0.5
+        self.register_buffer("table", torch.cat([gen.tok_embeddings.weight, gen.cls_embedding.embedding_table.weight])
+                             .detach().clone())  # (V + C, D)
+        for i, layer in enumerate(gen.layers):
+            wqkv = layer.attention.wqkv.weight.detach().clone()  # (3D, D)
+            wqkv[:D] *= scale
+            ff = layer.feed_forward
+            self.register_buffer(f"wqkv_{i}", wqkv.t().contiguous())  # (D, 3D)
+            self.register_buffer(f"wo_{i}", layer.attention.wo.weight.detach().t().contiguous())
+            w13 = torch.cat([ff.w1.weight, ff.w3.weight]).detach()  # (2F, D)
+            self.register_buffer(f"w13_{i}", w13.t().contiguous())  # (D, 2F)
+            self.register_buffer(f"w2_{i}", ff.w2.weight.detach().t().contiguous())  # (F, D)
+        self.register_buffer("w_out", gen.output.weight.detach().t().contiguous())  # (D, V)
 
     def forward(self, token: Tensor, pos: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         gen, cfg = self.gen, self.gen.config
-        table = torch.cat([gen.tok_embeddings.weight, gen.cls_embedding.embedding_table.weight])  # (V + C, D)
-        h = F.embedding(token, table) + gen.abs_pe[:, pos]  # (B, 1, D)
+        H, hd, D, Fh = cfg.n_head, cfg.head_dim, cfg.dim, cfg.ffn_hidden  # batch stays symbolic: reshapes use -1
+        h = F.embedding(token, self.table) + gen.abs_pe[:, pos]  # (B, 1, D)
         S = past[0].shape[2]
-        valid = torch.arange(S, device=token.device) < pos  # (S,) slots written before this step
+        # additive mask over the cache slots: 0 for the slots written before this step, -inf for the rest
+        bias = torch.zeros(S, dtype=torch.float32, device=token.device).masked_fill(
+            torch.arange(S, device=token.device) >= pos, float("-inf"))  # (S,)
         presents: list[Tensor] = []
         for i, layer in enumerate(gen.layers):
             past_k, past_v = past[2 * i], past[2 * i + 1]  # (B, h, S, hd)
-            q, k, v = _qkv(layer, layer.attention_norm(h), cfg.n_head, cfg.head_dim)  # (B, h, 1, hd)
-            # (B, h, S, hd) @ (B, h, hd, 1): transpose the query, never the cache (that would copy it)
-            s_past = (past_k @ q.transpose(-1, -2)).transpose(-1, -2).float() * self.scale  # (B, h, 1, S)
-            s_past = s_past.masked_fill(~valid, float("-inf"))
-            s_self = (q * k).sum(-1, keepdim=True).float() * self.scale  # (B, h, 1, 1)
+            qkv = layer.attention_norm(h) @ getattr(self, f"wqkv_{i}")  # (B, 1, 3D), q pre-scaled
+            q, k, v = (t.reshape(-1, H, 1, hd) for t in qkv.split(D, dim=-1))  # (B, h, 1, hd) each
+            # (B, h, S, hd) @ (B, h, hd, 1): the query as a column, never a transposed cache (that would copy it)
+            s_past = (past_k @ q.reshape(-1, H, hd, 1)).reshape(-1, H, 1, S).float() + bias  # (B, h, 1, S)
+            s_self = (q * k).sum(-1, keepdim=True).float()  # (B, h, 1, 1)
             att = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).to(q.dtype)  # (B, h, 1, S + 1)
             y = att[..., :S] @ past_v + att[..., S:] * v  # (B, h, 1, hd)
-            B = h.shape[0]
-            h = h + layer.attention.wo(y.transpose(1, 2).reshape(B, 1, cfg.dim))
-            h = h + layer.feed_forward(layer.ffn_norm(h))
+            h = h + y.reshape(-1, 1, D) @ getattr(self, f"wo_{i}")
+            gu = layer.ffn_norm(h) @ getattr(self, f"w13_{i}")  # (B, 1, 2F)
+            g, u = gu.split(Fh, dim=-1)
+            h = h + (F.silu(g) * u) @ getattr(self, f"w2_{i}")
             presents += [k, v]
-        logits = gen.output(gen.norm(h[:, -1])).float()
+        logits = (gen.norm(h[:, -1]) @ self.w_out).float()
         return (logits, *presents)
 
 

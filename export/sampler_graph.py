@@ -35,10 +35,11 @@ FUSED_EXTRA_INPUTS = SAMPLE_PARAM_INPUTS + [("seed", "int64"), ("stream", "int64
 class _G:
     """A tiny node builder: every call adds one node and returns its output name."""
 
-    def __init__(self):
+    def __init__(self, prefix: str = ""):
         from onnx import helper
 
         self.h = helper
+        self.prefix = prefix
         self.nodes: list = []
         self.inits: list = []
         self.n = 0
@@ -46,15 +47,22 @@ class _G:
     def const(self, value, dtype) -> str:
         from onnx import numpy_helper
 
-        name = f"c{len(self.inits)}"
+        name = f"{self.prefix}c{len(self.inits)}"
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def __call__(self, op: str, *inputs: str, outputs: int = 1, **attrs):
         self.n += 1
-        outs = [f"{op.lower()}_{self.n}_{i}" for i in range(outputs)]
+        outs = [f"{self.prefix}{op.lower()}_{self.n}_{i}" for i in range(outputs)]
         self.nodes.append(self.h.make_node(op, list(inputs), outs, **attrs))
         return outs[0] if outputs == 1 else outs
+
+    def graph(self, name: str, output: str):
+        """These nodes as an If branch with one (B, V) bool output (outer-scope values are read by name)."""
+        from onnx import TensorProto
+
+        out = self.h.make_tensor_value_info(output, TensorProto.BOOL, ["B", "V"])
+        return self.h.make_graph(self.nodes, name, [], [out], initializer=self.inits)
 
 
 def _sampler_nodes(g: _G, logits: str, cfg_scale: str, temperature: str, top_k: str, top_p: str, uniform: str,
@@ -85,25 +93,33 @@ def _sampler_nodes(g: _G, logits: str, cfg_scale: str, temperature: str, top_k: 
     z = g("Div", g("Cast", l, to=TP.DOUBLE), t_safe)  # (B, V) float64
     zmax = g("ReduceMax", z, axes=[1], keepdims=1)  # (B, 1)
     w = g("Exp", g("Sub", z, zmax))
-    # 3./4. the (z desc, index asc) order: TopK over all V is stable by spec (lower index first on ties);
-    # l/T has the order of l for T > 0, so sort the float32 logits
-    sorted_idx = g("TopK", l, V, axis=1, largest=1, sorted=1, outputs=2)[1]  # (B, V) int64
-    shape = g("Shape", l)
-    arange = g("Range", g.const(0, np.int64), g("Squeeze", V, i0), g.const(1, np.int64))  # (V,)
-    rank_of_pos = g("Expand", g("Unsqueeze", arange, i0), shape)  # (B, V): position j in sorted order
-    rank = g("ScatterElements", rank_of_pos, sorted_idx, rank_of_pos, axis=1)  # rank[token] (any init works)
+    # 3./4. top-k / top-p need the (z desc, index asc) order: a full sort, skipped (an If) when no row filters
     k = g("Unsqueeze", top_k, i1)  # (B, 1); 0 = off
     k_eff = g("Where", g("Or", g("Equal", k, g.const(0, np.int64)), g("Greater", k, V)), V, k)
-    w_sorted = g("GatherElements", w, sorted_idx, axis=1)
-    in_k = g("Less", rank_of_pos, k_eff)
-    cum = g("CumSum", g("Where", in_k, w_sorted, g.const(0.0, np.float64)), i1)  # sequential float64
-    total_k = g("Gather", cum, g("Sub", V, i1), axis=1)  # (B, 1)
     p = g("Unsqueeze", top_p, i1)
-    thr = g("Mul", g("Cast", p, to=TP.DOUBLE), total_k)
-    below = g("ReduceSum", g("Cast", g("And", in_k, g("Less", cum, thr)), to=TP.INT64), i1, keepdims=1)
-    n_p = g("Min", g("Add", below, g.const(1, np.int64)), k_eff)
-    n = g("Where", g("Less", p, g.const(1.0, np.float32)), n_p, k_eff)  # (B, 1) tokens kept
-    keep = g("Less", rank, n)  # (B, V) in index order
+    filtering = g("Or", g("Less", k_eff, V), g("Less", p, g.const(1.0, np.float32)))  # (B, 1)
+    any_filter = g("Cast", g("ReduceMax", g("Cast", filtering, to=TP.INT32), axes=[0, 1], keepdims=0), to=TP.BOOL)
+    shape = g("Shape", l)
+    arange = g("Range", g.const(0, np.int64), g("Squeeze", V, i0), g.const(1, np.int64))  # (V,)
+    idx = g("Expand", g("Unsqueeze", arange, i0), shape)  # (B, V): 0..V-1 in every row
+
+    sub = _G(prefix="f")
+    # TopK over all V is stable by spec (lower index first on ties); l/T has the order of l for T > 0
+    sorted_idx = sub("TopK", l, V, axis=1, largest=1, sorted=1, outputs=2)[1]  # (B, V) int64
+    rank = sub("ScatterElements", idx, sorted_idx, idx, axis=1)  # rank[token] = position in the order
+    w_sorted = sub("GatherElements", w, sorted_idx, axis=1)
+    in_k = sub("Less", idx, k_eff)  # (B, V) by position in the order
+    cum = sub("CumSum", sub("Where", in_k, w_sorted, sub.const(0.0, np.float64)), i1)  # sequential float64
+    total_k = sub("Gather", cum, sub("Sub", V, i1), axis=1)  # (B, 1)
+    thr = sub("Mul", sub("Cast", p, to=TP.DOUBLE), total_k)
+    below = sub("ReduceSum", sub("Cast", sub("And", in_k, sub("Less", cum, thr)), to=TP.INT64), i1, keepdims=1)
+    n_p = sub("Min", sub("Add", below, sub.const(1, np.int64)), k_eff)
+    n = sub("Where", sub("Less", p, sub.const(1.0, np.float32)), n_p, k_eff)  # (B, 1) tokens kept
+    sub.nodes.append(sub.h.make_node("Less", [rank, n], ["keep_sorted"]))
+    nofilter = _G(prefix="n")
+    nofilter.nodes.append(nofilter.h.make_node("Expand", [nofilter.const(True, np.bool_), shape], ["keep_all"]))
+    keep = g("If", any_filter, then_branch=sub.graph("filter", "keep_sorted"),
+             else_branch=nofilter.graph("no_filter", "keep_all"))  # (B, V) in index order
     # 5. draw: first kept token whose running (index-order) sum exceeds u * total, else the last kept one
     cw = g("CumSum", g("Where", keep, w, g.const(0.0, np.float64)), i1)
     total = g("Gather", cw, g("Sub", V, i1), axis=1)  # (B, 1)
@@ -112,7 +128,7 @@ def _sampler_nodes(g: _G, logits: str, cfg_scale: str, temperature: str, top_k: 
     first_hit = g("ArgMax", g("Cast", hit, to=TP.FLOAT), axis=1, keepdims=0)
     any_hit = g("Greater", g("ReduceMax", g("Cast", hit, to=TP.FLOAT), axes=[1], keepdims=0),
                 g.const(0.0, np.float32))
-    pos1 = g("Cast", g("Add", rank_of_pos, g.const(1, np.int64)), to=TP.DOUBLE)  # index + 1 (exact)
+    pos1 = g("Cast", g("Add", idx, g.const(1, np.int64)), to=TP.DOUBLE)  # index + 1 (exact)
     last_kept = g("ArgMax", g("Where", keep, pos1, g.const(0.0, np.float64)), axis=1, keepdims=0)
     drawn = g("Where", any_hit, first_hit, last_kept)  # (B,)
     z_t = g("GatherElements", z, g("Unsqueeze", drawn, i1), axis=1)  # (B, 1)

@@ -74,7 +74,8 @@ def _params(args: argparse.Namespace):
 def _engine(args: argparse.Namespace):
     from .engine import Engine
 
-    return Engine(args.bundle, backend=args.backend, device=args.device, threads=args.threads)
+    return Engine(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
+                  sampler=getattr(args, "sampler", "auto"))
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -166,6 +167,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
+    p.add_argument("--sampler", choices=["auto", "fused", "kernel", "graph", "reference"], default="auto",
+                   help="how tokens are drawn (the same tokens in each; auto = the fastest available)")
 
 
 def _video_args(p: argparse.ArgumentParser) -> None:

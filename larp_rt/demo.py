@@ -48,14 +48,17 @@ def run_demo(out: str | Path = "out/demo", tokenizer: str | None = None, generat
 
         bundle = out / "bundle"
         printer(f"[2/4] exporting to {bundle}")
-        export_bundle(tokenizer, generator, bundle, overwrite=True, printer=lambda s: printer("      " + s))
+        from . import kernels
+
+        export_bundle(tokenizer, generator, bundle, overwrite=True, printer=lambda s: printer("      " + s),
+                      fused_sampler=kernels.ort_custom_op_library() is not None)
 
     eng = Engine(bundle)  # ONNX Runtime on the CPU
     n = eng.generator_config.num_classes
     classes = list(range(n)) * 2
     params = SamplingParams(cfg_scale=eng.default_params.cfg_scale, temperature=1.0, seed=seed)
     printer(f"[3/4] generating {len(classes)} videos for classes {classes} with {eng.backend_name} "
-            f"(cfg {params.cfg_scale}, seed {seed})")
+            f"(sampler {eng.sampler_name}, cfg {params.cfg_scale}, seed {seed})")
     videos, result = eng.generate_video(classes, params)
     g = grid(videos, cols=n, scale=scale)
     paths = [write_video(out / "samples.mp4", g), write_video(out / "samples.gif", g)]

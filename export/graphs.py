@@ -48,6 +48,26 @@ class DecoderGraph(nn.Module):
         return self.tok.decode_codes(codes).float().clamp(0.0, 1.0)
 
 
+class _CacheAttention(torch.autograd.Function):
+    """One-token attention over [the first ``pos`` cache slots | the token's own entry], exported as the custom
+    op ``larp_rt::DecodeAttention`` (cpp_ext attention_cpu.h); the forward is the same math in torch (used when
+    tracing and for verification). q (pre-scaled), k, v, y: (B, h, 1, hd); past_k/v: (B, h, S, hd); pos (1,)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, pos):  # noqa: ARG004
+        S = past_k.shape[2]
+        bias = torch.zeros(S, dtype=torch.float32, device=q.device).masked_fill(
+            torch.arange(S, device=q.device) >= pos, float("-inf"))
+        s_past = (past_k @ q.transpose(-1, -2)).transpose(-1, -2).float() + bias  # (B, h, 1, S)
+        s_self = (q * k).sum(-1, keepdim=True).float()
+        att = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).to(q.dtype)
+        return att[..., :S] @ past_v + att[..., S:] * v
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, pos):
+        return g.op("larp_rt::DecodeAttention", q, k, v, past_k, past_v, pos).setType(q.type())
+
+
 class DecodeGraph(nn.Module):
     """One token at position ``pos`` against a static cache of past entries.
 
@@ -61,11 +81,12 @@ class DecodeGraph(nn.Module):
     (one MatMul reads both). Weights are stored (in, out) so that every projection is a plain MatMul.
     """
 
-    def __init__(self, gen: LARPGenerator):
+    def __init__(self, gen: LARPGenerator, *, fused_attention: bool = False):
         super().__init__()
         if gen.cls_embedding is None:
             raise ValueError("frame-prediction generators (prefix of video tokens) cannot be exported yet")
         self.gen = gen
+        self.fused_attention = fused_attention  # one larp_rt::DecodeAttention node per layer (float32 only)
         cfg = gen.config
         D, scale = cfg.dim, cfg.head_dim**-0.5
         self.register_buffer("table", torch.cat([gen.tok_embeddings.weight, gen.cls_embedding.embedding_table.weight])
@@ -94,11 +115,14 @@ class DecodeGraph(nn.Module):
             past_k, past_v = past[2 * i], past[2 * i + 1]  # (B, h, S, hd)
             qkv = layer.attention_norm(h) @ getattr(self, f"wqkv_{i}")  # (B, 1, 3D), q pre-scaled
             q, k, v = (t.reshape(-1, H, 1, hd) for t in qkv.split(D, dim=-1))  # (B, h, 1, hd) each
-            # (B, h, S, hd) @ (B, h, hd, 1): the query as a column, never a transposed cache (that would copy it)
-            s_past = (past_k @ q.reshape(-1, H, hd, 1)).reshape(-1, H, 1, S).float() + bias  # (B, h, 1, S)
-            s_self = (q * k).sum(-1, keepdim=True).float()  # (B, h, 1, 1)
-            att = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).to(q.dtype)  # (B, h, 1, S + 1)
-            y = att[..., :S] @ past_v + att[..., S:] * v  # (B, h, 1, hd)
+            if self.fused_attention:
+                y = _CacheAttention.apply(q, k, v, past_k, past_v, pos)
+            else:
+                # (B, h, S, hd) @ (B, h, hd, 1): the query as a column, never a transposed cache (a copy)
+                s_past = (past_k @ q.reshape(-1, H, hd, 1)).reshape(-1, H, 1, S).float() + bias  # (B, h, 1, S)
+                s_self = (q * k).sum(-1, keepdim=True).float()  # (B, h, 1, 1)
+                att = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).to(q.dtype)  # (B, h, 1, S + 1)
+                y = att[..., :S] @ past_v + att[..., S:] * v  # (B, h, 1, hd)
             h = h + y.reshape(-1, 1, D) @ getattr(self, f"wo_{i}")
             gu = layer.ffn_norm(h) @ getattr(self, f"w13_{i}")  # (B, 1, 2F)
             g, u = gu.split(Fh, dim=-1)

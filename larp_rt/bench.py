@@ -2,6 +2,9 @@
 
 Medians over repeats after a warm-up; per-token latency is a whole generation (prefill + every step +
 sampling) divided by the number of tokens. Ends with one machine-readable JSON line.
+
+Also the roofline arithmetic of the benchmarks (pure functions of the configs and measured numbers): bytes of
+weights a decode step reads, the weight-read floor and ``floor_ratio``, copy bandwidth, decoder FLOPs.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .config import GeneratorConfig, TokenizerConfig
 from .engine import Engine
 from .sampling import SamplingParams
 
-__all__ = ["machine_name", "time_median", "bench_engine"]
+__all__ = [
+    "machine_name", "time_median", "bench_engine", "generator_step_weight_bytes", "kv_cache_step_bytes",
+    "copy_bandwidth", "weight_read_floor", "floor_ratio", "decoder_flops",
+]
 
 
 def machine_name() -> str:
@@ -78,3 +85,53 @@ def bench_engine(bundle: str, backends=("onnxruntime", "torch"), batches=(1,), r
             f"{r[k]:>13.3f}" if k in r else f"{'-':>13}" for k in keys))
     printer(json.dumps({"machine": machine_name(), "bundle": str(bundle), "results": rows}))
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# roofline arithmetic
+# --------------------------------------------------------------------------------------------
+def generator_step_weight_bytes(cfg: GeneratorConfig, rows: int, bytes_per_param: int = 2) -> int:
+    """Bytes of weights one cached decode step of ``rows`` rows reads: every layer's linear weights (wqkv, wo,
+    w1, w3, w2) and its two norms, the final norm and the output head in full; of the token embedding one row
+    per row (the token it looks up) and of the position table one row. The class embedding is not read."""
+    if rows < 0 or bytes_per_param <= 0:
+        raise ValueError(f"rows must be >= 0 and bytes_per_param > 0, got {rows}, {bytes_per_param}")
+    D, F = cfg.dim, cfg.ffn_hidden
+    per_layer = 3 * D * D + D * D + 3 * D * F + 2 * D  # wqkv, wo, w1 + w3 + w2, attention_norm + ffn_norm
+    params = cfg.n_layer * per_layer + D + cfg.vocab_size * D + rows * D + D  # + norm, output, embeddings, abs_pe
+    return params * bytes_per_param
+
+
+def kv_cache_step_bytes(cfg: GeneratorConfig, rows: int, cache_len: int, bytes_per_elem: int = 2) -> int:
+    """Bytes of K and V one step reads when attention runs over the whole static cache of ``cache_len``
+    positions (masked, as the captured step does): 2 * layers * rows * cache_len * dim elements."""
+    return 2 * cfg.n_layer * rows * cache_len * cfg.dim * bytes_per_elem
+
+
+def copy_bandwidth(nbytes: int, seconds: float) -> float:
+    """Bytes/s of a device-to-device copy of ``nbytes``: each byte is read once and written once."""
+    if seconds <= 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    return 2.0 * nbytes / seconds
+
+
+def weight_read_floor(weight_bytes: int, bandwidth: float) -> float:
+    """Seconds a step needs at least: its weight bytes read once at ``bandwidth`` bytes/s."""
+    if bandwidth <= 0:
+        raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
+    return weight_bytes / bandwidth
+
+
+def floor_ratio(step_seconds: float, weight_bytes: int, bandwidth: float) -> float:
+    """Measured step time / the weight-read floor (1.0 = at the hardware floor)."""
+    return step_seconds / weight_read_floor(weight_bytes, bandwidth)
+
+
+def decoder_flops(cfg: TokenizerConfig, batch: int = 1) -> int:
+    """Matmul FLOPs (2 per multiply-add) of the tokenizer decoder for ``batch`` videos: the code projection
+    (16 -> D) on N tokens, ``dec_depth`` ViT blocks over L = N + P tokens (qkv 6LD^2, QK^T and AV 4L^2 D, proj
+    2LD^2, MLP 16LD^2) and the output linear on the P patch tokens. Norms, softmax, GELU and biases excluded."""
+    N, P, D = cfg.num_tokens, cfg.num_patches, cfg.dec_dim
+    L = N + P
+    block = 24 * L * D * D + 4 * L * L * D
+    return batch * (2 * N * cfg.code_dim * D + cfg.dec_depth * block + 2 * P * D * cfg.patch_dim)

@@ -54,9 +54,10 @@ class Engine:
         """Load a bundle. backend: "auto" (ONNX Runtime if installed, else torch), "onnxruntime", "torch".
         device: "auto", "cpu" or "cuda". threads: intra-op threads (default: the backend's).
         verify: check every file's sha256 against the manifest (default; False trusts the files).
-        sampler (ONNX Runtime): "auto" (the fastest available), "fused" (the bundle's decode_sample graph),
-        "kernel" (the C++ kernel), "graph" (the bundle's standard-ops sample graph) or "reference" (numpy);
-        every one draws the same tokens for the same seeds. ``engine.sampler_name`` says which one runs."""
+        sampler: "auto" (the fastest available), "fused" (ONNX Runtime: the bundle's decode_sample graph),
+        "kernel" (the C++/CUDA kernel), "graph" (ONNX Runtime: the bundle's standard-ops sample graph) or
+        "reference" (numpy / torch); every one draws the same tokens for the same seeds.
+        ``engine.sampler_name`` says which one runs."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if device not in ("auto", "cpu", "cuda"):
@@ -80,7 +81,7 @@ class Engine:
                                  "'auto', 'kernel' or 'reference'")
             from .backends.torch import TorchBackend
 
-            self.backend = TorchBackend(self.bundle, device=device, threads=threads)
+            self.backend = TorchBackend(self.bundle, device=device, threads=threads, sampler=sampler)
         self.tokenizer_config = self.bundle.tokenizer_config
         self.generator_config = self.bundle.generator_config
         defaults = self.bundle.default_sampling

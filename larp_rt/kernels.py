@@ -31,7 +31,7 @@ from . import sampling as _ref
 __all__ = [
     "ENV_DISABLE", "ENV_LIB_DIR", "SampleArgs", "available", "disabled", "set_disabled", "force_fallback",
     "library_dir", "cpu_library", "cuda_library", "ort_custom_op_library", "sample_numpy", "register_torch_op",
-    "sample_torch", "launch_cuda", "set_num_threads", "DTYPE_CODES",
+    "sample_torch", "launch_cuda", "set_num_threads", "DTYPE_CODES", "decode_attention", "attention_isa",
 ]
 
 ENV_DISABLE = "LARP_RT_DISABLE_KERNELS"
@@ -219,8 +219,8 @@ def ort_custom_op_library(configure: bool = True) -> str | None:
 
 
 def available() -> dict:
-    """What this install can run: {'disabled', 'cpu', 'cuda_library', 'cuda', 'ort_library', 'exp_impl',
-    'exact_exp', 'library_dir', 'errors'}; 'cuda' also needs a visible CUDA device."""
+    """What this install can run: {'disabled', 'cpu', 'cuda_library', 'cuda', 'ort_library', 'attention_isa',
+    'exp_impl', 'exact_exp', 'library_dir', 'errors'}; 'cuda' also needs a visible CUDA device."""
     cpu = cpu_library() is not None
     cuda_lib = cuda_library()
     ndev = 0
@@ -236,6 +236,7 @@ def available() -> dict:
         "cuda_library": cuda_lib is not None,
         "cuda": cuda_lib is not None and ndev > 0,
         "ort_library": ort_custom_op_library(configure=False),
+        "attention_isa": attention_isa() if cpu else None,
         "exp_impl": info["exp_impl"],
         "exact_exp": info["exact_exp"],
         "library_dir": str(library_dir()),
@@ -248,6 +249,40 @@ def _raise(lib: ctypes.CDLL, rc: int = 1, cuda: bool = False) -> None:
     fn.restype = ctypes.c_char_p
     msg = fn().decode("utf-8", "replace")
     raise (RuntimeError if rc == 2 else ValueError)(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# the one-token cache attention of the fused decode graph (larp_rt::DecodeAttention), on numpy arrays
+# --------------------------------------------------------------------------------------------
+def decode_attention(q, k, v, past_k, past_v, pos: int, num_threads: int = 1) -> np.ndarray:
+    """Softmax attention of q over [the first ``pos`` slots of past_k/v | k/v]: q, k, v (B, H, 1, hd) float32
+    (q pre-scaled), past_k/v (B, H, S, hd) -> y (B, H, 1, hd). The CPU kernel the fused decode graph runs."""
+    lib = cpu_library()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are not built: {_errors.get(CPU_LIB)}")
+    arrs = [np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v, past_k, past_v)]
+    q, k, v, pk, pv = arrs
+    if q.ndim != 4 or q.shape[2] != 1 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share a (B, H, 1, hd) shape, got {q.shape}, {k.shape}, {v.shape}")
+    B, H, _, hd = q.shape
+    if pk.ndim != 4 or pk.shape[:2] != (B, H) or pk.shape[3] != hd or pv.shape != pk.shape:
+        raise ValueError(f"past_k/past_v must have shape ({B}, {H}, S, {hd}), got {pk.shape}, {pv.shape}")
+    if not isinstance(pos, (int, np.integer)) or pos < 0:
+        raise ValueError(f"pos must be an int >= 0, got {pos!r}")
+    S = pk.shape[2]
+    y = np.empty_like(q)
+    fn = lib.larp_decode_attention_cpu
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int32]
+    rc = fn(*(a.ctypes.data for a in (q, k, v, pk, pv, y)), B, H, S, hd, min(int(pos), S), int(num_threads))
+    if rc:
+        raise ValueError("larp_decode_attention_cpu refused its arguments")
+    return y
+
+
+def attention_isa() -> str | None:
+    """Which code the attention kernel runs: "avx2" or "portable" (None when the kernels are not built)."""
+    lib = cpu_library()
+    return None if lib is None else ("avx2" if lib.larp_attention_isa() == 2 else "portable")
 
 
 # --------------------------------------------------------------------------------------------

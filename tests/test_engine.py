@@ -385,16 +385,18 @@ def test_fused_kernel_and_reference_sampler_give_the_same_tokens(models_and_bund
     assert np.array_equal(a, b) and np.array_equal(a, c) and np.array_equal(a, d)
 
 
-@pytest.mark.parametrize("sampler", ["fused", "kernel", "graph", "reference"])
+@pytest.mark.parametrize("sampler", ["fused", "kernel", "graph", "reference", "torch-kernel", "torch-reference"])
 def test_every_sampler_draws_the_same_tokens(models_and_bundle, sampler):
     """The fused graph, the C++ kernel, the standard-ops graph and the numpy reference: the same draws, including
     a batch where only some requests use guidance (the fused graph then runs 2B rows) and greedy rows."""
-    if sampler in ("fused", "kernel") and not HAVE_ORT_OP:
+    if sampler in ("fused", "kernel", "torch-kernel") and not HAVE_ORT_OP:
         pytest.skip(f"the kernels are not built: {kernels.available()['errors']}")
+    backend = "torch" if sampler.startswith("torch-") else "onnxruntime"
+    sampler = sampler.removeprefix("torch-")
     params = [SamplingParams(seed=1), SamplingParams(seed=2, top_k=10, cfg_scale=2.0),
               SamplingParams(seed=3, top_p=0.8, temperature=0.7), SamplingParams(seed=4, temperature=0.0),
               SamplingParams(seed=5, top_k=3, top_p=0.5, cfg_scale=1.5, temperature=1.3)]
-    eng = Engine(models_and_bundle[2], sampler=sampler)
+    eng = Engine(models_and_bundle[2], backend=backend, sampler=sampler)
     assert eng.sampler_name == sampler
     got = eng.generate([1, 2, 3, 4, 0], params).tokens
     with kernels.force_fallback():

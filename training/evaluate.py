@@ -174,6 +174,7 @@ def save_classifier(model: VideoClassifier, folder: str | Path, extra: dict | No
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "model.safetensors").chmod(0o644)  # safetensors writes private files; checkpoints are ordinary
     spec = model.spec
     (folder / "config.json").write_text(json.dumps(
         {"format": "larp_rt.video_classifier", "spec": spec.__dict__, **(extra or {})}, indent=2) + "\n")

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 TINY_TOKENIZER: dict[str, Any] = {
     "model": "tiny", "model_overrides": {"temporal_patch": 2, "patch": 8},  # 4x4x4 = 64 patches of 2x8x8
     "prior": "tiny", "prior_overrides": {"lr_mult": 5.0},
-    "steps": 4000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 30, "min_lr_ratio": 0.05,
+    "steps": 5500, "batch_size": 16, "lr": 2e-3, "warmup_steps": 30, "min_lr_ratio": 0.05,
     "quantizer_warmup": 1000, "val_size": 256, "log_every": 20, "ckpt_every": 500, "keep_resume": False,
 }
 TINY_GENERATOR: dict[str, Any] = {
@@ -167,11 +167,13 @@ def train_tiny(out: str | Path = "checkpoints/tiny", *, scale: float = 1.0, comp
 
     times: dict[str, float] = {}
     s = time.perf_counter()
-    if not _done(out / "tokenizer", tcfg):
+    new_tokenizer = not _done(out / "tokenizer", tcfg)
+    if new_tokenizer:
         train_tokenizer(tcfg, out / "tokenizer", device=device, progress=progress)
     times["tokenizer_s"] = time.perf_counter() - s
     s = time.perf_counter()
-    if not _done(out / "generator", gcfg):
+    # A generator is only reusable if it was trained on this very tokenizer's tokens.
+    if new_tokenizer or not _done(out / "generator", gcfg):
         gres = train_generator(gcfg, out / "generator", device=device, progress=progress)
         gen_val, times["token_extraction_s"] = gres["val_loss"], gres["token_wall_s"]
     else:

@@ -8,10 +8,12 @@
 //   outputs  0 tokens      [B] int64        1 logprobs    [B] double (optional)
 //
 // Semantics: larp_rt/sampling.py. Register with SessionOptions.register_custom_ops_library(path).
+// Also op "DecodeAttention" (CPU, float32): the one-token cache attention of the fused decode graph (below).
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -131,6 +133,65 @@ struct SampleOp : Ort::CustomOpBase<SampleOp, SampleKernel> {
   bool cuda_;
 };
 
+// ---- DecodeAttention: one-token attention against the static cache (include/larp_rt/attention_cpu.h) ----
+//   inputs   0 q [B, H, 1, hd] float (pre-scaled)   1 k [B, H, 1, hd]   2 v [B, H, 1, hd]
+//            3 past_k [B, H, S, hd]   4 past_v [B, H, S, hd]   5 pos [1] int64 (slots < pos are valid)
+//   outputs  0 y [B, H, 1, hd] float
+struct AttentionWork {
+  const float *q, *k, *v, *pk, *pv;
+  float* y;
+  int64_t H, S, hd, valid;
+};
+
+void attention_one(void* data, size_t task) {
+  const AttentionWork* w = static_cast<const AttentionWork*>(data);
+  larp_decode_attention_tasks(w->q, w->k, w->v, w->pk, w->pv, w->y, w->H, w->S, w->hd, w->valid, (int64_t)task,
+                              (int64_t)task + 1);
+}
+
+[[noreturn]] void bad_attn(const std::string& msg) {
+  throw Ort::Exception("larp_rt.DecodeAttention: " + msg, ORT_INVALID_ARGUMENT);
+}
+
+struct AttentionKernel {
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    if (ctx.GetInputCount() != 6) bad_attn("expects 6 inputs, got " + std::to_string(ctx.GetInputCount()));
+    Ort::ConstValue q = ctx.GetInput(0), k = ctx.GetInput(1), v = ctx.GetInput(2);
+    Ort::ConstValue pk = ctx.GetInput(3), pv = ctx.GetInput(4), pos = ctx.GetInput(5);
+    const std::vector<int64_t> qs = q.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> cs = pk.GetTensorTypeAndShapeInfo().GetShape();
+    if (qs.size() != 4 || qs[2] != 1) bad_attn("q must have shape [B, H, 1, hd], got " + shape_str(qs));
+    if (k.GetTensorTypeAndShapeInfo().GetShape() != qs || v.GetTensorTypeAndShapeInfo().GetShape() != qs)
+      bad_attn("k and v must have q's shape " + shape_str(qs));
+    if (cs.size() != 4 || cs[0] != qs[0] || cs[1] != qs[1] || cs[3] != qs[3])
+      bad_attn("past_k must have shape [B, H, S, hd] = [" + std::to_string(qs[0]) + ", " + std::to_string(qs[1]) +
+               ", S, " + std::to_string(qs[3]) + "], got " + shape_str(cs));
+    if (pv.GetTensorTypeAndShapeInfo().GetShape() != cs) bad_attn("past_v must have past_k's shape " + shape_str(cs));
+    if (pos.GetTensorTypeAndShapeInfo().GetElementCount() != 1) bad_attn("pos must hold one int64");
+    const int64_t p = pos.GetTensorData<int64_t>()[0];
+    AttentionWork w{q.GetTensorData<float>(), k.GetTensorData<float>(), v.GetTensorData<float>(),
+                    pk.GetTensorData<float>(), pv.GetTensorData<float>(), nullptr, qs[1], cs[2], qs[3],
+                    std::max<int64_t>(0, std::min<int64_t>(p, cs[2]))};
+    w.y = ctx.GetOutput(0, qs).GetTensorMutableData<float>();
+    const size_t tasks = (size_t)(qs[0] * qs[1]);
+    if (tasks == 0) return;
+    ctx.ParallelFor(attention_one, tasks, 0, &w);  // ONNX Runtime's intra-op threads
+  }
+};
+
+struct AttentionOp : Ort::CustomOpBase<AttentionOp, AttentionKernel> {
+  void* CreateKernel(const OrtApi& /*api*/, const OrtKernelInfo* /*info*/) const { return new AttentionKernel(); }
+  const char* GetName() const { return "DecodeAttention"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 6; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t /*i*/) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 std::mutex g_mu;
 std::vector<OrtCustomOpDomain*> g_domains;  // must outlive every session that uses them: kept for the process
 
@@ -144,12 +205,14 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   }
   Ort::InitApi(api);
   static SampleOp cpu_op(false);
+  static AttentionOp attention_op;
 #ifdef LARP_RT_WITH_CUDA
   static SampleOp cuda_op(true);
 #endif
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &cpu_op)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &attention_op)) return st;
 #ifdef LARP_RT_WITH_CUDA
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &cuda_op)) return st;
 #endif

@@ -17,9 +17,11 @@ from .. import sampling
 from ..config import GeneratorConfig, TokenizerConfig
 from ..sampling import RowParams
 
-__all__ = ["Backend", "CfgRows", "StepEvent"]
+__all__ = ["Backend", "CfgRows", "StepEvent", "NON_FINITE"]
 
 Sampler = Callable[..., np.ndarray]
+# raised when a device sampler marked a row whose logits were NaN/Inf (token -1)
+NON_FINITE = "logits contain NaN/Inf: the model produced non-finite values; check the weights and the precision"
 
 
 @dataclass(frozen=True)

@@ -111,8 +111,9 @@ class BuildKernels(build_ext):
                           "the CUDA kernel"))
         procs.append((self._run([cxx, *CXXFLAGS, *inc, "-c", str(CPP / "csrc" / "sampling_cpu.cc"), "-o",
                                  str(objs["cpu"])]), "the CPU kernel"))
-        procs.append((self._run([cxx, *CXXFLAGS, "-ffp-contract=fast", *inc, "-c", str(CPP / "csrc" / "attention_cpu.cc"),
-                                 "-o", str(objs["attn"])]), "the CPU attention kernel"))  # FMA: not bit-exact code
+        attn_src = str(CPP / "csrc" / "attention_cpu.cc")  # FMA contraction: not a bit-exact kernel
+        procs.append((self._run([cxx, *CXXFLAGS, "-ffp-contract=fast", *inc, "-c", attn_src, "-o",
+                                 str(objs["attn"])]), "the CPU attention kernel"))
         procs.append((self._run([cxx, *CXXFLAGS, *inc, f"-I{ORT_INCLUDE}", *(["-DLARP_RT_WITH_CUDA"] if cuda else []),
                                  "-c", str(CPP / "csrc" / "ort_sample_op.cc"), "-o", str(objs["ort"])]),
                       "the ONNX Runtime custom op"))

@@ -396,34 +396,50 @@ def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: in
         raise ExportError(f"sample.onnx drew {tokens.tolist()} where the reference sampler draws {want_t.tolist()}")
     checks.append(_compare("sample", "logprobs", logp, want_l, 1e-9))
     if fused:
-        checks.append(_verify_fused(w, cfg, params, batch, np_rng))
+        checks += _verify_fused(w, cfg, params, batch, np_rng, TOLERANCES[w.manifest["precision"]])
     return checks
 
 
-def _verify_fused(w: BundleWriter, cfg, params, batch: int, rng) -> GraphCheck:
-    """One prefill step of decode_sample.onnx (2B rows: guided) == decode.onnx's logits through the reference."""
+def _verify_fused(w: BundleWriter, cfg, params, batch: int, rng, tol: dict) -> list[GraphCheck]:
+    """decode_sample.onnx against decode.onnx + the reference sampler, 2B rows (guided): the prefill (empty cache:
+    tokens equal, logprobs to 1e-9) and a step at position 5 over 8 random cache slots (slots 5..7 must be
+    ignored): tokens equal, the new cache entries of every layer within the kv tolerance (they carry the
+    attention of the layers below), logprobs within the logits tolerance."""
     import onnxruntime as ort
 
     from .. import kernels
     from .. import sampling as S
 
     info = w.manifest["graphs"]["decode"]
-    feeds = {"token": (cfg.vocab_size + rng.integers(0, cfg.num_classes, (2 * batch, 1))).astype(np.int64),
-             "pos": np.zeros(1, np.int64)}
-    for io in info["inputs"][2:]:
-        _, H, _, hd = io["shape"]
-        feeds[io["name"]] = np.zeros((2 * batch, H, 8, hd), np.float16 if io["dtype"] == "float16" else np.float32)
-    logits = _ort_session(w.path("decode.onnx")).run(["logits"], feeds)[0]
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.register_custom_ops_library(kernels.ort_custom_op_library())
     fused = ort.InferenceSession(str(w.path("decode_sample.onnx")), so, providers=["CPUExecutionProvider"])
-    extra = {"cfg_scale": params.cfg_scale, "temperature": params.temperature, "top_k": params.top_k,
-             "top_p": params.top_p, "seed": params.seed.view(np.int64), "stream": params.stream.view(np.int64),
-             "sample_step": np.array(0, np.int64)}
-    tokens, logp = fused.run(["tokens", "logprobs"], {**feeds, **extra})
-    want_t, want_l = S.sample(logits[:batch], logits[batch:], params, 0, return_logprobs=True)
-    if not np.array_equal(tokens, want_t):
-        raise ExportError(f"decode_sample.onnx drew {tokens.tolist()} where decode.onnx + the reference sampler "
-                          f"draw {want_t.tolist()}")
-    return _compare("fused", "logprobs", logp, want_l, 1e-9)
+    plain = _ort_session(w.path("decode.onnx"))
+    present = [o["name"] for o in info["outputs"][1:]]
+    checks = []
+    for step, pos in ((0, 0), (4, 5)):
+        if pos == 0:
+            token = cfg.vocab_size + rng.integers(0, cfg.num_classes, (2 * batch, 1))
+        else:
+            token = rng.integers(0, cfg.vocab_size, (2 * batch, 1))
+        feeds = {"token": token.astype(np.int64), "pos": np.array([pos], np.int64)}
+        for io in info["inputs"][2:]:
+            _, H, _, hd = io["shape"]
+            c = rng.standard_normal((2 * batch, H, 8, hd)) if pos else np.zeros((2 * batch, H, 8, hd))
+            feeds[io["name"]] = c.astype(np.float16 if io["dtype"] == "float16" else np.float32)
+        logits, *kv = plain.run(["logits", *present], feeds)
+        extra = {"cfg_scale": params.cfg_scale, "temperature": params.temperature, "top_k": params.top_k,
+                 "top_p": params.top_p, "seed": params.seed.view(np.int64), "stream": params.stream.view(np.int64),
+                 "sample_step": np.array(step, np.int64)}
+        tokens, logp, *kv_f = fused.run(["tokens", "logprobs", *present], {**feeds, **extra})
+        want_t, want_l = S.sample(logits[:batch], logits[batch:], params, step, return_logprobs=True)
+        if not np.array_equal(tokens, want_t):
+            raise ExportError(f"decode_sample.onnx drew {tokens.tolist()} at position {pos} where decode.onnx + the "
+                              f"reference sampler draw {want_t.tolist()}")
+        name = "fused" if pos == 0 else "fused@5"
+        checks.append(_compare(name, "logprobs", logp, want_l, 1e-9 if pos == 0 else tol["logits"]))
+        if pos:
+            checks.append(_compare(name, "present", np.stack(kv_f).astype(np.float32), np.stack(kv).astype(np.float32),
+                                   tol["kv"]))
+    return checks

@@ -118,7 +118,7 @@ def test_manifest_is_self_describing(models_and_bundle):
     m = b.manifest
     assert m["precision"] == "fp32" and m["created_by"]["opset"] == 17
     assert m["default_sampling"] == {"cfg_scale": 1.25, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    fused = {"fused"} if HAVE_ORT_OP else set()
+    fused = {"fused", "fused@5"} if HAVE_ORT_OP else set()
     assert {v["graph"] for v in m["verification"]} == {"encoder", "decoder", "decode", "prefill", "sample"} | fused
     assert m["sampler"]["graph"] == "sample" and ("decode_sample" in b.graphs) == HAVE_ORT_OP
     assert b.checkpoint_dir("generator").is_dir() and b.tokenizer_config == TokenizerConfig.from_name("tiny")

@@ -87,6 +87,25 @@ struct Args {
   int64_t heads, slots, head_dim, valid;  // H, S, hd, n = min(pos, S)
 };
 
+// y[d, d + 8K) = (sum_r w_r v_r + e_self v) * inv: K 8-lane accumulators, one pass over the value rows.
+template <int K>
+LARP_ATTN_INLINE void weighted_values(const Args& a, int64_t task, const float* w, int64_t n, float e_self,
+                                      float inv, int64_t d) {
+  const int64_t hd = a.head_dim;
+  const float* vp = a.past_v + task * a.slots * hd + d;
+  v8f acc[K];
+  for (int i = 0; i < K; ++i) acc[i] = splat(0.0f);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* row = vp + r * hd;
+    const v8f wr = splat(w[r]);
+    for (int i = 0; i < K; ++i) acc[i] += wr * load8(row + 8 * i);
+  }
+  const float* vs = a.v + task * hd + d;
+  float* y = a.y + task * hd + d;
+  const v8f ws = splat(e_self), iv = splat(inv);
+  for (int i = 0; i < K; ++i) store8(y + 8 * i, (acc[i] + ws * load8(vs + 8 * i)) * iv);
+}
+
 // One (row, head) pair: task = b * H + h.
 LARP_ATTN_INLINE void attention_task(const Args& a, int64_t task) {
   const int64_t hd = a.head_dim, n = a.valid;
@@ -143,48 +162,8 @@ LARP_ATTN_INLINE void attention_task(const Args& a, int64_t task) {
   // weighted values: y = (sum_j e_j v_j + e_self v) / sum
   const float inv = 1.0f / sum;
   int64_t d = 0;
-  for (; d + 64 <= hd; d += 64) {  // eight 8-lane accumulators: one pass over 64 value columns
-    v8f y0 = splat(0.0f), y1 = y0, y2 = y0, y3 = y0, y4 = y0, y5 = y0, y6 = y0, y7 = y0;
-    for (int64_t r = 0; r < n; ++r) {
-      const float* row = vp + r * hd + d;
-      const v8f w = splat(s[r]);
-      y0 += w * load8(row);
-      y1 += w * load8(row + 8);
-      y2 += w * load8(row + 16);
-      y3 += w * load8(row + 24);
-      y4 += w * load8(row + 32);
-      y5 += w * load8(row + 40);
-      y6 += w * load8(row + 48);
-      y7 += w * load8(row + 56);
-    }
-    const float* vs = a.v + task * hd + d;
-    const v8f ws = splat(e_self), iv = splat(inv);
-    store8(y + d, (y0 + ws * load8(vs)) * iv);
-    store8(y + d + 8, (y1 + ws * load8(vs + 8)) * iv);
-    store8(y + d + 16, (y2 + ws * load8(vs + 16)) * iv);
-    store8(y + d + 24, (y3 + ws * load8(vs + 24)) * iv);
-    store8(y + d + 32, (y4 + ws * load8(vs + 32)) * iv);
-    store8(y + d + 40, (y5 + ws * load8(vs + 40)) * iv);
-    store8(y + d + 48, (y6 + ws * load8(vs + 48)) * iv);
-    store8(y + d + 56, (y7 + ws * load8(vs + 56)) * iv);
-  }
-  for (; d + 32 <= hd; d += 32) {  // four 8-lane accumulators per pass over the values
-    v8f y0 = splat(0.0f), y1 = y0, y2 = y0, y3 = y0;
-    for (int64_t r = 0; r < n; ++r) {
-      const float* row = vp + r * hd + d;
-      const v8f w = splat(s[r]);
-      y0 += w * load8(row);
-      y1 += w * load8(row + 8);
-      y2 += w * load8(row + 16);
-      y3 += w * load8(row + 24);
-    }
-    const float* vs = a.v + task * hd + d;
-    const v8f ws = splat(e_self), iv = splat(inv);
-    store8(y + d, (y0 + ws * load8(vs)) * iv);
-    store8(y + d + 8, (y1 + ws * load8(vs + 8)) * iv);
-    store8(y + d + 16, (y2 + ws * load8(vs + 16)) * iv);
-    store8(y + d + 24, (y3 + ws * load8(vs + 24)) * iv);
-  }
+  for (; d + 64 <= hd; d += 64) weighted_values<8>(a, task, s, n, e_self, inv, d);  // one pass over 64 columns
+  for (; d + 32 <= hd; d += 32) weighted_values<4>(a, task, s, n, e_self, inv, d);
   for (; d < hd; ++d) {
     float acc = 0.0f;
     for (int64_t r = 0; r < n; ++r) acc += s[r] * vp[r * hd + d];

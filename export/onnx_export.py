@@ -260,6 +260,14 @@ def _export_tokenizer(w: BundleWriter, tok: LARPTokenizer, dtype, opset, batch, 
     return checks
 
 
+def _decode_names(n_layer: int) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+    """Input names, output names and dynamic axes of the decode step (decode.onnx and the fused graph's trace)."""
+    past, present = kv_names("past", n_layer), kv_names("present", n_layer)
+    dynamic = {"token": {0: "B"}, "logits": {0: "B"}, **{n: {0: "B", 2: "S"} for n in past},
+               **{n: {0: "B"} for n in present}}
+    return ["token", "pos", *past], ["logits", *present], dynamic
+
+
 def _export_generator(w: BundleWriter, gen: LARPGenerator, dtype, opset, batch, rng, tol, verify) -> list[GraphCheck]:
     cfg = gen.config
     gen = gen.to(dtype).eval()
@@ -271,9 +279,7 @@ def _export_generator(w: BundleWriter, gen: LARPGenerator, dtype, opset, batch, 
     pos = torch.tensor([int(torch.randint(1, cfg.num_positions, (1,), generator=rng))])
     caches = [torch.randn(batch, H, S, hd, generator=rng).to(dtype) for _ in past]
     dec = DecodeGraph(gen)
-    files = _export(dec, (token, pos, *caches), w.path("decode.onnx"), ["token", "pos", *past], ["logits", *present],
-                    {"token": {0: "B"}, "logits": {0: "B"}, **{n: {0: "B", 2: "S"} for n in past},
-                     **{n: {0: "B"} for n in present}}, opset)
+    files = _export(dec, (token, pos, *caches), w.path("decode.onnx"), *_decode_names(L), opset)
     w.add_graph("decode", files[0],
                 [_io("token", "int64", ["B", 1]), _io("pos", "int64", [1])]
                 + [_io(n, kv_dtype, ["B", H, "S", hd]) for n in past],
@@ -357,14 +363,11 @@ def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: in
     if fused:
         fp32 = gen.tok_embeddings.weight.dtype == torch.float32
         if fp32:  # trace again with the fused attention op
-            H, hd, L = cfg.n_head, cfg.head_dim, cfg.n_layer
             S_ = find_multiple(cfg.num_positions, 8)
-            past, present = kv_names("past", L), kv_names("present", L)
             args = (torch.zeros(batch, 1, dtype=torch.int64), torch.tensor([1]),
-                    *[torch.zeros(batch, H, S_, hd) for _ in past])
-            dec = _trace(DecodeGraph(gen, fused_attention=True), args, ["token", "pos", *past], ["logits", *present],
-                         {"token": {0: "B"}, "logits": {0: "B"}, **{n: {0: "B", 2: "S"} for n in past},
-                          **{n: {0: "B"} for n in present}}, opset, custom_opsets={"larp_rt": 1})
+                    *[torch.zeros(batch, cfg.n_head, S_, cfg.head_dim) for _ in range(2 * cfg.n_layer)])
+            dec = _trace(DecodeGraph(gen, fused_attention=True), args, *_decode_names(cfg.n_layer), opset,
+                         custom_opsets={"larp_rt": 1})
         else:  # fp16: the standard attention (the custom op is float32); initializers stay external
             dec = onnx.load(str(w.path("decode.onnx")), load_external_data=False)
         fused_model = fuse_decode_sample(dec)

@@ -19,7 +19,7 @@ import numpy as np
 from .. import sampling
 from ..bundle import Bundle
 from ..sampling import RowParams
-from .base import Backend, StepEvent
+from .base import NON_FINITE, Backend, StepEvent
 
 __all__ = ["OnnxRuntimeBackend", "SAMPLERS", "available_providers"]
 
@@ -175,8 +175,7 @@ class OnnxRuntimeBackend(Backend):
                 row_tokens = np.concatenate([tokens, tokens]) if guided else tokens
                 tokens = st.run(row_tokens, cfg.cls_token_num + k - 1, sample_step=k)
             if (tokens < 0).any():
-                raise ValueError("logits contain NaN/Inf: the model produced non-finite values; "
-                                 "check the weights and the precision (fp16 overflow?)")
+                raise ValueError(NON_FINITE)
             yield StepEvent(k, N, tokens.copy())
 
     def close(self) -> None:

@@ -382,8 +382,8 @@ def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: in
     if not verify:
         return []
     checks = []
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
-    np_rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    seeder = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    np_rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=seeder)))
     params = S.RowParams(
         cfg_scale=np.array([1.0, 2.0] * batch, np.float32)[:batch], temperature=np.array([1.0, 0.0, 0.7] * batch,
                                                                                         np.float32)[:batch],

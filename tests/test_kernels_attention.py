@@ -40,6 +40,21 @@ def test_matches_the_float64_reference(shape, threads):
     np.testing.assert_allclose(y, want, rtol=0, atol=2e-5 * max(1.0, float(np.abs(want).max())))
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 70, 64, 65), (1, 5, 40, 40, 39), (2, 3, 24, 72, 24), (2, 2, 9, 5, 9)])
+def test_pairs_equal_single_tasks_bit_for_bit(shape):
+    """Tasks run two at a time (two concurrent streams) except an odd last one; one (row, head) alone is always a
+    single task. Every split must give the same bits: the pair path is the single path's arithmetic."""
+    B, H, S, hd, pos = shape
+    q, k, v, pk, pv = case(np.random.default_rng(7), B, H, S, hd, scale=2.0)
+    whole = K.decode_attention(q, k, v, pk, pv, pos, num_threads=1)
+    for threads in (2, 3):
+        np.testing.assert_array_equal(K.decode_attention(q, k, v, pk, pv, pos, num_threads=threads), whole)
+    for b in range(B):
+        for h in range(H):
+            one = K.decode_attention(*(a[b:b + 1, h:h + 1] for a in (q, k, v, pk, pv)), pos, num_threads=1)
+            np.testing.assert_array_equal(one[0, 0], whole[b, h])
+
+
 def test_peaked_scores_and_exp_range():
     rng = np.random.default_rng(1)
     q, k, v, pk, pv = case(rng, 1, 2, 50, 16, scale=6.0)  # scores up to ~1e3: exp underflows to 0 for most slots

@@ -10,15 +10,13 @@
 namespace {
 
 using larp_rt::attn::Args;
-using larp_rt::attn::attention_task;
+using larp_rt::attn::attention_tasks;
 
 __attribute__((target("avx2,fma"))) void run_avx2(const Args& a, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) attention_task(a, t);
+  attention_tasks(a, t0, t1);
 }
 
-void run_portable(const Args& a, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) attention_task(a, t);
-}
+void run_portable(const Args& a, int64_t t0, int64_t t1) { attention_tasks(a, t0, t1); }
 
 bool use_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -31,7 +29,7 @@ extern "C" {
 
 LARP_API int larp_attention_isa(void) { return use_avx2() ? 2 : 0; }
 
-// Tasks [t0, t1) of B*H (row, head) pairs; shapes in the header. Returns 0, or 1 for bad arguments.
+// Tasks [t0, t1) of the B*H (row, head) tasks, in pairs; shapes in the header. Returns 0, or 1 for bad arguments.
 LARP_API int larp_decode_attention_tasks(const float* q, const float* k, const float* v,
                                                                      const float* past_k, const float* past_v,
                                                                      float* y, int64_t heads, int64_t slots,
@@ -48,7 +46,7 @@ LARP_API int larp_decode_attention_tasks(const float* q, const float* k, const f
   return 0;
 }
 
-// All B*H pairs over num_threads threads (the ctypes entry point).
+// All B*H tasks over num_threads threads (the ctypes entry point).
 LARP_API int larp_decode_attention_cpu(const float* q, const float* k, const float* v,
                                                                    const float* past_k, const float* past_v, float* y,
                                                                    int64_t batch, int64_t heads, int64_t slots,
@@ -60,8 +58,9 @@ LARP_API int larp_decode_attention_cpu(const float* q, const float* k, const flo
   if (nt == 1) return larp_decode_attention_tasks(q, k, v, past_k, past_v, y, heads, slots, head_dim, valid, 0, tasks);
   std::vector<std::thread> pool;
   std::vector<int> rc(nt, 0);
+  const int64_t pairs = (tasks + 1) / 2;  // split on pair boundaries (attention_tasks reads two at once)
   for (int64_t i = 0; i < nt; ++i) {
-    const int64_t t0 = tasks * i / nt, t1 = tasks * (i + 1) / nt;
+    const int64_t t0 = 2 * (pairs * i / nt), t1 = std::min(tasks, 2 * (pairs * (i + 1) / nt));
     pool.emplace_back([&, i, t0, t1] {
       rc[i] = larp_decode_attention_tasks(q, k, v, past_k, past_v, y, heads, slots, head_dim, valid, t0, t1);
     });

@@ -140,13 +140,14 @@ struct SampleOp : Ort::CustomOpBase<SampleOp, SampleKernel> {
 struct AttentionWork {
   const float *q, *k, *v, *pk, *pv;
   float* y;
-  int64_t H, S, hd, valid;
+  int64_t H, S, hd, valid, tasks;
 };
 
-void attention_one(void* data, size_t task) {
+// One unit of ParallelFor = two (row, head) tasks, read side by side (see attention_cpu.h).
+void attention_unit(void* data, size_t unit) {
   const AttentionWork* w = static_cast<const AttentionWork*>(data);
-  larp_decode_attention_tasks(w->q, w->k, w->v, w->pk, w->pv, w->y, w->H, w->S, w->hd, w->valid, (int64_t)task,
-                              (int64_t)task + 1);
+  const int64_t t0 = 2 * (int64_t)unit, t1 = std::min(t0 + 2, w->tasks);
+  larp_decode_attention_tasks(w->q, w->k, w->v, w->pk, w->pv, w->y, w->H, w->S, w->hd, w->valid, t0, t1);
 }
 
 [[noreturn]] void bad_attn(const std::string& msg) {
@@ -172,11 +173,10 @@ struct AttentionKernel {
     const int64_t p = pos.GetTensorData<int64_t>()[0];
     AttentionWork w{q.GetTensorData<float>(), k.GetTensorData<float>(), v.GetTensorData<float>(),
                     pk.GetTensorData<float>(), pv.GetTensorData<float>(), nullptr, qs[1], cs[2], qs[3],
-                    std::max<int64_t>(0, std::min<int64_t>(p, cs[2]))};
+                    std::max<int64_t>(0, std::min<int64_t>(p, cs[2])), qs[0] * qs[1]};
     w.y = ctx.GetOutput(0, qs).GetTensorMutableData<float>();
-    const size_t tasks = (size_t)(qs[0] * qs[1]);
-    if (tasks == 0) return;
-    ctx.ParallelFor(attention_one, tasks, 0, &w);  // ONNX Runtime's intra-op threads
+    if (w.tasks == 0) return;
+    ctx.ParallelFor(attention_unit, (size_t)(w.tasks + 1) / 2, 0, &w);  // ONNX Runtime's intra-op threads
   }
 };
 

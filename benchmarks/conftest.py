@@ -50,22 +50,69 @@ def machine():
     return f"{machine_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def measure_bandwidth(repeats: int = 7) -> float:
-    """Memory read bandwidth (GB/s): multi-threaded sum over 1 GiB, median of ``repeats`` after warm-up.
+def measure_bandwidth(repeats: int = 5, nbytes: int = 1 << 27) -> float:
+    """Memory read bandwidth (GB/s): torch's multi-threaded sum over ``nbytes`` (128 MiB: ~4x the L3 here, about
+    the small generator's weights), median of ``repeats`` after one warm-up.
 
-    Idle ONNX Runtime sessions are collected first: their spinning worker threads would steal the cores."""
+    Idle gaps before and after: ONNX Runtime's worker threads spin for a while after a run and torch's after a
+    reduction; either would steal the other's cores. Idle sessions are collected first for the same reason."""
     import gc
 
     gc.collect()
-    time.sleep(0.2)
-    x = torch.ones(1 << 28, dtype=torch.float32)
+    time.sleep(0.1)
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
     x.sum()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         x.sum()
         times.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(times) / 1e9
+    del x
+    time.sleep(0.1)
+    return nbytes / statistics.median(times) / 1e9
+
+
+class BlockedFloor:
+    """A step's floor ratio, robust to this host's bandwidth swings (it flips between ~33 and ~55 GB/s from one
+    second to the next): pytest-benchmark times the rounds; this ``setup`` hook probes the bandwidth before every
+    block of ``block`` rounds (then runs ``warm`` untimed steps so that no thread pool starts cold) and ``finish``
+    probes once more after the last. Each block's median step time is set against the mean of the probes around
+    it: ratio = time / (bytes / bandwidth). Reported: the median over blocks, their range, and every block.
+    """
+
+    def __init__(self, step, read_bytes: int, *, block: int = 10, warm: int = 3, min_read_bytes: int | None = None):
+        self.step, self.read_bytes, self.block, self.warm = step, read_bytes, block, warm
+        self.min_read_bytes = min_read_bytes
+        self.probes: list[float] = []
+        self.rounds = 0
+
+    def setup(self) -> None:
+        if self.rounds % self.block == 0:
+            self.probes.append(measure_bandwidth())
+            for _ in range(self.warm):
+                self.step()
+        self.rounds += 1
+
+    def finish(self, times: list[float]) -> dict:
+        if len(times) != self.rounds:
+            raise RuntimeError(f"{len(times)} timings for {self.rounds} rounds: was the benchmark disabled?")
+        self.probes.append(measure_bandwidth())
+        blocks = []
+        for j, start in enumerate(range(0, len(times), self.block)):
+            bw = (self.probes[j] + self.probes[j + 1]) / 2
+            t = statistics.median(times[start:start + self.block])
+            blocks.append({"bandwidth_gbs": round(bw, 2), "median_ms": round(1e3 * t, 4),
+                           "floor_ratio": round(t / (self.read_bytes / (bw * 1e9)), 4)})
+        ratios = [b["floor_ratio"] for b in blocks]
+        bw = statistics.median(self.probes)
+        out = {"bandwidth_gbs": bw, "bandwidth_range_gbs": [min(self.probes), max(self.probes)],
+               "floor_ms": 1e3 * self.read_bytes / (bw * 1e9), "floor_ratio": statistics.median(ratios),
+               "floor_ratio_range": [min(ratios), max(ratios)], "blocks": blocks}
+        if self.min_read_bytes is not None:  # weights + the KV slots the step must read
+            out["min_read_bytes"] = self.min_read_bytes
+            out["memory_floor_ratio"] = statistics.median(
+                b["median_ms"] / 1e3 / (self.min_read_bytes / (b["bandwidth_gbs"] * 1e9)) for b in blocks)
+        return out
 
 
 @pytest.fixture(scope="session")

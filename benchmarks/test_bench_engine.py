@@ -5,16 +5,18 @@
     .venv/bin/python benchmarks/report.py benchmarks/results/engine_cpu_raw.json   # table + engine_cpu.json
 
 Cases: encode and decode (batch 1, 8) and one decode step mid-video (position N/2, CFG on: 2B rows) including
-sampling, at batch 1 and 8, for the ``tiny`` and ``small`` presets (random weights). Each step case records
-the bytes of weights it reads and the weight-read floor (those bytes / the read bandwidth measured in the same
-run), so the report gives ``floor_ratio`` = step time / floor.
+sampling, at batch 1 and 8, for the ``tiny`` and ``small`` presets (random weights); ONNX Runtime's step on
+``small`` at batch 1 also at positions 1 and N-1. Each step case records the bytes of weights it reads and its
+floor ratio = step time / (those bytes / the read bandwidth), with the bandwidth probed around every block of 10
+rounds (``conftest.BlockedFloor``: this host's bandwidth swings within a run), and ``memory_floor_ratio``
+against the weights plus the KV slots the step must read.
 """
 
 import numpy as np
 import pytest
 import torch
 from authors_loop import authors_decode_one_token
-from conftest import measure_bandwidth
+from conftest import BlockedFloor
 
 from larp_rt import Engine, SamplingParams, sampling
 from larp_rt.backends.base import CfgRows
@@ -57,6 +59,11 @@ def _step_ort(eng: Engine, batch: int, pos: int):
     it = be.generate_iter(ids, params)
     next(it)  # prefill: binds the caches
     st = be._gen_state
+    # written slots, as in a real generation: the buffers come from np.zeros, whose untouched pages all map the
+    # kernel's one zero page, which a step would "read" from cache instead of memory
+    rng = np.random.default_rng(0)
+    for flat in st.flat:
+        flat[:] = rng.standard_normal(flat.size, dtype=np.float32).astype(flat.dtype) * 0.5
     rows = np.zeros(st.rows, np.int64)
     if st.fused:
         return lambda: st.run(rows, pos, sample_step=pos)
@@ -72,6 +79,14 @@ def _step_ort(eng: Engine, batch: int, pos: int):
     return step
 
 
+def _fill_torch_caches(gen) -> None:
+    """Random cache contents (as _step_ort), so that both paths read the same kind of data."""
+    g = torch.Generator().manual_seed(0)
+    for layer in gen.layers:
+        for buf in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.5)
+
+
 def _step_torch(eng: Engine, batch: int, pos: int):
     from larp_rt import sampling_torch as ST
 
@@ -79,6 +94,7 @@ def _step_torch(eng: Engine, batch: int, pos: int):
     params = ST.DeviceRowParams(resolve_params(SamplingParams(seed=0, cfg_scale=1.25), batch), "cpu")
     gen.setup_caches(2 * batch)
     gen.prefill(torch.arange(2 * batch) % gen.config.num_classes)
+    _fill_torch_caches(gen)
     tokens, p = torch.zeros(2 * batch, 1, dtype=torch.int64), torch.tensor([pos])
     u = params.uniform_table(pos + 1)[:, pos]
 
@@ -93,21 +109,42 @@ def _step_authors(eng: Engine, batch: int, pos: int):
     gen = eng.backend.gen
     gen.setup_caches(2 * batch)
     gen.prefill(torch.arange(2 * batch) % gen.config.num_classes)
+    _fill_torch_caches(gen)
     x, p = torch.zeros(batch, 1, dtype=torch.int64), torch.tensor([pos])
     return lambda: authors_decode_one_token(gen, x, p, 1.25, temperature=1.0, top_k=0, top_p=1.0)
+
+
+def _min_read_bytes(eng: Engine, weights: int, rows: int, pos: int) -> int:
+    """Weights + the ``pos`` cache slots of every layer, K and V, all rows: what any step at ``pos`` must read."""
+    cfg = eng.generator_config
+    return weights + cfg.n_layer * 2 * rows * cfg.n_head * pos * cfg.head_dim * 4
+
+
+def _bench_step(benchmark, machine, eng: Engine, make, *, preset, batch, path, pos, weights, rounds) -> None:
+    step = make(eng, batch, pos)
+    floor = BlockedFloor(step, weights, min_read_bytes=_min_read_bytes(eng, weights, 2 * batch, pos))
+    benchmark.pedantic(step, setup=floor.setup, rounds=rounds, iterations=1)
+    _info(benchmark, machine, group=f"step {preset} b{batch} pos {pos}", preset=preset, batch=batch, path=path,
+          op="step", pos=pos, max_seq=eng.generator_config.max_seq_len, weight_read_bytes=weights,
+          sampler=getattr(eng, "sampler_name", "torch"),
+          **floor.finish(list(benchmark.stats.stats.data)))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("path", ["onnxruntime", "torch", "authors"])
 def test_decode_step_cfg(benchmark, bundles, machine, weight_bytes, preset, batch, path):
-    bw = measure_bandwidth()  # per case, just before it: this machine's bandwidth drifts between runs
     eng = Engine(bundles[preset], backend="onnxruntime" if path == "onnxruntime" else "torch", device="cpu")
-    pos = eng.generator_config.max_seq_len // 2
     make = {"onnxruntime": _step_ort, "torch": _step_torch, "authors": _step_authors}[path]
-    step = make(eng, batch, pos)
-    read = weight_bytes[preset]
-    _info(benchmark, machine, group=f"step {preset} b{batch}", preset=preset, batch=batch, path=path, op="step",
-          pos=pos, weight_read_bytes=read, bandwidth_gbs=bw, floor_ms=1e3 * read / (bw * 1e9),
-          sampler=getattr(eng, "sampler_name", "torch"))
-    benchmark.pedantic(step, rounds=30 if preset == "small" else 200, iterations=1, warmup_rounds=3)
+    _bench_step(benchmark, machine, eng, make, preset=preset, batch=batch, path=path,
+                pos=eng.generator_config.max_seq_len // 2, weights=weight_bytes[preset],
+                rounds=30 if preset == "small" else 200)
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_decode_step_position(benchmark, bundles, machine, weight_bytes, where):
+    """ONNX Runtime, ``small``, batch 1 with CFG, at the first and the last position (the KV read grows with it)."""
+    eng = Engine(bundles["small"], backend="onnxruntime", device="cpu")
+    pos = 1 if where == "first" else eng.generator_config.max_seq_len - 1
+    _bench_step(benchmark, machine, eng, _step_ort, preset="small", batch=1, path="onnxruntime", pos=pos,
+                weights=weight_bytes["small"], rounds=30)

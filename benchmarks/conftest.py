@@ -80,9 +80,11 @@ class BlockedFloor:
     it: ratio = time / (bytes / bandwidth). Reported: the median over blocks, their range, and every block.
     """
 
-    def __init__(self, step, read_bytes: int, *, block: int = 10, warm: int = 3, min_read_bytes: int | None = None):
+    def __init__(self, step, read_bytes: int, *, block: int = 10, warm: int = 3, **other_bytes: int):
+        """read_bytes: the weights a step reads (-> floor_ratio); other_bytes: more byte counts to set the time
+        against, each reported as ``<name>_ratio`` (e.g. weights + KV, or every parameter)."""
         self.step, self.read_bytes, self.block, self.warm = step, read_bytes, block, warm
-        self.min_read_bytes = min_read_bytes
+        self.other_bytes = other_bytes
         self.probes: list[float] = []
         self.rounds = 0
 
@@ -108,16 +110,29 @@ class BlockedFloor:
         out = {"bandwidth_gbs": bw, "bandwidth_range_gbs": [min(self.probes), max(self.probes)],
                "floor_ms": 1e3 * self.read_bytes / (bw * 1e9), "floor_ratio": statistics.median(ratios),
                "floor_ratio_range": [min(ratios), max(ratios)], "blocks": blocks}
-        if self.min_read_bytes is not None:  # weights + the KV slots the step must read
-            out["min_read_bytes"] = self.min_read_bytes
-            out["memory_floor_ratio"] = statistics.median(
-                b["median_ms"] / 1e3 / (self.min_read_bytes / (b["bandwidth_gbs"] * 1e9)) for b in blocks)
+        for name, nbytes in self.other_bytes.items():
+            out[name] = nbytes
+            out[f"{name}_ratio"] = statistics.median(
+                b["median_ms"] / 1e3 / (nbytes / (b["bandwidth_gbs"] * 1e9)) for b in blocks)
         return out
 
 
 @pytest.fixture(scope="session")
 def bandwidth() -> float:
     return measure_bandwidth()
+
+
+@pytest.fixture(scope="session")
+def param_bytes(bundles):
+    """Bytes of every generator parameter, embedding tables included: the issue's "fp32 weight-read floor" for
+    ``small`` (36M parameters, ~5 ms at 28-35 GB/s) counts these."""
+    from larp_rt import load_pretrained
+
+    out = {}
+    for preset, path in bundles.items():
+        gen = load_pretrained(path / "torch" / "generator")
+        out[preset] = sum(p.numel() * p.element_size() for p in gen.parameters())
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@ Cases: encode and decode (batch 1, 8) and one decode step mid-video (position N/
 sampling, at batch 1 and 8, for the ``tiny`` and ``small`` presets (random weights); ONNX Runtime's step on
 ``small`` at batch 1 also at positions 1 and N-1. Each step case records the bytes of weights it reads and its
 floor ratio = step time / (those bytes / the read bandwidth), with the bandwidth probed around every block of 10
-rounds (``conftest.BlockedFloor``: this host's bandwidth swings within a run), and ``memory_floor_ratio``
-against the weights plus the KV slots the step must read.
+rounds (``conftest.BlockedFloor``: this host's bandwidth swings within a run); beside it ``weights_kv_bytes_ratio``
+(the weights plus the KV slots the step must read) and ``param_bytes_ratio`` (every parameter, embedding tables
+included: how the issue sized the floor).
 """
 
 import numpy as np
@@ -120,9 +121,10 @@ def _min_read_bytes(eng: Engine, weights: int, rows: int, pos: int) -> int:
     return weights + cfg.n_layer * 2 * rows * cfg.n_head * pos * cfg.head_dim * 4
 
 
-def _bench_step(benchmark, machine, eng: Engine, make, *, preset, batch, path, pos, weights, rounds) -> None:
+def _bench_step(benchmark, machine, eng: Engine, make, *, preset, batch, path, pos, weights, params, rounds):
     step = make(eng, batch, pos)
-    floor = BlockedFloor(step, weights, min_read_bytes=_min_read_bytes(eng, weights, 2 * batch, pos))
+    floor = BlockedFloor(step, weights, weights_kv_bytes=_min_read_bytes(eng, weights, 2 * batch, pos),
+                         param_bytes=params)
     benchmark.pedantic(step, setup=floor.setup, rounds=rounds, iterations=1)
     _info(benchmark, machine, group=f"step {preset} b{batch} pos {pos}", preset=preset, batch=batch, path=path,
           op="step", pos=pos, max_seq=eng.generator_config.max_seq_len, weight_read_bytes=weights,
@@ -133,18 +135,18 @@ def _bench_step(benchmark, machine, eng: Engine, make, *, preset, batch, path, p
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("path", ["onnxruntime", "torch", "authors"])
-def test_decode_step_cfg(benchmark, bundles, machine, weight_bytes, preset, batch, path):
+def test_decode_step_cfg(benchmark, bundles, machine, weight_bytes, param_bytes, preset, batch, path):
     eng = Engine(bundles[preset], backend="onnxruntime" if path == "onnxruntime" else "torch", device="cpu")
     make = {"onnxruntime": _step_ort, "torch": _step_torch, "authors": _step_authors}[path]
     _bench_step(benchmark, machine, eng, make, preset=preset, batch=batch, path=path,
-                pos=eng.generator_config.max_seq_len // 2, weights=weight_bytes[preset],
+                pos=eng.generator_config.max_seq_len // 2, weights=weight_bytes[preset], params=param_bytes[preset],
                 rounds=30 if preset == "small" else 200)
 
 
 @pytest.mark.parametrize("where", ["first", "last"])
-def test_decode_step_position(benchmark, bundles, machine, weight_bytes, where):
+def test_decode_step_position(benchmark, bundles, machine, weight_bytes, param_bytes, where):
     """ONNX Runtime, ``small``, batch 1 with CFG, at the first and the last position (the KV read grows with it)."""
     eng = Engine(bundles["small"], backend="onnxruntime", device="cpu")
     pos = 1 if where == "first" else eng.generator_config.max_seq_len - 1
     _bench_step(benchmark, machine, eng, _step_ort, preset="small", batch=1, path="onnxruntime", pos=pos,
-                weights=weight_bytes["small"], rounds=30)
+                weights=weight_bytes["small"], params=param_bytes["small"], rounds=30)

@@ -129,6 +129,22 @@ def autocast_for(device: torch.device, precision: str):
 # --------------------------------------------------------------------------------------------
 # resumable state (safetensors + json, never pickle)
 # --------------------------------------------------------------------------------------------
+def backward_step(loss, opt, params, clip: float, scaler) -> None:
+    """Backward, optional grad-norm clip (after unscaling), optimizer step; through ``scaler`` when given (fp16)."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(list(params), clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors, scalars = {}, {}

@@ -27,6 +27,7 @@ from ..models import LARPGenerator
 from .common import (
     Progress,
     autocast_for,
+    backward_step,
     cosine_lr,
     param_groups,
     save_state,
@@ -187,18 +188,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
             logits = net(labels, tokens[:, :-1], generator=gen)  # (B, N, V): row j predicts token j
             loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
         opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+        backward_step(loss, opt, model.parameters(), cfg.grad_clip, scaler)
         done = step + 1
         rec = {"loss": float(d.mean(loss.detach())), "lr": cfg.lr * mult}
         if cfg.val_every and done % cfg.val_every == 0 and d.main:

@@ -39,6 +39,7 @@ from ..models import LARPTokenizer
 from .common import (
     Progress,
     autocast_for,
+    backward_step,
     cosine_lr,
     param_groups,
     save_state,
@@ -227,13 +228,13 @@ def _train(cfg: TokenizerTrainConfig, out: Path, d, *, resume: bool, stop_after:
                 loss = loss + cfg.gan_weight * g_adv
                 logs["g_adv"] = g_adv.detach()
         opt.zero_grad(set_to_none=True)
-        _backward_step(loss, opt, model.parameters(), cfg.grad_clip, scaler)
+        backward_step(loss, opt, model.parameters(), cfg.grad_clip, scaler)
 
         if use_gan and (step - cfg.gan_start) % cfg.disc_every == 0:
             with autocast():
                 d_loss = _d_loss(disc_net(video), disc_net(recon.detach()), gen)
             optimizers["disc"].zero_grad(set_to_none=True)
-            _backward_step(d_loss, optimizers["disc"], disc.parameters(), cfg.grad_clip, scaler)
+            backward_step(d_loss, optimizers["disc"], disc.parameters(), cfg.grad_clip, scaler)
             logs["d_loss"] = d_loss.detach()
 
         logs["loss"] = loss.detach()
@@ -290,16 +291,3 @@ def _d_loss(real, fake, gen):
     return d_loss_nonsaturating(real, fake, generator=gen if gen.device.type == "cpu" else None)
 
 
-def _backward_step(loss, opt, params, clip: float, scaler) -> None:
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-    else:
-        loss.backward()
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(list(params), clip)
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from _stats import chi2_pvalue
 from scipy.stats import chi2
 
 from larp_rt import sampling as S
@@ -64,14 +65,6 @@ def exact_distribution(logits, temperature, top_k, top_p):
     return out / out.sum()
 
 
-def chi2_p(counts, probs):
-    if np.any((probs == 0) & (counts > 0)):
-        return 0.0
-    m = probs > 0
-    exp = probs[m] * counts.sum()
-    return chi2.sf(((counts[m] - exp) ** 2 / exp).sum(), df=m.sum() - 1)
-
-
 LOGITS = np.array([2.0, 1.7, 1.5, 1.5, 1.2, 0.9, 0.5, 0.2, 0.0, -0.3, -0.8, -1.5], np.float32)
 
 
@@ -88,14 +81,14 @@ def draw_torch(logits, n, step0=0, **kw):
 def test_frequencies_match_the_exact_filtered_distribution(T, k, p):
     counts = np.bincount(draw_torch(LOGITS, 100_000, temperature=T, top_k=k, top_p=p), minlength=len(LOGITS))
     assert counts.sum() == 1_000_000
-    assert chi2_p(counts, exact_distribution(LOGITS, T, k, p)) > 1e-5
+    assert chi2_pvalue(counts, exact_distribution(LOGITS, T, k, p)) > 1e-5
     # the test has power: an off-by-one k, a 10% wrong temperature or a wrong p are rejected
     if k and p == 1.0:  # (where top-p binds first, k +- 1 changes nothing)
-        assert chi2_p(counts, exact_distribution(LOGITS, T, k + 1, p)) < 1e-12
-        assert chi2_p(counts, exact_distribution(LOGITS, T, k - 1, p)) < 1e-12
-    assert chi2_p(counts, exact_distribution(LOGITS, T * 1.1, k, p)) < 1e-12
+        assert chi2_pvalue(counts, exact_distribution(LOGITS, T, k + 1, p)) < 1e-12
+        assert chi2_pvalue(counts, exact_distribution(LOGITS, T, k - 1, p)) < 1e-12
+    assert chi2_pvalue(counts, exact_distribution(LOGITS, T * 1.1, k, p)) < 1e-12
     if p < 1:
-        assert chi2_p(counts, exact_distribution(LOGITS, T, k, min(1.0, p + 0.15))) < 1e-12
+        assert chi2_pvalue(counts, exact_distribution(LOGITS, T, k, min(1.0, p + 0.15))) < 1e-12
 
 
 def test_numpy_and_torch_samplers_agree_exactly():

@@ -6,11 +6,13 @@ Every graph takes and returns plain tensors with fixed names (see ``IO``); batch
   ``latents`` (B, N, d) float32 (the normalised code-space vectors, for verification and users).
 * decoder: ``indices`` (B, N) int64 -> ``video`` (B, C, T, H, W) float32 clamped to [0, 1].
 * decode: ``token`` (B, 1) int64 (a video token, or ``vocab_size + class_id`` at ``pos`` 0: the prefill),
-  ``pos`` (1,) int64 (= past length: the position of ``token``) and
-  ``past_{k,v}_{i}`` (B, h, S, hd) per layer (a static cache of S slots; slots >= pos are ignored) ->
+  ``pos`` (B,) int64, one per row (= that row's past length: the position of its ``token``; rows of one step may
+  sit at different positions, so requests join and leave a running batch at step boundaries) and
+  ``past_{k,v}_{i}`` (B, h, S, hd) per layer (a static cache of S slots; row b ignores its slots >= pos[b]) ->
   ``logits`` (B, V) float32 and ``present_{k,v}_{i}`` (B, h, 1, hd): the new entries, which the runtime writes
-  into slot ``pos`` of its preallocated cache. The step reads the cache once and never copies it: attention is
-  softmax over [past scores | the token's own score], so no concat/scatter of the cache happens in the graph.
+  into slot ``pos[b]`` of row b of its preallocated cache. The step reads the cache once and never copies it:
+  attention is softmax over [past scores | the token's own score], so no concat/scatter of the cache happens in the
+  graph.
 
 In fp16 bundles weights, activations and caches are fp16; ``video`` in/out and ``logits`` stay float32.
 """
@@ -51,13 +53,12 @@ class DecoderGraph(nn.Module):
 class _CacheAttention(torch.autograd.Function):
     """One-token attention over [the first ``pos`` cache slots | the token's own entry], exported as the custom
     op ``larp_rt::DecodeAttention`` (cpp_ext attention_cpu.h); the forward is the same math in torch (used when
-    tracing and for verification). q (pre-scaled), k, v, y: (B, h, 1, hd); past_k/v: (B, h, S, hd); pos (1,)."""
+    tracing and for verification). q (pre-scaled), k, v, y: (B, h, 1, hd); past_k/v: (B, h, S, hd); pos (B,)."""
 
     @staticmethod
     def forward(ctx, q, k, v, past_k, past_v, pos):  # noqa: ARG004
         S = past_k.shape[2]
-        bias = torch.zeros(S, dtype=torch.float32, device=q.device).masked_fill(
-            torch.arange(S, device=q.device) >= pos, float("-inf"))
+        bias = _slot_bias(pos, S)  # (B, 1, 1, S)
         s_past = (past_k @ q.transpose(-1, -2)).transpose(-1, -2).float() + bias  # (B, h, 1, S)
         s_self = (q * k).sum(-1, keepdim=True).float()
         att = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).to(q.dtype)
@@ -66,6 +67,14 @@ class _CacheAttention(torch.autograd.Function):
     @staticmethod
     def symbolic(g, q, k, v, past_k, past_v, pos):
         return g.op("larp_rt::DecodeAttention", q, k, v, past_k, past_v, pos).setType(q.type())
+
+
+def _slot_bias(pos: Tensor, S: int) -> Tensor:
+    """(B, 1, 1, S) additive mask over the cache slots: 0 for row b's slots < pos[b] (written before this step),
+    -inf for the rest (unwritten, or stale entries of the slot's previous request)."""
+    slots = torch.arange(S, device=pos.device).view(1, S)
+    return torch.zeros(1, S, dtype=torch.float32, device=pos.device).masked_fill(
+        slots >= pos.view(-1, 1), float("-inf")).view(-1, 1, 1, S)
 
 
 class DecodeGraph(nn.Module):
@@ -103,13 +112,12 @@ class DecodeGraph(nn.Module):
         self.register_buffer("w_out", gen.output.weight.detach().t().contiguous())  # (D, V)
 
     def forward(self, token: Tensor, pos: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        """token (B, 1) int64, pos (B,) int64, past_k_0, past_v_0, ... (B, h, S, hd) -> logits, present_k_0, ..."""
         gen, cfg = self.gen, self.gen.config
         H, hd, D, Fh = cfg.n_head, cfg.head_dim, cfg.dim, cfg.ffn_hidden  # batch stays symbolic: reshapes use -1
-        h = F.embedding(token, self.table) + gen.abs_pe[:, pos]  # (B, 1, D)
+        h = F.embedding(token, self.table) + F.embedding(pos.view(-1, 1), gen.abs_pe[0])  # (B, 1, D): own positions
         S = past[0].shape[2]
-        # additive mask over the cache slots: 0 for the slots written before this step, -inf for the rest
-        bias = torch.zeros(S, dtype=torch.float32, device=token.device).masked_fill(
-            torch.arange(S, device=token.device) >= pos, float("-inf"))  # (S,)
+        bias = _slot_bias(pos, S)  # (B, 1, 1, S)
         presents: list[Tensor] = []
         for i, layer in enumerate(gen.layers):
             past_k, past_v = past[2 * i], past[2 * i + 1]  # (B, h, S, hd)

@@ -198,7 +198,9 @@ def export_bundle(
                 "kv_cache": {"layers": cfg.n_layer, "heads": cfg.n_head, "head_dim": cfg.head_dim,
                              "max_seq": find_multiple(cfg.num_positions, 8), "dtype": precision},
             }
+            attention = ("larp_rt::DecodeAttention" if precision == "fp32" else "standard") if fused_sampler else None
             m["sampler"] = {"graph": "sample", "fused": "decode_sample" if fused_sampler else None,
+                            "fused_attention": attention,
                             "custom_op_domain": "larp_rt", "custom_op_library": "liblarp_rt_ort.so"}
             m["default_sampling"] = {"cfg_scale": 1.25 if gen.has_null_class else 1.0, "temperature": 1.0,
                                      "top_k": 0, "top_p": 1.0}
@@ -263,7 +265,7 @@ def _export_tokenizer(w: BundleWriter, tok: LARPTokenizer, dtype, opset, batch, 
 def _decode_names(n_layer: int) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
     """Input names, output names and dynamic axes of the decode step (decode.onnx and the fused graph's trace)."""
     past, present = kv_names("past", n_layer), kv_names("present", n_layer)
-    dynamic = {"token": {0: "B"}, "logits": {0: "B"}, **{n: {0: "B", 2: "S"} for n in past},
+    dynamic = {"token": {0: "B"}, "pos": {0: "B"}, "logits": {0: "B"}, **{n: {0: "B", 2: "S"} for n in past},
                **{n: {0: "B"} for n in present}}
     return ["token", "pos", *past], ["logits", *present], dynamic
 
@@ -276,12 +278,12 @@ def _export_generator(w: BundleWriter, gen: LARPGenerator, dtype, opset, batch, 
     kv_dtype = "float16" if dtype == torch.float16 else "float32"
     past, present = kv_names("past", L), kv_names("present", L)
     token = torch.randint(0, V, (batch, 1), generator=rng)
-    pos = torch.tensor([int(torch.randint(1, cfg.num_positions, (1,), generator=rng))])
+    pos = torch.randint(1, cfg.num_positions, (batch,), generator=rng)  # a position per row
     caches = [torch.randn(batch, H, S, hd, generator=rng).to(dtype) for _ in past]
     dec = DecodeGraph(gen)
     files = _export(dec, (token, pos, *caches), w.path("decode.onnx"), *_decode_names(L), opset)
     w.add_graph("decode", files[0],
-                [_io("token", "int64", ["B", 1]), _io("pos", "int64", [1])]
+                [_io("token", "int64", ["B", 1]), _io("pos", "int64", ["B"])]
                 + [_io(n, kv_dtype, ["B", H, "S", hd]) for n in past],
                 [_io("logits", "float32", ["B", V])] + [_io(n, kv_dtype, ["B", H, 1, hd]) for n in present],
                 files[1:])
@@ -289,47 +291,59 @@ def _export_generator(w: BundleWriter, gen: LARPGenerator, dtype, opset, batch, 
         return []
     sess = _ort_session(w.path("decode.onnx"))
     checks = []
-    # a step mid-sequence, against the model's own cached step (SDPA over a cache holding the same past)
+    # a step mid-sequence with every row at its own position, against the model's own cached step (SDPA over a
+    # cache holding the same past)
     feeds = {"token": token.numpy(), "pos": pos.numpy(), **{n: c.numpy() for n, c in zip(past, caches, strict=True)}}
     out = sess.run(None, feeds)
-    ref_logits, ref_kv = _model_step(gen, token, pos, caches)
+    ref_logits, ref_kv = _model_step(gen, token.view(-1), pos, caches)
     checks.append(_compare("decode", "logits", out[0], ref_logits.float().numpy(), tol["logits"]))
     checks.append(_compare("decode", "present", np.stack(out[1:]).astype(np.float32), ref_kv, tol["kv"]))
     # the prefill: class tokens at position 0, against the model's prefill
     hi = cfg.num_classes + int(gen.has_null_class)
     class_ids = torch.randint(0, hi, (batch,), generator=rng)
-    feeds = {"token": (V + class_ids).view(-1, 1).numpy(), "pos": np.zeros(1, np.int64),
+    feeds = {"token": (V + class_ids).view(-1, 1).numpy(), "pos": np.zeros(batch, np.int64),
              **{n: c.numpy() for n, c in zip(past, caches, strict=True)}}
     out = sess.run(None, feeds)
     gen.setup_caches(batch, S, dtype=caches[0].dtype)
     try:
         ref = gen.prefill(class_ids)
-        ref_kv = _cache_slot(gen, 0)
+        ref_kv = _cache_slot(gen, torch.zeros(batch, dtype=torch.int64))
     finally:
         gen.clear_caches()
     checks.append(_compare("prefill", "logits", out[0], ref.float().numpy(), tol["logits"]))
     checks.append(_compare("prefill", "present", np.stack(out[1:]).astype(np.float32), ref_kv, tol["kv"]))
+    # a joining request: row 0 prefills (class token at position 0) in the same step as rows mid-sequence
+    mixed_tok, mixed_pos = token.view(-1).clone(), pos.clone()
+    mixed_tok[0], mixed_pos[0] = V + int(class_ids[0]), 0
+    feeds = {"token": mixed_tok.view(-1, 1).numpy(), "pos": mixed_pos.numpy(),
+             **{n: c.numpy() for n, c in zip(past, caches, strict=True)}}
+    out = sess.run(None, feeds)
+    ref_logits, ref_kv = _model_step(gen, mixed_tok, mixed_pos, caches)
+    checks.append(_compare("join", "logits", out[0], ref_logits.float().numpy(), tol["logits"]))
+    checks.append(_compare("join", "present", np.stack(out[1:]).astype(np.float32), ref_kv, tol["kv"]))
     return checks
 
 
-def _cache_slot(gen: LARPGenerator, pos: int) -> np.ndarray:
-    """(2L, B, h, 1, hd) float32: the model's cache entries at ``pos``, in graph output order."""
+def _cache_slot(gen: LARPGenerator, pos: torch.Tensor) -> np.ndarray:
+    """(2L, B, h, 1, hd) float32: the model's cache entries of row b at slot pos[b], in graph output order."""
+    rows = torch.arange(len(pos))
     kv = []
     for layer in gen.layers:
         c = layer.attention.kv_cache
-        kv += [c.k_cache[:, :, pos : pos + 1], c.v_cache[:, :, pos : pos + 1]]
+        kv += [c.k_cache[rows, :, pos].unsqueeze(2), c.v_cache[rows, :, pos].unsqueeze(2)]
     return torch.stack(kv).float().numpy()
 
 
-def _model_step(gen: LARPGenerator, token, pos, caches) -> tuple[torch.Tensor, np.ndarray]:
-    """The PyTorch model's decode_one_token with its KV cache holding ``caches`` (the reference)."""
+def _model_step(gen: LARPGenerator, tokens, pos, caches) -> tuple[torch.Tensor, np.ndarray]:
+    """The PyTorch model's per-row step (``LARPGenerator.step``: tokens (B,), pos (B,)) with its KV cache holding
+    ``caches`` (the reference)."""
     B, _, S, _ = caches[0].shape
     gen.setup_caches(B, S, dtype=caches[0].dtype)
     try:
         for i, layer in enumerate(gen.layers):
             layer.attention.kv_cache.k_cache.copy_(caches[2 * i])
             layer.attention.kv_cache.v_cache.copy_(caches[2 * i + 1])
-        return gen.decode_one_token(token, pos), _cache_slot(gen, int(pos))
+        return gen.step(tokens, pos), _cache_slot(gen, pos)
     finally:
         gen.clear_caches()
 
@@ -364,7 +378,7 @@ def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: in
         fp32 = gen.tok_embeddings.weight.dtype == torch.float32
         if fp32:  # trace again with the fused attention op
             S_ = find_multiple(cfg.num_positions, 8)
-            args = (torch.zeros(batch, 1, dtype=torch.int64), torch.tensor([1]),
+            args = (torch.zeros(batch, 1, dtype=torch.int64), torch.ones(batch, dtype=torch.int64),
                     *[torch.zeros(batch, cfg.n_head, S_, cfg.head_dim) for _ in range(2 * cfg.n_layer)])
             dec = _trace(DecodeGraph(gen, fused_attention=True), args, *_decode_names(cfg.n_layer), opset,
                          custom_opsets={"larp_rt": 1})
@@ -375,7 +389,7 @@ def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: in
             share_external_data(fused_model, w.path("decode.onnx"))
         onnx.save_model(fused_model, str(w.path("decode_sample.onnx")))
         w.add_graph("decode_sample", "decode_sample.onnx",
-                    decode_info["inputs"] + [_io(n, t, [] if n == "sample_step" else ["B_req"])
+                    decode_info["inputs"] + [_io(n, t, ["R_req" if n == "sample_rows" else "B_req"])
                                              for n, t in FUSED_EXTRA_INPUTS],
                     [_io("tokens", "int64", ["B_req"]), _io("logprobs", "float64", ["B_req"])]
                     + decode_info["outputs"][1:], decode_info.get("data", []))
@@ -404,10 +418,15 @@ def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: in
 
 
 def _verify_fused(w: BundleWriter, cfg, params, batch: int, rng, tol: dict) -> list[GraphCheck]:
-    """decode_sample.onnx against decode.onnx + the reference sampler, 2B rows (guided): the prefill (empty cache:
-    tokens equal, logprobs to 1e-9) and a step at position 5 over 8 random cache slots (slots 5..7 must be
-    ignored): tokens equal, the new cache entries of every layer within the kv tolerance (they carry the
-    attention of the layers below), logprobs within the logits tolerance."""
+    """decode_sample.onnx against decode.onnx + the reference sampler, 2B rows (guided), in two steps:
+
+    * the prefill (empty cache, every row at position 0, every request at sample step 0): tokens equal,
+      logprobs to 1e-9;
+    * a continuous-batch step: rows at their own positions (1..7) over 8 random cache slots (row b must ignore
+      its slots >= pos[b]), one row joining at position 0 with its class token, the requests' rows and null rows
+      shuffled in the step's rows (``sample_rows`` picks them), each request at its own sample step: tokens equal,
+      the new cache entries of every layer within the kv tolerance (they carry the attention of the layers
+      below), logprobs within the logits tolerance."""
     import onnxruntime as ort
 
     from .. import kernels
@@ -421,28 +440,36 @@ def _verify_fused(w: BundleWriter, cfg, params, batch: int, rng, tol: dict) -> l
     plain = _ort_session(w.path("decode.onnx"))
     present = [o["name"] for o in info["outputs"][1:]]
     checks = []
-    for step, pos in ((0, 0), (4, 5)):
-        if pos == 0:
-            token = cfg.vocab_size + rng.integers(0, cfg.num_classes, (2 * batch, 1))
+    R = 2 * batch
+    for name in ("fused", "fused@mix"):
+        if name == "fused":
+            token = cfg.vocab_size + rng.integers(0, cfg.num_classes, R)
+            pos = np.zeros(R, np.int64)
+            rows = np.arange(R)  # request b in row b, its null row in row B + b
+            steps = np.zeros(batch, np.int64)
         else:
-            token = rng.integers(0, cfg.vocab_size, (2 * batch, 1))
-        feeds = {"token": token.astype(np.int64), "pos": np.array([pos], np.int64)}
+            token = rng.integers(0, cfg.vocab_size, R)
+            pos = rng.integers(1, 8, R)
+            token[0], pos[0] = cfg.vocab_size + int(rng.integers(0, cfg.num_classes)), 0  # a joining request
+            rows = rng.permutation(R)
+            steps = rng.integers(0, 1000, batch)
+        feeds = {"token": token.astype(np.int64).reshape(-1, 1), "pos": pos.astype(np.int64)}
         for io in info["inputs"][2:]:
             _, H, _, hd = io["shape"]
-            c = rng.standard_normal((2 * batch, H, 8, hd)) if pos else np.zeros((2 * batch, H, 8, hd))
+            c = rng.standard_normal((R, H, 8, hd)) if name != "fused" else np.zeros((R, H, 8, hd))
             feeds[io["name"]] = c.astype(np.float16 if io["dtype"] == "float16" else np.float32)
         logits, *kv = plain.run(["logits", *present], feeds)
-        extra = {"cfg_scale": params.cfg_scale, "temperature": params.temperature, "top_k": params.top_k,
-                 "top_p": params.top_p, "seed": params.seed.view(np.int64), "stream": params.stream.view(np.int64),
-                 "sample_step": np.array(step, np.int64)}
+        extra = {"sample_rows": rows.astype(np.int64), "cfg_scale": params.cfg_scale,
+                 "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+                 "seed": params.seed.view(np.int64), "stream": params.stream.view(np.int64),
+                 "sample_step": steps.astype(np.int64)}
         tokens, logp, *kv_f = fused.run(["tokens", "logprobs", *present], {**feeds, **extra})
-        want_t, want_l = S.sample(logits[:batch], logits[batch:], params, step, return_logprobs=True)
+        want_t, want_l = S.sample(logits[rows[:batch]], logits[rows[batch:]], params, steps, return_logprobs=True)
         if not np.array_equal(tokens, want_t):
-            raise ExportError(f"decode_sample.onnx drew {tokens.tolist()} at position {pos} where decode.onnx + the "
+            raise ExportError(f"decode_sample.onnx drew {tokens.tolist()} ({name}) where decode.onnx + the "
                               f"reference sampler draw {want_t.tolist()}")
-        name = "fused" if pos == 0 else "fused@5"
-        checks.append(_compare(name, "logprobs", logp, want_l, 1e-9 if pos == 0 else tol["logits"]))
-        if pos:
+        checks.append(_compare(name, "logprobs", logp, want_l, 1e-9 if name == "fused" else tol["logits"]))
+        if name != "fused":
             checks.append(_compare(name, "present", np.stack(kv_f).astype(np.float32), np.stack(kv).astype(np.float32),
                                    tol["kv"]))
     return checks

@@ -31,7 +31,10 @@ SAMPLER_OPSET = 17
 SAMPLE_PARAM_INPUTS = [("cfg_scale", "float32"), ("temperature", "float32"), ("top_k", "int64"),
                        ("top_p", "float32")]
 SAMPLER_INPUTS = SAMPLE_PARAM_INPUTS + [("uniform", "float64")]
-FUSED_EXTRA_INPUTS = SAMPLE_PARAM_INPUTS + [("seed", "int64"), ("stream", "int64"), ("sample_step", "int64")]
+# the Sample op's inputs after the logits, then the fused graph's extra inputs: ``sample_rows`` (R_req,) picks the
+# sampler's logits rows out of the step's rows (B_req request rows, then B_req null-class rows when guided)
+FUSED_SAMPLE_INPUTS = SAMPLE_PARAM_INPUTS + [("seed", "int64"), ("stream", "int64"), ("sample_step", "int64")]
+FUSED_EXTRA_INPUTS = [("sample_rows", "int64")] + FUSED_SAMPLE_INPUTS
 
 
 class _G:
@@ -165,9 +168,11 @@ def fuse_decode_sample(decode_model):
     """The decode graph + ``larp_rt::Sample`` on its logits: a new ModelProto (initializers shared by reference
     when the decode model keeps them as external data, so no weights are duplicated on disk).
 
-    Extra inputs: ``cfg_scale``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stream`` (B,) and
-    ``sample_step`` () int64; the graph's rows must be B (no guidance) or 2B (null-class rows last). Outputs:
-    ``tokens`` (B,) int64, ``logprobs`` (B,) float64, then the decode graph's ``present_*`` entries.
+    Extra inputs: ``sample_rows`` (R_req,) int64: the step's rows the sampler reads, R_req = B_req (no guidance)
+    or 2 B_req (the requests' rows, then their null-class rows; a request without guidance may name its own row
+    again, it mixes to exactly its cond logits); ``cfg_scale``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
+    ``stream`` and ``sample_step`` (B_req,): per request, each at its own step. Outputs: ``tokens`` (B_req,) int64,
+    ``logprobs`` (B_req,) float64, then the decode graph's ``present_*`` entries (all B rows).
     """
     import onnx
     from onnx import TensorProto as TP
@@ -178,10 +183,12 @@ def fuse_decode_sample(decode_model):
     graph = m.graph
     types = {"float32": TP.FLOAT, "int64": TP.INT64}
     for name, t in FUSED_EXTRA_INPUTS:
-        shape = [] if name == "sample_step" else ["B_req"]
-        graph.input.append(helper.make_tensor_value_info(name, types[t], shape))
+        dim = "R_req" if name == "sample_rows" else "B_req"
+        graph.input.append(helper.make_tensor_value_info(name, types[t], [dim]))
+    graph.node.append(helper.make_node("Gather", ["logits", "sample_rows"], ["sample_logits"], axis=0,
+                                       name="larp_rt_sample_rows"))
     graph.node.append(helper.make_node(
-        "Sample", ["logits"] + [n for n, _ in FUSED_EXTRA_INPUTS], ["tokens", "logprobs"], domain="larp_rt",
+        "Sample", ["sample_logits"] + [n for n, _ in FUSED_SAMPLE_INPUTS], ["tokens", "logprobs"], domain="larp_rt",
         name="larp_rt_sample"))
     kept = [o for o in graph.output if o.name != "logits"]
     del graph.output[:]

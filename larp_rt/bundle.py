@@ -22,7 +22,8 @@ from .config import ConfigError, GeneratorConfig, TokenizerConfig
 __all__ = ["BundleError", "Bundle", "BundleWriter", "sha256_file", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "larp_rt.bundle"
-FORMAT_VERSION = 1
+# 2: the decode step takes a position per row (``pos`` (B,)) and the fused graph ``sample_rows`` + per-request steps
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 GRAPHS = ("encoder", "decoder", "prefill", "decode", "sample", "decode_sample")
 
@@ -75,10 +76,17 @@ class Bundle:
         m = self.manifest
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise BundleError(f"{str(mpath)!r} is not a larp_rt bundle manifest (format != {FORMAT!r}); re-export")
-        if m.get("format_version") != FORMAT_VERSION:
+        version = m.get("format_version")
+        if version != FORMAT_VERSION:
+            if isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION:
+                raise BundleError(
+                    f"{str(mpath)!r} has bundle format_version {version}, older than this larp_rt's {FORMAT_VERSION} "
+                    "(its decode graphs take one position for the whole batch; this runtime needs one per row): "
+                    "re-export it with `larp-rt export` from the same checkpoints"
+                )
             raise BundleError(
-                f"{str(mpath)!r} has bundle format_version {m.get('format_version')!r}; this larp_rt "
-                f"reads version {FORMAT_VERSION}: upgrade larp_rt or re-export the bundle with this version"
+                f"{str(mpath)!r} has bundle format_version {version!r}; this larp_rt reads version "
+                f"{FORMAT_VERSION}: upgrade larp_rt or re-export the bundle with this version"
             )
         try:
             tc = m.get("tokenizer")

@@ -7,6 +7,13 @@
     out.tokens, out.seeds                                    # (2, N) int64; the seed of every request
 
 Every argument is validated here, at the boundary, with an error that names it; backends get clean arrays.
+
+Threads: one Engine may be shared by any number of threads. ``encode`` and ``decode`` run concurrently (ONNX
+Runtime sessions and the torch modules' forward are safe to call from several threads; nothing of theirs is
+shared state); generations are serialised: one ``generate`` (or ``generate_iter``, from its first step until it
+is exhausted or closed) runs at a time on the Engine's own KV caches, and the others wait for it. Each call
+returns exactly what it returns alone. To batch concurrent requests into one running decode loop instead, use
+``larp_rt.serving.Scheduler`` (step-level batching; it owns its own caches).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -87,6 +95,7 @@ class Engine:
         defaults = self.bundle.default_sampling
         self.default_params = SamplingParams(**{k: defaults[k] for k in ("cfg_scale", "temperature", "top_k", "top_p")
                                                 if k in defaults})
+        self._gen_lock = threading.Lock()  # one generation at a time on the backend's own runner
 
     @property
     def backend_name(self) -> str:
@@ -98,7 +107,8 @@ class Engine:
         return self.backend.sampler_name
 
     def close(self) -> None:
-        self.backend.close()
+        with self._gen_lock:
+            self.backend.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -189,12 +199,19 @@ class Engine:
         return self.generator_config.class_dropout_prob > 0
 
     def generate_iter(self, class_ids, params: SamplingParams | Sequence[SamplingParams] | None = None):
-        """Yield a StepEvent per position (``.step``, ``.total``, ``.tokens`` (B,)); returns the Generation."""
+        """Yield a StepEvent per position (``.step``, ``.total``, ``.tokens`` (B,)); returns the Generation.
+
+        The arguments are checked at once; the generation holds the Engine's generator from its first step until
+        it is exhausted or closed (``close()`` it, or use ``generate``, when stopping early)."""
         ids, rp, plist = self._rows(class_ids, params)
+        return self._generate_iter(ids, rp, plist)
+
+    def _generate_iter(self, ids, rp, plist):
         out = np.empty((len(ids), self.generator_config.max_seq_len), np.int64)
-        for ev in self.backend.generate_iter(ids, rp):
-            out[:, ev.step] = ev.tokens
-            yield ev
+        with self._gen_lock:
+            for ev in self.backend.generate_iter(ids, rp):
+                out[:, ev.step] = ev.tokens
+                yield ev
         return Generation(out, [int(s) for s in rp.seed], plist)
 
     def generate(

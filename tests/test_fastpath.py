@@ -1,18 +1,18 @@
 """The generation fast path (larp_rt/backends/torch_fast.py) on the CPU, where its step runs eagerly.
 
-Oracles for the same seeds: the eager torch loop (``eager_generate_iter``, B + G rows, one host transfer per
-step) and the numpy reference sampler (``larp_rt.sampling.sample`` on the model's logits, the base backend's
-loop). Tokens must be identical: greedy and sampled, with and without CFG, a mixed batch (guided and unguided,
-greedy, top-k, top-p), with the fused kernel op and with the torch reference sampler.
+Oracles for the same seeds: the loop every backend shares (``base.ContinuousBatch``: B + G rows, each at its own
+position, logits to the host) over the model's per-row step, sampled by the CPU kernel and by the numpy reference
+(``larp_rt.sampling.sample``). Tokens must be identical: greedy and sampled, with and without CFG, a mixed batch
+(guided and unguided, greedy, top-k, top-p), with the fused kernel op and with the torch reference sampler.
 """
 
 import numpy as np
 import pytest
 import torch
 
-from larp_rt import GeneratorConfig, SamplingParams, kernels, save_pretrained
-from larp_rt.backends.base import Backend
-from larp_rt.backends.torch import TorchBackend, eager_generate_iter
+from larp_rt import GeneratorConfig, SamplingParams, kernels, sampling, save_pretrained
+from larp_rt.backends.base import Backend, StepRunner
+from larp_rt.backends.torch import TorchBackend
 from larp_rt.backends.torch_fast import FastGenerator, bucket_size, pad_params
 from larp_rt.models import LARPGenerator
 from larp_rt.sampling import RowParams, resolve_params
@@ -59,21 +59,31 @@ def sampler_mode(sampler: str):
     return kernels.force_fallback(sampler == "reference")  # False forces the kernel op on
 
 
-class NumpyReference(Backend):
-    """The base backend's loop over the torch model: logits to the host, CfgRows.split, larp_rt.sampling.sample."""
+class ModelRunner(StepRunner):
+    """The model's per-row step (``LARPGenerator.step``) on its own caches."""
 
-    def __init__(self, gen: LARPGenerator):
+    def __init__(self, gen: LARPGenerator, capacity: int):
+        self.gen, self.capacity = gen, capacity
+        gen.setup_caches(capacity)
+
+    def run(self, tokens, pos, sample=None):
+        with torch.inference_mode():
+            return self.gen.step(torch.as_tensor(tokens), torch.as_tensor(pos)).float().numpy()
+
+
+class SharedLoop(Backend):
+    """The base backend's loop over the torch model, sampled on the host by the CPU kernel or the numpy reference."""
+
+    def __init__(self, gen: LARPGenerator, sampler: str = "reference"):
         super().__init__(None, gen.config)
         self.gen = gen
+        if sampler == "kernel":
+            self.sampler, self.sampler_takes_uniform = kernels.sample_numpy, False
+        else:
+            self.sampler = sampling.sample
 
-    def _begin(self, class_ids):
-        self.gen.setup_caches(len(class_ids))
-        with torch.inference_mode():
-            return self.gen.prefill(torch.as_tensor(class_ids)).float().numpy()
-
-    def _step(self, tokens, pos):
-        with torch.inference_mode():
-            return self.gen.decode_one_token(torch.as_tensor(tokens).view(-1, 1), torch.tensor([pos])).float().numpy()
+    def new_runner(self, capacity):
+        return ModelRunner(self.gen, capacity)
 
 
 def stack(events) -> np.ndarray:
@@ -86,8 +96,8 @@ def test_fast_path_draws_the_eager_and_the_reference_tokens(gen, case, sampler):
     ids, rp = rows(case)
     with sampler_mode(sampler):
         fast = FastGenerator(gen).generate(ids, rp)
-        eager = stack(eager_generate_iter(gen, ids, rp))
-    ref = stack(NumpyReference(gen).generate_iter(ids, rp))
+        eager = stack(SharedLoop(gen, sampler).generate_iter(ids, rp))
+    ref = stack(SharedLoop(gen).generate_iter(ids, rp))
     assert fast.shape == (len(ids), 64) and fast.dtype == np.int64
     np.testing.assert_array_equal(fast, eager)
     np.testing.assert_array_equal(fast, ref)

@@ -1,13 +1,21 @@
-"""The small interface every backend implements, and the generation loop most of them share.
+"""The small interface every backend implements, and the generation loop they share.
 
 A backend runs three computations of a bundle: ``encode`` (video -> indices), ``decode`` (indices -> video)
-and the generator's cached step. ``Backend.generate`` owns the loop: it builds the rows (the requests' class
-tokens, then one null-class row for each request that uses guidance), prefills, and for every position runs
-one step and draws with the sampler. Backends that keep tokens on a device override ``generate``.
+and the generator's cached step. The step runs on a ``StepRunner``: the KV caches of a fixed number of rows,
+allocated once, and one decode step over them in which **every row sits at its own position** (the bundle's
+``pos`` (B,) input). ``ContinuousBatch`` owns the loop over a runner: requests (``Sequence``) join it and leave it
+at step boundaries, each on its own rows (its class row, and a null-class row when it uses guidance) at its own
+position and sampling step. A request's prefill is the step at position 0 with its class token, so a joining
+request simply takes part in the next decode step; a finished one frees its rows for the next.
+
+``Backend.generate`` is that loop with every request admitted at step 0; the serving scheduler
+(``larp_rt.serving``) is the same loop with requests arriving while it runs. Either way a request draws from
+its own Philox stream at its own step, so its tokens never depend on what shares its batch.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -17,11 +25,18 @@ from .. import sampling
 from ..config import GeneratorConfig, TokenizerConfig
 from ..sampling import RowParams
 
-__all__ = ["Backend", "CfgRows", "StepEvent", "NON_FINITE"]
+__all__ = ["Backend", "ContinuousBatch", "Sequence", "StepEvent", "StepRunner", "StepSample", "NON_FINITE",
+           "bucket"]
 
 Sampler = Callable[..., np.ndarray]
-# raised when a device sampler marked a row whose logits were NaN/Inf (token -1)
+# raised when a sampler met NaN/Inf logits (a device sampler marks such a row with token -1)
 NON_FINITE = "logits contain NaN/Inf: the model produced non-finite values; check the weights and the precision"
+_versions = itertools.count(1)  # membership versions, unique across batches (a runner outlives its batches)
+
+
+def bucket(rows: int) -> int:
+    """Row capacity of the runner that serves ``rows`` rows: the next power of two (1, 2, 4, 8, ...)."""
+    return 1 << max(rows - 1, 0).bit_length()
 
 
 @dataclass(frozen=True)
@@ -34,34 +49,226 @@ class StepEvent:
 
 
 @dataclass(frozen=True)
-class CfgRows:
-    """Row layout of a guided batch: rows [0, B) are the requests, rows B.. the null rows of ``guided``."""
+class StepSample:
+    """What a runner that samples in its graph needs for one step: the rows the sampler reads (``rows`` (R_req,):
+    the requests' rows, then, when any request is guided, one null-class row per request (a request's own row
+    again when it is not guided), the requests' parameters (B_req rows) and their sampling steps (B_req,).
+    ``version`` changes whenever the request set changes (the runner rebinds its parameter buffers then)."""
 
-    class_ids: np.ndarray  # (R,) int64 prefill ids: the requests' classes, then null classes
-    guided: np.ndarray  # (G,) indices of the requests that use CFG, in row order after B
+    rows: np.ndarray
+    params: RowParams
+    steps: np.ndarray
+    version: int
 
-    @staticmethod
-    def build(class_ids: np.ndarray, params: RowParams, null_class: int) -> CfgRows:
-        guided = np.flatnonzero(params.cfg_scale != 1.0)
-        ids = np.concatenate([class_ids, np.full(len(guided), null_class, np.int64)])
-        return CfgRows(ids.astype(np.int64), guided)
+
+class StepRunner:
+    """The KV caches of ``capacity`` rows and the decode step over them (one per backend and loop owner).
+
+    ``run(tokens, pos)``: tokens (R,) int64 (a video token, or ``vocab + class`` at position 0: the prefill),
+    pos (R,) int64 per row (R <= capacity; row r's cache slots >= pos[r] are ignored, slot pos[r] is written)
+    -> (R, V) float32 logits; when ``samples`` is True the runner draws in its graph and returns the (B_req,)
+    tokens of ``sample`` instead."""
+
+    capacity: int = 0
+    samples: bool = False
+
+    def run(self, tokens: np.ndarray, pos: np.ndarray, sample: StepSample | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the buffers."""
+
+
+class Sequence:
+    """One request in a ``ContinuousBatch``: a class id, its one-row ``RowParams``, and its tokens so far.
+
+    ``rows`` are assigned on admission: its own row, and a null-class row when it uses guidance. ``step`` is the
+    next step to sample (``total`` when finished); ``error`` is set when it failed (NaN/Inf logits)."""
+
+    __slots__ = ("class_id", "params", "total", "tag", "row", "null_row", "step", "tokens", "error")
+
+    def __init__(self, class_id: int, params: RowParams, total: int, tag=None):
+        if len(params) != 1:
+            raise ValueError(f"a Sequence takes one-row RowParams, got {len(params)} rows")
+        self.class_id, self.params, self.total, self.tag = int(class_id), params, int(total), tag
+        self.row = self.null_row = -1
+        self.step = 0
+        self.tokens = np.zeros(self.total, np.int64)
+        self.error: str | None = None
 
     @property
-    def rows(self) -> int:
-        return len(self.class_ids)
+    def guided(self) -> bool:
+        return bool(self.params.cfg_scale[0] != 1.0)
 
-    def split(self, logits: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(R, V) -> cond (B, V) and uncond (B, V) (cond itself in rows without guidance), or None."""
-        cond = logits[:batch]
-        if not len(self.guided):
-            return cond, None
-        uncond = cond.copy()
-        uncond[self.guided] = logits[batch:]
-        return cond, uncond
+    @property
+    def rows_needed(self) -> int:
+        return 2 if self.guided else 1
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total or self.error is not None
+
+
+def _row_params(seqs: list[Sequence]) -> RowParams:
+    return RowParams(**{f: np.concatenate([getattr(s.params, f) for s in seqs])
+                        for f in RowParams.__dataclass_fields__})
+
+
+class ContinuousBatch:
+    """Step-level batching over one ``StepRunner``: sequences join (``admit``) and leave (``evict``, or when they
+    finish) at step boundaries; ``step()`` runs one decode step for every active sequence and samples its token.
+
+    Rows: a sequence takes the lowest free rows; a step binds rows [0, highest used + 1) (free rows below it run
+    as idle rows at position 0 and are ignored). Sampling: the backend's sampler (or the runner's in-graph one)
+    with each sequence's own parameters, Philox stream and step."""
+
+    def __init__(self, backend: Backend, runner: StepRunner):
+        cfg = backend.generator_config
+        if cfg is None:
+            raise ValueError("this bundle has no generator")
+        self.backend, self.runner, self.config = backend, runner, cfg
+        self.sequences: list[Sequence] = []
+        self._used = np.zeros(runner.capacity, bool)
+        self._tok = np.zeros(runner.capacity, np.int64)
+        self._pos = np.zeros(runner.capacity, np.int64)
+        self._version = next(_versions)
+        self._packed_version = -1
+        self._uniforms = backend.sampler_takes_uniform and not runner.samples
+
+    # membership ------------------------------------------------------------------------------
+    @property
+    def free_rows(self) -> int:
+        return int(self.runner.capacity - self._used.sum())
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def admit(self, seq: Sequence, rows: tuple[int, int] | None = None) -> None:
+        """Give ``seq`` its rows (the lowest free ones, or ``rows`` = (row, null_row or -1)); it is prefilled in the
+        next step. Raises RuntimeError when the runner has no room (check ``free_rows``)."""
+        if not 1 <= seq.total <= self.config.max_seq_len:
+            raise ValueError(f"a sequence samples 1..{self.config.max_seq_len} tokens, got {seq.total}")
+        if seq in self.sequences:
+            raise RuntimeError("this sequence is already in the batch")
+        need = seq.rows_needed
+        if rows is None:
+            free = np.flatnonzero(~self._used)
+            if len(free) < need:
+                raise RuntimeError(f"no room: the batch has {len(free)} free rows, the request needs {need}")
+            rows = (int(free[0]), int(free[1]) if need == 2 else -1)
+        row, null_row = rows
+        for r in rows[:need]:
+            if not 0 <= r < self.runner.capacity or self._used[r]:
+                raise RuntimeError(f"row {r} is taken or outside the runner's {self.runner.capacity} rows")
+        seq.row, seq.null_row = row, (null_row if need == 2 else -1)
+        self._used[row] = True
+        if seq.null_row >= 0:
+            self._used[seq.null_row] = True
+        self.sequences.append(seq)
+        self._version = next(_versions)
+
+    def evict(self, seq: Sequence) -> None:
+        """Remove ``seq`` (finished, cancelled or failed) and free its rows."""
+        if seq in self.sequences:
+            self.sequences.remove(seq)
+            for r in (seq.row, seq.null_row):
+                if r >= 0:
+                    self._used[r] = False
+            self._version = next(_versions)
+
+    def _pack(self) -> None:
+        """Per-sequence arrays of the current membership (rebuilt when it changes, not per step)."""
+        seqs = self.sequences
+        self._rows = np.array([s.row for s in seqs], np.int64)
+        guided = np.array([s.null_row >= 0 for s in seqs], bool)
+        self._guided = np.flatnonzero(guided)
+        self._null = np.array([s.null_row for s in seqs if s.null_row >= 0], np.int64)
+        self._classes = np.array([s.class_id for s in seqs], np.int64)
+        self._params = _row_params(seqs)
+        self._any_guided = bool(len(self._guided))
+        # the sampler's uncond rows: the null row of a guided sequence, its own row otherwise (mixes to cond)
+        self._uncond = np.where(guided, np.array([s.null_row for s in seqs], np.int64), self._rows)
+        self._sample_rows = np.concatenate([self._rows, self._uncond]) if self._any_guided else self._rows
+        self._hi = int(max(self._rows.max(), self._null.max() if len(self._null) else -1)) + 1
+        if self._uniforms:  # every sequence's uniforms for its whole video, drawn once (the reference sampler's)
+            self._table = sampling.uniform_table(self._params, max(s.total for s in seqs))
+        self._packed_version = self._version
+
+    # the step --------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """One decode step for every active sequence: prefill for those at step 0 (their class token at position
+        0), the next position for the others; draw each one's token. Returns the sequences that finished or failed
+        in this step (they are evicted)."""
+        if not self.sequences:
+            return []
+        if self._packed_version != self._version:
+            self._pack()
+        cfg, seqs = self.config, self.sequences
+        V = cfg.vocab_size
+        k = np.fromiter((s.step for s in seqs), np.int64, len(seqs))
+        last = np.fromiter((s.tokens[s.step - 1] if s.step else 0 for s in seqs), np.int64, len(seqs))
+        first = k == 0
+        hi = self._hi
+        tok, pos = self._tok[:hi], self._pos[:hi]
+        tok[:] = 0  # idle rows: token 0 at position 0 (reads no cache slot; its slot-0 write is never read)
+        pos[:] = 0
+        p = np.where(first, 0, cfg.cls_token_num + k - 1)
+        tok[self._rows] = np.where(first, V + self._classes, last)
+        pos[self._rows] = p
+        if self._any_guided:
+            g = self._guided
+            tok[self._null] = np.where(first[g], V + cfg.null_class, last[g])
+            pos[self._null] = p[g]
+        failed: np.ndarray | None = None
+        if self.runner.samples:
+            try:
+                tokens = self.runner.run(tok, pos, StepSample(self._sample_rows, self._params, k, self._version))
+            except ValueError as e:
+                if "NaN/Inf" not in str(e):
+                    raise
+                tokens, failed = np.zeros(len(seqs), np.int64), np.ones(len(seqs), bool)  # no logits to tell rows
+            if failed is None and (tokens < 0).any():
+                failed = tokens < 0
+        else:
+            logits = self.runner.run(tok, pos)
+            cond = logits[self._rows]
+            uncond = logits[self._uncond] if self._any_guided else None
+            tokens, failed = self._sample(cond, uncond, k)
+        done: list[Sequence] = []
+        for i, s in enumerate(seqs):
+            if failed is not None and failed[i]:
+                s.error = NON_FINITE
+            else:
+                s.tokens[s.step] = tokens[i]
+                s.step += 1
+            if s.done:
+                done.append(s)
+        for s in done:
+            self.evict(s)
+        return done
+
+    def _sample(self, cond: np.ndarray, uncond: np.ndarray | None, k: np.ndarray):
+        """The backend's sampler on the requests' logits; a request whose logits are NaN/Inf fails alone."""
+        be, params = self.backend, self._params
+        extra = {"u": self._table[np.arange(len(k)), k]} if self._uniforms else {}
+        try:
+            return be.sampler(cond, uncond, params, k, **extra), None
+        except ValueError as e:
+            if "NaN/Inf" not in str(e):
+                raise
+        mixed = sampling.cfg_mix(cond, uncond, params.cfg_scale) if uncond is not None else cond
+        failed = ~np.isfinite(mixed).all(axis=1)
+        tokens = np.zeros(len(k), np.int64)
+        ok = np.flatnonzero(~failed)
+        if len(ok):
+            sub = RowParams(**{f: getattr(params, f)[ok] for f in RowParams.__dataclass_fields__})
+            tokens[ok] = be.sampler(cond[ok], None if uncond is None else uncond[ok], sub, k[ok],
+                                    **({"u": extra["u"][ok]} if extra else {}))
+        return tokens, failed
 
 
 class Backend:
-    """Base class: subclasses implement encode/decode and ``_begin`` / ``_step`` (or override generate)."""
+    """Base class: subclasses implement encode/decode and ``new_runner`` (or override generate_iter)."""
 
     name = "base"
 
@@ -69,8 +276,9 @@ class Backend:
         self.tokenizer_config = tokenizer_config
         self.generator_config = generator_config
         self.sampler: Sampler = sampling.sample  # the engine may swap in a fused kernel with the same semantics
-        self.sampler_takes_uniform = True  # the sampler accepts u= (the whole video's uniforms drawn at once)
+        self.sampler_takes_uniform = True  # the sampler accepts u= (the rows' uniforms, drawn once per request)
         self.sampler_name = "reference"
+        self._runner: StepRunner | None = None
 
     # tokenizer -------------------------------------------------------------------------------
     def encode(self, video: np.ndarray) -> np.ndarray:
@@ -82,34 +290,43 @@ class Backend:
         raise NotImplementedError
 
     # generator -------------------------------------------------------------------------------
-    def _begin(self, class_ids: np.ndarray) -> np.ndarray:
-        """Allocate/reuse caches for len(class_ids) rows, run the prefill; return (R, V) float32 logits."""
+    def new_runner(self, capacity: int) -> StepRunner:
+        """A StepRunner with its own KV caches for ``capacity`` rows (the scheduler owns one; ``generate`` reuses
+        the backend's own)."""
         raise NotImplementedError
 
-    def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
-        """One cached step for all rows: tokens (R,) int64 at position ``pos`` -> (R, V) float32 logits."""
-        raise NotImplementedError
+    def runner(self, rows: int) -> StepRunner:
+        """The backend's own runner for ``generate``: kept, and replaced by a bigger bucket when ``rows`` outgrow it."""
+        if self._runner is None or self._runner.capacity < rows:
+            if self._runner is not None:
+                self._runner.close()
+            self._runner = self.new_runner(bucket(rows))
+        return self._runner
 
     def generate_iter(self, class_ids: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
+        """Every request admitted at step 0 on the backend's runner: rows [0, B) are the requests, then one null
+        row per guided request; one StepEvent (B tokens) per step."""
         cfg = self.generator_config
         assert cfg is not None
         B, N = len(class_ids), cfg.max_seq_len
-        layout = CfgRows.build(class_ids, params, cfg.null_class)
-        # the reference sampler takes the whole video's uniforms, drawn once; a fused kernel draws its own
-        table = sampling.uniform_table(params, N) if self.sampler_takes_uniform else None
-        logits = self._begin(layout.class_ids)
-        rows_tokens = np.empty(layout.rows, np.int64)
+        guided = np.flatnonzero(params.cfg_scale != 1.0)
+        batch = ContinuousBatch(self, self.runner(B + len(guided)))
+        seqs = [Sequence(c, RowParams(**{f: getattr(params, f)[i:i + 1] for f in RowParams.__dataclass_fields__}), N)
+                for i, c in enumerate(class_ids)]
+        null = dict(zip(guided.tolist(), range(B, B + len(guided)), strict=True))
+        for i, s in enumerate(seqs):
+            batch.admit(s, (i, null.get(i, -1)))
         for k in range(N):
-            if k:
-                logits = self._step(rows_tokens, cfg.cls_token_num + k - 1)
-            cond, uncond = layout.split(logits, B)
-            if table is not None:
-                tokens = self.sampler(cond, uncond, params, k, u=table[:, k])
-            else:
-                tokens = self.sampler(cond, uncond, params, k)
-            rows_tokens[:B] = tokens
-            rows_tokens[B:] = tokens[layout.guided]
-            yield StepEvent(k, N, tokens)
+            batch.step()
+            bad = [s for s in seqs if s.error]
+            if bad:
+                for s in seqs:
+                    batch.evict(s)
+                raise ValueError(bad[0].error)
+            yield StepEvent(k, N, np.fromiter((s.tokens[k] for s in seqs), np.int64, B))
 
     def close(self) -> None:
         """Release sessions and buffers."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None

@@ -1,25 +1,28 @@
 """ONNX Runtime backend: the embedded default (CPU everywhere; CUDA / TensorRT execution providers when present).
 
-The KV cache lives in buffers allocated once per batch bucket and bound with IO binding: the decode graph
-reads them in place and returns only the new position's entries, which are written into slot ``pos``. On the
-CPU the buffers are numpy arrays bound in growing windows (a step reads ~pos slots, not max_seq); on a GPU
-provider they are device OrtValues and
-the slot write is a strided device-to-device copy on the session's stream (cuda-python), so the cache never
-crosses to the host. Inputs (token, pos) and outputs (logits, new entries) are bound to preallocated buffers
-too: a decode step allocates nothing.
+The KV cache lives in buffers allocated once per runner (a batch bucket, or a scheduler's rows) and bound with IO
+binding: the decode graph reads them in place and returns only the new entries, which row r writes into its
+slot ``pos[r]`` (every row at its own position). On the CPU the buffers are numpy arrays (bound in windows that
+follow the longest row for the standard-ops attention, so a step reads ~pos slots, not max_seq); on a GPU
+provider they are device OrtValues and the slot writes are strided device-to-device copies (cuda-python), so the
+cache never crosses to the host. Inputs (token, pos) and outputs (logits, new entries) are bound to preallocated
+buffers too: a decode step allocates nothing.
+
+Thread safety: ONNX Runtime sessions may run from several threads at once; sessions are created under a lock,
+and every runner (the backend's own, a scheduler's) has its own buffers and IO binding.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
 
 import numpy as np
 
 from .. import sampling
 from ..bundle import Bundle
 from ..sampling import RowParams
-from .base import NON_FINITE, Backend, StepEvent
+from .base import Backend, StepRunner, StepSample
 
 __all__ = ["OnnxRuntimeBackend", "SAMPLERS", "available_providers"]
 
@@ -41,10 +44,6 @@ def _providers(device: str) -> list[str]:
             f"{have}. Install larp_rt[gpu] in a venv without the CPU onnxruntime wheel, or use device='cpu'"
         )
     return gpu + ["CPUExecutionProvider"]
-
-
-def _bucket(rows: int) -> int:
-    return 1 << max(rows - 1, 0).bit_length()  # 1, 2, 4, 8, ...
 
 
 SAMPLERS = ("auto", "fused", "kernel", "graph", "reference")
@@ -77,7 +76,7 @@ class OnnxRuntimeBackend(Backend):
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._so = so
         self._sessions: dict[str, object] = {}
-        self._gen_state: _GenState | None = None
+        self._session_lock = threading.Lock()
         self.kv_dtype = np.float16 if bundle.precision == "fp16" else np.float32
         if bundle.generator_config is not None:
             self._choose_sampler(sampler)
@@ -117,10 +116,15 @@ class OnnxRuntimeBackend(Backend):
         # "reference": the base class default
 
     def session(self, name: str):
-        if name not in self._sessions:
-            path = self.bundle.graph_path(name)
-            self._sessions[name] = self.ort.InferenceSession(str(path), self._so, providers=self.providers)
-        return self._sessions[name]
+        sess = self._sessions.get(name)
+        if sess is None:
+            with self._session_lock:  # two threads asking at once get one session
+                sess = self._sessions.get(name)
+                if sess is None:
+                    path = self.bundle.graph_path(name)
+                    sess = self._sessions[name] = self.ort.InferenceSession(str(path), self._so,
+                                                                            providers=self.providers)
+        return sess
 
     def encode(self, video: np.ndarray) -> np.ndarray:
         return self.session("encoder").run(["indices"], {"video": video})[0]
@@ -142,143 +146,142 @@ class OnnxRuntimeBackend(Backend):
         return tokens
 
     # generation ------------------------------------------------------------------------------
-    def _state(self, rows: int) -> _GenState:
-        st = self._gen_state
-        if st is None or st.capacity < rows:
-            st = self._gen_state = _GenState(self, _bucket(rows))
-        return st
-
-    def _begin(self, class_ids: np.ndarray) -> np.ndarray:
-        st = self._state(len(class_ids))
-        st.bind(len(class_ids))
-        V = self.generator_config.vocab_size
-        return st.run(class_ids + V, 0)  # the prefill is the step at position 0 with class tokens
-
-    def _step(self, tokens: np.ndarray, pos: int) -> np.ndarray:
-        return self._gen_state.run(tokens, pos)
-
-    def generate_iter(self, class_ids: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
-        if self.sampler_name != "fused":
-            yield from super().generate_iter(class_ids, params)
-            return
-        # the fused graph samples in the graph: rows are B, or 2B with a null row for every request when any
-        # uses guidance (cfg_scale == 1 rows then mix to exactly their cond logits, as in the reference)
-        cfg = self.generator_config
-        B, N = len(class_ids), cfg.max_seq_len
-        guided = params.uses_cfg
-        ids = np.concatenate([class_ids, np.full(B, cfg.null_class, np.int64)]) if guided else class_ids
-        st = self._state(len(ids))
-        st.bind(len(ids), params)
-        tokens = st.run(ids + cfg.vocab_size, 0, sample_step=0)
-        for k in range(N):
-            if k:
-                row_tokens = np.concatenate([tokens, tokens]) if guided else tokens
-                tokens = st.run(row_tokens, cfg.cls_token_num + k - 1, sample_step=k)
-            if (tokens < 0).any():
-                raise ValueError(NON_FINITE)
-            yield StepEvent(k, N, tokens.copy())
+    def new_runner(self, capacity: int) -> _OrtRunner:
+        return _OrtRunner(self, capacity)
 
     def close(self) -> None:
+        super().close()
         self._sessions.clear()
-        self._gen_state = None
 
 
-class _GenState:
-    """Preallocated, bound buffers for up to ``capacity`` rows.
+class _OrtRunner(StepRunner):
+    """Preallocated, bound buffers for up to ``capacity`` rows, each row at its own position.
 
-    CPU caches grow in windows: the decode graph's cache length S is dynamic, and each step binds the cache as
-    (rows, h, S_w, hd) with S_w the smallest multiple of ``window`` above ``pos`` (capped at max_seq), so a
-    step reads about pos + window slots instead of all max_seq. Each layer's cache is one flat buffer of the
-    full size allocated once; when the window grows, the written slots move in place to the wider layout
-    (a handful of times per video). Nothing is allocated per step.
+    Each layer's cache is one flat buffer of ``capacity * h * S * hd`` elements, allocated once and bound as
+    (rows, h, S_w, hd) with IO binding (zero copy: the graph reads it in place and returns only the new entries,
+    which are written into slot pos[r] of row r). ``rows`` is the step's row count; S_w is the cache window:
+
+    * the fused graph with its DecodeAttention op reads only row r's first pos[r] slots whatever the bound shape,
+      so it is bound at the full S once and never moves;
+    * the standard-ops attention reads all S_w slots of every row, so S_w follows the longest active row: the
+      smallest multiple of ``window`` above its position (a step reads about that many slots, not max_seq). When
+      the window grows (or halves after the longest row left), the written slots move in place to the new layout
+      (a handful of times per video). Nothing is allocated per step.
     """
 
     def __init__(self, be: OnnxRuntimeBackend, capacity: int):
         cfg, kv = be.generator_config, be.bundle.kv_cache
-        self.be, self.capacity = be, capacity
+        self.be, self.capacity = be, int(capacity)
         self.L, self.H, self.S, self.hd = cfg.n_layer, cfg.n_head, int(kv["max_seq"]), cfg.head_dim
         self.V = cfg.vocab_size
         self.window = max(16, self.S // 8)
-        self.fused = be.sampler_name == "fused"
-        self.sess = be.session("decode_sample" if self.fused else "decode")
+        self.samples = be.sampler_name == "fused"
+        self.sess = be.session("decode_sample" if self.samples else "decode")
+        # the fused graph of a float32 bundle reads the cache through its own op (only the valid slots)
+        attention = (be.bundle.manifest.get("sampler") or {}).get("fused_attention")
+        self.windowed = not (self.samples and attention == "larp_rt::DecodeAttention") and not be.on_gpu
         dt = be.kv_dtype
-        self.token = np.zeros((capacity, 1), np.int64)
-        self.pos = np.zeros(1, np.int64)
-        if self.fused:  # per-request sampling inputs and the drawn tokens
-            self.sample_step = np.zeros((), np.int64)
-            self.params = {n: np.zeros(capacity, t) for n, t in (
+        cap = self.capacity
+        self.token = np.zeros((cap, 1), np.int64)
+        self.pos = np.zeros(cap, np.int64)
+        if self.samples:  # per-request sampling inputs (a request's null row doubles the row picks) and outputs
+            self.sample_rows = np.zeros(2 * cap, np.int64)
+            self.params = {n: np.zeros(cap, t) for n, t in (
                 ("cfg_scale", np.float32), ("temperature", np.float32), ("top_k", np.int64), ("top_p", np.float32),
                 ("seed", np.int64), ("stream", np.int64))}
-            self.tokens = np.zeros(capacity, np.int64)
-            self.logprobs = np.zeros(capacity, np.float64)
+            self.sample_step = np.zeros(cap, np.int64)
+            self.tokens = np.zeros(cap, np.int64)
+            self.logprobs = np.zeros(cap, np.float64)
         else:
-            self.logits = np.zeros((capacity, self.V), np.float32)
+            self.logits = np.zeros((cap, self.V), np.float32)
         if be.on_gpu:
-            self.dev = _CudaCache(be, (capacity, self.H, self.S, self.hd), dt, self.L)
+            self.dev = _CudaCache(be, (cap, self.H, self.S, self.hd), dt, self.L)
         else:
             self.dev = None
-            size = capacity * self.H * self.S * self.hd
+            size = cap * self.H * self.S * self.hd
             self.flat = [np.zeros(size, dt) for _ in range(2 * self.L)]  # k_0, v_0, k_1, ...
-            self.new = [np.zeros((capacity, self.H, 1, self.hd), dt) for _ in range(2 * self.L)]
-        self.rows = 0
-        self.width = 0  # current window S_w
-        self.binding = None
+            self.new = [np.zeros((cap, self.H, 1, self.hd), dt) for _ in range(2 * self.L)]
+        self.binding = self.sess.io_binding()
+        self.rows = 0  # rows bound
+        self.width = 0  # current window S_w (bound cache length)
+        self.sample_key: tuple | None = None  # (version, B_req, R_req) of the bound sampling inputs
 
-    def _views(self, width: int) -> list[np.ndarray]:
-        n = self.rows * self.H * width * self.hd
-        return [f[:n].reshape(self.rows, self.H, width, self.hd) for f in self.flat]
+    def _in(self, name: str, buf: np.ndarray) -> None:  # zero-copy: ORT reads our buffer in place
+        self.binding.bind_input(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
 
-    def bind(self, rows: int, params: RowParams | None = None) -> None:
-        io = self.sess.io_binding()
+    def _out(self, name: str, buf: np.ndarray) -> None:
+        self.binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
 
-        def cpu_in(name: str, buf: np.ndarray) -> None:  # zero-copy: ORT reads our buffer in place
-            io.bind_input(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+    def _views(self, rows: int, width: int) -> list[np.ndarray]:
+        n = rows * self.H * width * self.hd
+        return [f[:n].reshape(rows, self.H, width, self.hd) for f in self.flat]
 
-        cpu_in("token", self.token[:rows])
-        cpu_in("pos", self.pos)
-        if self.fused:
-            assert params is not None
-            B = len(params)
-            for name, buf in self.params.items():
-                src = getattr(params, name)
-                buf[:B] = src.view(np.int64) if src.dtype == np.uint64 else src
-                cpu_in(name, buf[:B])
-            cpu_in("sample_step", self.sample_step)
-            io.bind_output("tokens", "cpu", 0, np.int64, [B], self.tokens[:B].ctypes.data)
-            io.bind_output("logprobs", "cpu", 0, np.float64, [B], self.logprobs[:B].ctypes.data)
-            self.batch = B
-        else:
-            io.bind_output("logits", "cpu", 0, np.float32, [rows, self.V], self.logits[:rows].ctypes.data)
-        self.binding, self.rows, self.width = io, rows, 0
+    def _bind_rows(self, rows: int) -> None:
+        self._in("token", self.token[:rows])
+        self._in("pos", self.pos[:rows])
+        if not self.samples:
+            self._out("logits", self.logits[:rows])
         if self.dev is None:
             for j, buf in enumerate(self.new):
-                name = f"present_{'kv'[j % 2]}_{j // 2}"
-                io.bind_output(name, "cpu", 0, buf.dtype, list(buf[:rows].shape), buf[:rows].ctypes.data)
+                self._out(f"present_{'kv'[j % 2]}_{j // 2}", buf[:rows])
+            self.rows = rows
+            self._bind_cache(self.width or (self.window if self.windowed else self.S))
         else:
-            self.dev.bind(io, rows)
+            self.dev.bind(self.binding, rows)
+            self.rows = rows
 
-    def _grow(self, pos: int) -> None:
-        """Make the window hold slot ``pos``: move written slots [0, pos) to the wider layout and rebind."""
-        width = min(self.S, -(-(pos + 1) // self.window) * self.window)
-        written = min(pos, self.width)
-        if written:
-            old, new = self._views(self.width), self._views(width)
-            for o, n in zip(old, new, strict=True):
-                np.copyto(n[:, :, :written], o[:, :, :written])  # overlapping: numpy buffers the move
-        self.views = self._views(width)
+    def _bind_cache(self, width: int) -> None:
+        self.views = self._views(self.rows, width)
         for j, v in enumerate(self.views):
-            self.binding.bind_input(f"past_{'kv'[j % 2]}_{j // 2}", "cpu", 0, v.dtype, list(v.shape), v.ctypes.data)
+            self._in(f"past_{'kv'[j % 2]}_{j // 2}", v)
         self.width = width
 
-    def run(self, tokens: np.ndarray, pos: int, sample_step: int | None = None) -> np.ndarray:
-        """One step; returns the (rows, V) logits, or with the fused graph the (B,) drawn tokens."""
-        rows = self.rows
+    def _rewidth(self, width: int, keep: int) -> None:
+        """Move the first ``keep`` slots of every bound row to the layout of window ``width`` and rebind."""
+        if keep and self.width:
+            old, new = self._views(self.rows, self.width), self._views(self.rows, width)
+            for o, n in zip(old, new, strict=True):
+                np.copyto(n[:, :, :keep], o[:, :, :keep])  # overlapping: numpy buffers the move
+        self._bind_cache(width)
+
+    def _bind_sample(self, sample: StepSample) -> None:
+        R, B = len(sample.rows), len(sample.params)
+        key = (sample.version, B, R)
+        if key == self.sample_key:
+            return
+        self.sample_rows[:R] = sample.rows
+        self._in("sample_rows", self.sample_rows[:R])
+        for name, buf in self.params.items():
+            src = getattr(sample.params, name)
+            buf[:B] = src.view(np.int64) if src.dtype == np.uint64 else src
+            self._in(name, buf[:B])
+        self._in("sample_step", self.sample_step[:B])
+        self._out("tokens", self.tokens[:B])
+        self._out("logprobs", self.logprobs[:B])
+        self.sample_key = key
+
+    def run(self, tokens: np.ndarray, pos: np.ndarray, sample: StepSample | None = None) -> np.ndarray:
+        """One step for rows [0, len(tokens)); returns the (rows, V) logits, or with the fused graph the
+        (B_req,) drawn tokens."""
+        rows = len(tokens)
+        if not 1 <= rows <= self.capacity:
+            raise ValueError(f"a step takes 1..{self.capacity} rows, got {rows}")
+        if rows != self.rows:
+            self._bind_rows(rows)
         self.token[:rows, 0] = tokens
-        self.pos[0] = pos
-        if self.dev is None and pos >= self.width:
-            self._grow(pos)
-        if self.fused:
-            self.sample_step[...] = sample_step
+        self.pos[:rows] = pos
+        top = int(self.pos[:rows].max())
+        if top >= self.S:
+            raise ValueError(f"position {top} is past the cache's {self.S} slots")
+        if self.dev is None and self.windowed:
+            need = min(self.S, -(-(top + 1) // self.window) * self.window)
+            if need > self.width or need <= self.width // 2:
+                self._rewidth(need, min(self.width, need))
+        if self.samples:
+            if sample is None:
+                raise ValueError("the fused graph samples in the step: pass the StepSample")
+            self._bind_sample(sample)
+            self.sample_step[: len(sample.steps)] = sample.steps
             try:
                 self.sess.run_with_iobinding(self.binding)
             except Exception as e:  # the op's CPU kernel refuses non-finite logits with the reference's message
@@ -288,12 +291,22 @@ class _GenState:
                 raise
         else:
             self.sess.run_with_iobinding(self.binding)
+        p = self.pos[:rows]
         if self.dev is None:
-            for cache, new in zip(self.views, self.new, strict=True):
-                cache[:, :, pos] = new[:rows, :, 0]
+            if (p == p[0]).all():  # every row at one position (a batch that started together): a strided copy
+                for cache, new in zip(self.views, self.new, strict=True):
+                    cache[:, :, p[0]] = new[:rows, :, 0]
+            else:
+                r = np.arange(rows)
+                for cache, new in zip(self.views, self.new, strict=True):
+                    cache[r, :, p] = new[:rows, :, 0]
         else:
-            self.dev.write_slot(rows, pos)
-        return self.tokens[: self.batch] if self.fused else self.logits[:rows]
+            self.dev.write_slots(rows, p)
+        return self.tokens[: len(sample.steps)] if self.samples else self.logits[:rows]
+
+    def close(self) -> None:
+        self.binding = None
+        self.flat = self.new = self.views = []
 
 
 class _CudaCache:
@@ -332,14 +345,18 @@ class _CudaCache:
             io.bind_output(f"present_k_{i}", "cuda", self.dev_id, self.dtype, shape_new, self.new_k[i].data_ptr())
             io.bind_output(f"present_v_{i}", "cuda", self.dev_id, self.dtype, shape_new, self.new_v[i].data_ptr())
 
-    def write_slot(self, rows: int, pos: int) -> None:
+    def write_slots(self, rows: int, pos: np.ndarray) -> None:
+        """Row r's new entries into its slot pos[r]: one strided copy per layer and tensor when every row sits at
+        one position, else one per row (h rows of hd elements, pitch S*hd)."""
         row_bytes = self.hd * self.esize
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        same = bool((pos == pos[0]).all())
+        spans = [(0, rows, int(pos[0]))] if same else [(r, 1, int(pos[r])) for r in range(rows)]
         for cache, new in ((self.k, self.new_k), (self.v, self.new_v)):
             for i in range(self.L):
-                dst = cache[i].data_ptr() + pos * row_bytes
-                err = self.cudart.cudaMemcpy2D(dst, self.S * row_bytes, new[i].data_ptr(), row_bytes,
-                                               row_bytes, rows * self.H, kind)
-                if int(err[0]) != 0:
-                    raise RuntimeError(f"cudaMemcpy2D failed: {err}")
-
+                for r0, n, p in spans:
+                    dst = cache[i].data_ptr() + (r0 * self.H * self.S + p) * row_bytes
+                    src = new[i].data_ptr() + r0 * self.H * row_bytes
+                    err = self.cudart.cudaMemcpy2D(dst, self.S * row_bytes, src, row_bytes, row_bytes, n * self.H, kind)
+                    if int(err[0]) != 0:
+                        raise RuntimeError(f"cudaMemcpy2D failed: {err}")

@@ -2,26 +2,30 @@
 
 Generation runs the fast path of ``torch_fast.py`` by default: static buffers per batch bucket and one decode step
 (model step + CFG mix + sampler) that is captured as a CUDA graph on CUDA and runs eagerly on the CPU. Token ids
-and the sampler's state stay on the device; the host fetches tokens in chunks. ``fast_path=False`` keeps the
-plain eager loop (``eager_generate_iter``). Both use the fused sampling op where it is built for the device, else
-the torch reference sampler (same Philox streams as the numpy one), so every path and backend gives the same
-tokens for the same seeds. ``cuda_graphs=None`` reads ``LARP_RT_CUDA_GRAPHS`` (default on; ``0`` runs the fast
-step eagerly on CUDA).
+and the sampler's state stay on the device; the host fetches tokens in chunks. ``fast_path=False`` (and the serving
+scheduler) runs the loop every backend shares (``base.ContinuousBatch``) over ``_TorchRunner``: the model's
+per-row step (every row at its own position), logits to the host, the CPU kernel (or the numpy reference)
+samples. The fast path uses the fused sampling op where it is built for the device, else the torch reference
+sampler; all draw the same Philox streams, so every path and backend gives the same tokens for the same seeds.
+``cuda_graphs=None`` reads ``LARP_RT_CUDA_GRAPHS`` (default on; ``0`` runs the fast step eagerly on CUDA).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 
 import numpy as np
 
+from .. import kernels
 from ..bundle import Bundle, BundleError
 from ..checkpoint import load_pretrained, require_torch
+from ..config import find_multiple
 from ..sampling import RowParams
-from .base import NON_FINITE, Backend, CfgRows, StepEvent
+from .base import Backend, StepEvent, StepRunner
 
-__all__ = ["TorchBackend", "eager_generate_iter"]
+__all__ = ["TorchBackend"]
 ENV_CUDA_GRAPHS = "LARP_RT_CUDA_GRAPHS"
 
 
@@ -61,6 +65,9 @@ class TorchBackend(Backend):
                              "(see larp_rt.kernels.available()); use sampler='auto'")
         self.kernel_sampler = have and sampler != "reference"
         self.sampler_name = "kernel" if self.kernel_sampler else "reference"
+        if self.kernel_sampler and kernels.available()["cpu"]:  # the shared loop samples on the host
+            self.sampler, self.sampler_takes_uniform = kernels.sample_numpy, False
+        self.model_lock = threading.RLock()  # the model's caches: one step (or fast-path generation) at a time
         self.fast_path = bool(fast_path)
         self.cuda_graphs = bool(cuda_graphs)
         self._fast = None
@@ -92,67 +99,64 @@ class TorchBackend(Backend):
             self._fast = FastGenerator(self.gen, cuda_graphs=self.cuda_graphs, kernel_sampler=self.kernel_sampler)
         return self._fast
 
+    def new_runner(self, capacity: int) -> _TorchRunner:
+        return _TorchRunner(self, capacity)
+
     def generate_iter(self, class_ids: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
-        if self.fast_path:
+        if not self.fast_path:
+            yield from super().generate_iter(class_ids, params)  # the shared loop over _TorchRunner
+            return
+        with self.model_lock:  # the fast path runs on the model's own caches
             yield from self.fast.generate_iter(class_ids, params)
-        else:
-            if self._fast is not None:
-                self._fast.release()  # the eager loop may re-allocate the caches under the graphs
-            yield from eager_generate_iter(self.gen, class_ids, params, kernel_sampler=self.kernel_sampler)
 
     def close(self) -> None:
-        if self._fast is not None:
-            self._fast.release()
-        if self.gen is not None:
-            self.gen.clear_caches()
+        super().close()
+        with self.model_lock:
+            if self._fast is not None:
+                self._fast.release()
+            if self.gen is not None:
+                self.gen.clear_caches()
 
 
-def _eager_sampler(device, kernel_sampler: bool | None = None):
-    """The fused kernel op where it is built for this device (or as ``kernel_sampler`` says), else the torch
-    reference (same draws)."""
-    from .. import kernels
-    from .. import sampling_torch as ST
-    from .torch_fast import use_kernel_sampler
+class _TorchRunner(StepRunner):
+    """KV caches of ``capacity`` rows for the model's per-row step (``LARPGenerator.step``). The model reads its
+    caches from its attention layers, so a step swaps this runner's caches (and causal mask) in, runs, and swaps
+    the previous ones back, under the backend's model lock: several runners (a scheduler's, the backend's own, the
+    fast path's) share one model. Logits come back to the host, where the loop samples."""
 
-    if use_kernel_sampler(device) if kernel_sampler is None else kernel_sampler:
-        return lambda cond, uncond, p, k, u: kernels.sample_torch(cond, uncond, p, k)
-    check = device.type == "cpu"  # a finiteness check is a host sync: CPU only
-    return lambda cond, uncond, p, k, u: ST.sample(cond, uncond, p, k, check_finite=check, u=u)
+    def __init__(self, be: TorchBackend, capacity: int):
+        from ..models.generator import KVCache
 
+        torch, gen = be.torch, be.gen
+        cfg = gen.config
+        self.be, self.capacity = be, int(capacity)
+        S = find_multiple(cfg.num_positions, 8)  # every position a video needs (the bundle's kv_cache.max_seq)
+        dtype, device = gen.tok_embeddings.weight.dtype, be.device
+        self.caches = [KVCache(self.capacity, S, cfg.n_head, cfg.head_dim, dtype, device) for _ in gen.layers]
+        self.mask = torch.tril(torch.ones(S, S, dtype=torch.bool, device=device))
+        self.S = S
 
-def eager_generate_iter(gen, class_ids: np.ndarray, params: RowParams, *,
-                        kernel_sampler: bool | None = None) -> Iterator[StepEvent]:
-    """The plain eager loop: B + G rows (G = requests with cfg_scale != 1), a host transfer per step."""
-    import torch
+    def run(self, tokens: np.ndarray, pos: np.ndarray, sample=None) -> np.ndarray:
+        torch, gen = self.be.torch, self.be.gen
+        rows = len(tokens)
+        if not 1 <= rows <= self.capacity:
+            raise ValueError(f"a step takes 1..{self.capacity} rows, got {rows}")
+        if int(np.max(pos)) >= self.S:
+            raise ValueError(f"position {int(np.max(pos))} is past the cache's {self.S} slots")
+        with self.be.model_lock, torch.inference_mode():
+            saved = [layer.attention.kv_cache for layer in gen.layers], gen.causal_mask
+            try:
+                for layer, c in zip(gen.layers, self.caches, strict=True):
+                    layer.attention.kv_cache = c
+                gen.causal_mask = self.mask
+                t = torch.from_numpy(np.ascontiguousarray(tokens, np.int64)).to(self.be.device)
+                p = torch.from_numpy(np.ascontiguousarray(pos, np.int64)).to(self.be.device)
+                logits = gen.step(t, p).float().cpu().numpy()
+            finally:
+                for layer, c in zip(gen.layers, saved[0], strict=True):
+                    layer.attention.kv_cache = c
+                gen.causal_mask = saved[1]
+        return logits
 
-    from .. import sampling_torch as ST
-
-    cfg, device = gen.config, gen.tok_embeddings.weight.device
-    B, N = len(class_ids), cfg.max_seq_len
-    layout = CfgRows.build(class_ids, params, cfg.null_class)
-    R = layout.rows
-    if gen.cache_shape is None or gen.cache_shape[0] < R:
-        gen.setup_caches(1 << max(R - 1, 0).bit_length())  # batch buckets: allocated once, reused
-    dparams = ST.DeviceRowParams(params, device)
-    guided = torch.as_tensor(layout.guided, device=device)
-    sample = _eager_sampler(device, kernel_sampler)
-    table = dparams.uniform_table(N)  # every step's uniforms in one pass (the reference's)
-    with torch.inference_mode():
-        logits = gen.prefill(torch.as_tensor(layout.class_ids, device=device))
-        pos = torch.zeros(1, dtype=torch.int64, device=device)
-        row_tokens = torch.empty(0, dtype=torch.int64, device=device)
-        for k in range(N):
-            if k:
-                pos.fill_(cfg.cls_token_num + k - 1)
-                logits = gen.decode_one_token(row_tokens.view(-1, 1), pos)
-            cond = logits[:B].float()
-            uncond = None
-            if len(layout.guided):
-                uncond = cond.clone()
-                uncond[guided] = logits[B:].float()
-            tokens = sample(cond, uncond, dparams, k, table[:, k])
-            row_tokens = torch.cat([tokens, tokens[guided]]) if len(layout.guided) else tokens
-            host = tokens.cpu().numpy()
-            if (host < 0).any():  # the CUDA kernel marks rows whose logits were NaN/Inf with -1
-                raise ValueError(NON_FINITE)
-            yield StepEvent(k, N, host)
+    def close(self) -> None:
+        self.caches = []

@@ -6,8 +6,9 @@ guidance, Bb null-class rows after them (a request with cfg_scale == 1 mixes to 
 guided and unguided requests share one graph). Everything the step touches is a tensor allocated once per bucket:
 
     row_tokens (R, 1)   int64    tokens fed to the next step (request rows, then the same tokens for null rows)
-    pos        (1,)     int64    the position they sit at
-    step       (1,)     int64    the step being sampled (the sampler's counter)
+    pos        (R,)     int64    the position of each row (the model's per-row step; a bucket's rows start together,
+                                 so they move in step, but the step itself takes any positions)
+    step       (Bb,)    int64    the step each request samples (the sampler's per-row counter)
     out        (N, Bb)  int64    every step's tokens, written at row ``step`` (step-major, so that a chunk of steps
                                  is one contiguous block for the device-to-host copy)
     params              per-row sampling parameters (copied in per generation), and for the reference sampler
@@ -107,8 +108,8 @@ class _Bucket:
         self.rows = 2 * batch if cfg else batch
         i64 = dict(dtype=torch.int64, device=device)
         self.row_tokens = torch.zeros(self.rows, 1, **i64)
-        self.pos = torch.zeros(1, **i64)
-        self.step = torch.zeros(1, **i64)
+        self.pos = torch.zeros(self.rows, **i64)
+        self.step = torch.zeros(batch, **i64)
         self.out = torch.zeros(steps, batch, **i64)
         self.params = StaticRowParams(batch, device)
         self.table = None if kernel else torch.zeros(batch, steps, dtype=torch.float64, device=device)
@@ -203,11 +204,11 @@ class FastGenerator:
             op = kernels.register_torch_op()
             tokens, _ = op(cond, uncond, p.cfg_scale, p.temperature, p.top_k, p.top_p32, p.seed, p.stream, b.step)
         else:
-            u = b.table.index_select(1, b.step).view(-1)  # (Bb,) this step's uniforms, by the device step
+            u = b.table.gather(1, b.step.view(-1, 1)).view(-1)  # (Bb,) each row's uniform at its device step
             tokens = ST.sample(cond, uncond, p, b.step, check_finite=False, u=u)
             finite = torch.isfinite(ST.cfg_mix(cond, uncond, p.cfg_scale)).all(dim=-1)
             tokens = torch.where(finite, tokens, torch.full_like(tokens, -1))  # as the CUDA kernel marks them
-        b.out.index_copy_(0, b.step, tokens.view(1, Bb))
+        b.out.index_copy_(0, b.step[:1], tokens.view(1, Bb))  # the bucket's rows are at one step
         feed = tokens.clamp(min=0).view(Bb, 1)  # a -1 row must not index the embedding
         b.row_tokens[:Bb].copy_(feed)
         if b.cfg:

@@ -46,11 +46,17 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # input_pos: (L,), k/v: (B, h, L, hd) -> the first B rows of the full caches (B, h, S, hd)
-        B = k.shape[0]
+        # input_pos: (L,) shared by the rows, or (B,) one per row when L == 1; k/v: (B, h, L, hd)
+        # -> the first B rows of the full caches (B, h, S, hd)
+        B, L = k.shape[0], k.shape[2]
         k_out, v_out = self.k_cache[:B], self.v_cache[:B]
-        k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
-        v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
+        if L == 1 and input_pos.numel() == B:  # per-row positions: row b writes slot input_pos[b]
+            rows = torch.arange(B, device=k.device)
+            k_out[rows, :, input_pos] = k[:, :, 0].to(k_out.dtype)
+            v_out[rows, :, input_pos] = v[:, :, 0].to(v_out.dtype)
+        else:
+            k_out.index_copy_(2, input_pos, k.to(k_out.dtype))
+            v_out.index_copy_(2, input_pos, v.to(v_out.dtype))
         return k_out, v_out
 
 
@@ -69,7 +75,7 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x(B, h, L, hd)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, h, S, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (1, 1, L, S) bool
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (1 or B, 1, L, S) bool
         else:
             p = self.attn_dropout_p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -200,10 +206,16 @@ class LARPGenerator(nn.Module):
         return None if cache is None else (cache.k_cache.shape[0], cache.k_cache.shape[2])
 
     def _forward_cached(self, h: Tensor, input_pos: Tensor) -> Tensor:
-        # h: (B, L, D) embeddings at positions input_pos (L,) -> logits of the last position (B, V)
+        # h: (B, L, D) embeddings at positions input_pos: (L,) shared by the rows, or (B,) one per row when L == 1
+        # -> logits of the last position (B, V)
         assert self.causal_mask is not None
-        h = h + self.abs_pe[:, input_pos]
-        mask = self.causal_mask[input_pos].unsqueeze(0).unsqueeze(0)  # (1, 1, L, S)
+        B, L = h.shape[:2]
+        if L == 1 and input_pos.numel() == B:  # per-row positions (rows of one step at different positions)
+            h = h + self.abs_pe[0, input_pos].unsqueeze(1)  # (B, 1, D)
+            mask = self.causal_mask[input_pos].view(B, 1, 1, -1)  # (B, 1, 1, S): row b sees slots <= pos[b]
+        else:
+            h = h + self.abs_pe[:, input_pos]
+            mask = self.causal_mask[input_pos].unsqueeze(0).unsqueeze(0)  # (1, 1, L, S)
         for layer in self.layers:
             h = layer(h, input_pos, mask)
         return self.output(self.norm(h[:, -1]))
@@ -245,9 +257,23 @@ class LARPGenerator(nn.Module):
         return self._forward_cached(h, input_pos)
 
     def decode_one_token(self, token: Tensor, input_pos: Tensor) -> Tensor:
-        """One cached step: token (B, 1) int64 at position input_pos (1,) -> logits (B, V).
+        """One cached step: token (B, 1) int64 at position input_pos, (1,) for every row or (B,) one per row
+        -> logits (B, V).
 
         Token k of the video (k >= 0) sits at position cls_token_num + k. Hot path: no validation here
         (the engine validates at its boundary); no allocation beyond the step's activations.
         """
         return self._forward_cached(self.tok_embeddings(token.view(-1, 1)), input_pos)
+
+    def step(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        """The exported decode step's semantics (class-conditional): tokens (B,) int64 at positions pos (B,), one per
+        row, where ``vocab_size + c`` at position 0 is the prefill of class c (null class included) and a video
+        token in [0, vocab_size) sits at its position; rows may be at different positions -> logits (B, V)."""
+        if self.cls_embedding is None:
+            raise ValueError("step() takes class tokens; a frame-prediction generator prefills with prefill()")
+        V = self.config.vocab_size
+        tokens = tokens.view(-1)
+        is_cls = tokens >= V
+        h = torch.where(is_cls.view(-1, 1), self.cls_embedding.embedding_table((tokens - V).clamp(min=0)),
+                        self.tok_embeddings(tokens.clamp(max=V - 1)))
+        return self._forward_cached(h.unsqueeze(1), pos.view(-1))

@@ -4,8 +4,8 @@ What is here (torch stays optional: ``import larp_rt.kernels`` needs only numpy)
 
 - ``available()``: which kernels this install has (CPU, CUDA, ONNX Runtime custom-op library) and why not.
 - ``sample_numpy(cond, uncond, params, step, return_logprobs=False)``: the CPU kernel with the signature and the
-  results of ``larp_rt.sampling.sample`` (bit-exact: see ``available()["exact_exp"]``); falls back to it when the
-  kernels are disabled or missing.
+  results of ``larp_rt.sampling.sample`` (bit-exact: see ``available()["exact_exp"]``; ``step`` an int or one per
+  row); falls back to it when the kernels are disabled or missing.
 - ``register_torch_op()`` / ``sample_torch(...)``: the PyTorch op ``torch.ops.larp_rt.sample`` (CPU and CUDA,
   with a fake implementation for torch.compile; on CUDA it launches on the current stream and never syncs, so
   it can be captured in a CUDA graph with the step in a device tensor).
@@ -39,7 +39,7 @@ ENV_LIB_DIR = "LARP_RT_KERNELS_DIR"
 CPU_LIB = "liblarp_sampling.so"
 CUDA_LIB = "liblarp_sampling_cuda.so"
 ORT_LIB = "liblarp_rt_ort.so"
-ABI_VERSION = 1
+ABI_VERSION = 2  # cpp_ext/include/larp_rt/larp_sampling.h LARP_SAMPLING_ABI_VERSION
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 _lock = threading.RLock()
@@ -71,6 +71,7 @@ class SampleArgs(ctypes.Structure):
         ("step", ctypes.c_int64),
         ("tokens", ctypes.c_void_p),
         ("logprobs", ctypes.c_void_p),
+        ("steps", ctypes.c_void_p),  # (B,) int64 per-row steps or NULL (then step_ptr / step)
     ]
 
 
@@ -254,9 +255,10 @@ def _raise(lib: ctypes.CDLL, rc: int = 1, cuda: bool = False) -> None:
 # --------------------------------------------------------------------------------------------
 # the one-token cache attention of the fused decode graph (larp_rt::DecodeAttention), on numpy arrays
 # --------------------------------------------------------------------------------------------
-def decode_attention(q, k, v, past_k, past_v, pos: int, num_threads: int = 1) -> np.ndarray:
+def decode_attention(q, k, v, past_k, past_v, pos, num_threads: int = 1) -> np.ndarray:
     """Softmax attention of q over [the first ``pos`` slots of past_k/v | k/v]: q, k, v (B, H, 1, hd) float32
-    (q pre-scaled), past_k/v (B, H, S, hd) -> y (B, H, 1, hd). The CPU kernel the fused decode graph runs."""
+    (q pre-scaled), past_k/v (B, H, S, hd) -> y (B, H, 1, hd). ``pos``: an int (every row) or (B,) integers, one
+    per row (row b reads its first min(pos[b], S) slots). The CPU kernel the fused decode graph runs."""
     lib = cpu_library()
     if lib is None:
         raise RuntimeError(f"the CPU kernels are not built: {_errors.get(CPU_LIB)}")
@@ -267,13 +269,18 @@ def decode_attention(q, k, v, past_k, past_v, pos: int, num_threads: int = 1) ->
     B, H, _, hd = q.shape
     if pk.ndim != 4 or pk.shape[:2] != (B, H) or pk.shape[3] != hd or pv.shape != pk.shape:
         raise ValueError(f"past_k/past_v must have shape ({B}, {H}, S, {hd}), got {pk.shape}, {pv.shape}")
-    if not isinstance(pos, (int, np.integer)) or pos < 0:
-        raise ValueError(f"pos must be an int >= 0, got {pos!r}")
     S = pk.shape[2]
+    p = np.asarray(pos)
+    if p.dtype == np.bool_ or not np.issubdtype(p.dtype, np.integer) or p.shape not in ((), (B,)):
+        raise ValueError(f"pos must be an int >= 0 or a ({B},) integer array (one position per row), got {pos!r}")
+    if p.size and p.min() < 0:
+        raise ValueError(f"pos must be >= 0, got {pos!r}")
+    # clamped to S here (also in the kernel): int64 for any integer input, uint64 beyond 2**63 included
+    rows = np.ascontiguousarray(np.broadcast_to(np.minimum(p, S).astype(np.int64), (B,)))
     y = np.empty_like(q)
     fn = lib.larp_decode_attention_cpu
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5 + [ctypes.c_int32]
-    rc = fn(*(a.ctypes.data for a in (q, k, v, pk, pv, y)), B, H, S, hd, min(int(pos), S), int(num_threads))
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int32]
+    rc = fn(*(a.ctypes.data for a in (q, k, v, pk, pv, y)), B, H, S, hd, rows.ctypes.data, int(num_threads))
     if rc:
         raise ValueError("larp_decode_attention_cpu refused its arguments")
     return y
@@ -314,6 +321,19 @@ def _param(params: _ref.RowParams, name: str, dtype, B: int) -> np.ndarray:
     return a
 
 
+def _kernel_step(step, B: int) -> int | np.ndarray:
+    """``sampling.check_step`` plus the kernels' int64 counter: an int, or (B,) int64, each in [0, 2**63)."""
+    step = _ref.check_step(step, B)
+    if not isinstance(step, np.ndarray):
+        if step >= 2**63:
+            raise ValueError(f"step must be < 2**63, got {step}")
+        return step
+    if B and step.max() >= 2**63:
+        r = int(np.argmax(step >= 2**63))
+        raise ValueError(f"step[{r}] = {step[r]}: must be < 2**63")
+    return step.astype(np.int64)
+
+
 _num_threads: int | None = None
 
 
@@ -337,14 +357,15 @@ def sample_numpy(
     cond_logits,
     uncond_logits,
     params: _ref.RowParams,
-    step: int,
+    step: int | np.ndarray,
     return_logprobs: bool = False,
     *,
     num_threads: int | None = None,
 ):
     """``larp_rt.sampling.sample`` on the CPU kernel: (B,) int64 tokens [and (B,) float64 log-probabilities].
 
-    Same arguments, errors and results (tokens always; logprobs bit for bit when ``available()['exact_exp']``).
+    Same arguments, errors and results (tokens always; logprobs bit for bit when ``available()['exact_exp']``):
+    ``step`` an int (every row) or (B,) integers, one per row, each < 2**63 (the kernel's int64 counter).
     Uses the reference itself when the kernels are disabled or not built. Never mutates its inputs.
     """
     lib = None if disabled() else cpu_library()
@@ -360,11 +381,8 @@ def sample_numpy(
         if ucode != code:  # mixed precisions: both to float32, exactly like the reference
             cond, code = cond.astype(np.float32), DTYPE_CODES["float32"]
             uncond = uncond.astype(np.float32)
-    step = int(step)
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if step >= 2**63:
-        raise ValueError(f"step must be < 2**63, got {step}")
+    step = _kernel_step(step, B)
+    steps, step = (step, 0) if isinstance(step, np.ndarray) else (None, step)
     V = cond.shape[1]
     if V == 0:
         raise ValueError("cond_logits must have at least one token (V >= 1)")
@@ -382,7 +400,7 @@ def sample_numpy(
         ld_uncond=(uncond.strides[0] // uncond.itemsize) if uncond is not None else 0, dtype=code,
         num_threads=_default_threads(B, V) if num_threads is None else int(num_threads), batch=B, vocab=V,
         cfg_scale=ptr(cfg), temperature=ptr(temp), top_k=ptr(top_k), top_p=ptr(top_p), seed=ptr(seed),
-        stream=ptr(stream), step_ptr=None, step=step, tokens=ptr(tokens), logprobs=ptr(logp),
+        stream=ptr(stream), step_ptr=None, step=step, tokens=ptr(tokens), logprobs=ptr(logp), steps=ptr(steps),
     )
     if lib.larp_sample_cpu(ctypes.byref(args)) != 0:
         _raise(lib)
@@ -409,6 +427,7 @@ def launch_cuda(
     logprobs: int | None = None,
     step: int = 0,
     step_ptr: int | None = None,
+    steps_ptr: int | None = None,
     ld_cond: int | None = None,
     ld_uncond: int | None = None,
     cuda_stream=0,
@@ -418,7 +437,8 @@ def launch_cuda(
     stream), e.g. the stream a TensorRT execution context runs on, with device pointers (ints):
     ``cond``/``uncond`` logits [batch, vocab] (row strides ``ld_*`` in elements, default vocab), per-row
     float32 ``cfg_scale``/``temperature``/``top_p``, int64 ``top_k``, uint64 ``seed``/``stream_ids``, outputs
-    int64 ``tokens`` and optional float64 ``logprobs``; the step from ``step_ptr`` (device int64) when given.
+    int64 ``tokens`` and optional float64 ``logprobs``; the step from ``steps_ptr`` (device int64 [batch], one per
+    row: read as uint64, not checked) when given, else ``step_ptr`` (device int64), else ``step``.
     Never synchronises. Raises RuntimeError when the CUDA kernels are not built, ValueError on bad arguments."""
     lib = cuda_library()
     if lib is None:
@@ -430,6 +450,7 @@ def launch_cuda(
         ld_uncond=(vocab if ld_uncond is None else ld_uncond) if uncond else 0, dtype=DTYPE_CODES[dtype],
         num_threads=0, batch=batch, vocab=vocab, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
         top_p=top_p, seed=seed, stream=stream_ids, step_ptr=step_ptr, step=step, tokens=tokens, logprobs=logprobs,
+        steps=steps_ptr,
     )
     handle = int(cuda_stream) if cuda_stream is not None else 0
     rc = lib.larp_sample_cuda(ctypes.byref(args), ctypes.c_void_p(handle or None))
@@ -449,7 +470,8 @@ def register_torch_op():
     sample(cond, uncond?, cfg_scale, temperature, top_k, top_p, seed, stream, step) -> (tokens, logprobs):
     cond/uncond [B, V] float32/float16/bfloat16 with unit stride along V (views of one [2B, V] tensor are
     fine); per-row tensors of length B on the logits' device (cfg_scale/temperature/top_p floating, top_k and
-    seed/stream int64 bit patterns); step an int64 tensor with one element (on the device for CUDA graphs).
+    seed/stream int64 bit patterns); step an int64 tensor with one element (every row; on the device for CUDA
+    graphs, or a host value on the CPU) or B elements (one per row, on the logits' device).
     Returns int64 tokens [B] and float64 logprobs [B]. The op calls the kernels regardless of the fallback
     flag; ``sample_torch`` is the switchable entry point.
     """
@@ -472,11 +494,23 @@ def register_torch_op():
         @_sample.register_fake
         def _(cond, uncond, cfg_scale, temperature, top_k, top_p, seed, stream, step):
             B = cond.shape[0]
+            _check_step_shape(step, B)
             return (torch.empty(B, dtype=torch.int64, device=cond.device),
                     torch.empty(B, dtype=torch.float64, device=cond.device))
 
         _torch_op = torch.ops.larp_rt.sample
         return _torch_op
+
+
+def _check_step_shape(step, B) -> bool:
+    """True when ``step`` holds one step per row (B elements), False for one shared step; raises otherwise."""
+    n = step.numel()
+    if n == 1:  # shared (B = 1: either reads the same)
+        return False
+    if step.ndim != 1 or n != B:
+        raise ValueError(f"step must have one element (every row) or shape ({B},) (one per row), "
+                         f"got shape {tuple(step.shape)}")
+    return True
 
 
 def _run_torch(torch, cond, uncond, cfg_scale, temperature, top_k, top_p, seed, stream, step):
@@ -512,15 +546,19 @@ def _run_torch(torch, cond, uncond, cfg_scale, temperature, top_k, top_p, seed, 
     top_p = per_row("top_p", top_p, torch.float32)
     seed = per_row("seed", seed, torch.int64)
     stream = per_row("stream", stream, torch.int64)
-    if step.numel() != 1:
-        raise ValueError(f"step must have one element, got shape {tuple(step.shape)}")
+    per_row_step = _check_step_shape(step, B)
     tokens = torch.empty(B, dtype=torch.int64, device=dev)
     logp = torch.empty(B, dtype=torch.float64, device=dev)
     if B == 0:
         return tokens, logp
     on_cuda = dev.type == "cuda"
-    step_ptr, step_val = None, 0
-    if step.device == dev:
+    step_ptr, step_val, steps_ptr = None, 0, None
+    if per_row_step:
+        if step.device != dev:
+            raise ValueError(f"per-row step is on {step.device}, the logits on {dev}: move it to {dev}")
+        step = step.to(torch.int64).contiguous()
+        steps_ptr = step.data_ptr()
+    elif step.device == dev:
         step = step.to(torch.int64).contiguous()
         step_ptr = step.data_ptr()
     elif step.device.type == "cpu":
@@ -533,7 +571,7 @@ def _run_torch(torch, cond, uncond, cfg_scale, temperature, top_k, top_p, seed, 
         num_threads=1 if on_cuda else _default_threads(B, V), batch=B, vocab=V, cfg_scale=cfg_scale.data_ptr(),
         temperature=temperature.data_ptr(), top_k=top_k.data_ptr(), top_p=top_p.data_ptr(), seed=seed.data_ptr(),
         stream=stream.data_ptr(), step_ptr=step_ptr, step=step_val, tokens=tokens.data_ptr(),
-        logprobs=logp.data_ptr(),
+        logprobs=logp.data_ptr(), steps=steps_ptr,
     )
     if on_cuda:
         lib = cuda_library()
@@ -556,8 +594,9 @@ def _run_torch(torch, cond, uncond, cfg_scale, temperature, top_k, top_p, seed, 
 
 def sample_torch(cond_logits, uncond_logits, params, step, *, return_logprobs: bool = False):
     """``larp_rt.sampling_torch.sample`` through the kernel op (same arguments: ``params`` is a
-    ``sampling_torch.DeviceRowParams``; ``step`` an int or an int64 tensor). Falls back to the torch reference
-    when the kernels are disabled or not built for the logits' device."""
+    ``sampling_torch.DeviceRowParams``; ``step`` an int, an int64 tensor of one element, or B per-row steps: a
+    tensor or integers). Falls back to the torch reference when the kernels are disabled or not built for the
+    logits' device."""
     import torch
 
     from . import sampling_torch as _ref_torch
@@ -568,7 +607,8 @@ def sample_torch(cond_logits, uncond_logits, params, step, *, return_logprobs: b
     if op is None:
         return _ref_torch.sample(cond_logits, uncond_logits, params, step, return_logprobs=return_logprobs)
     if not isinstance(step, torch.Tensor):
-        step = torch.tensor(int(step), dtype=torch.int64)
+        s = _kernel_step(step, len(params))  # per row: on the logits' device; an int: a host value
+        step = torch.as_tensor(s, device=dev) if isinstance(s, np.ndarray) else torch.tensor(s, dtype=torch.int64)
     tokens, logp = op(cond_logits, uncond_logits, params.cfg_scale, params.temperature, params.top_k,
                       params.top_p, params.seed, params.stream, step)
     return (tokens, logp) if return_logprobs else tokens

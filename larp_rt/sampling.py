@@ -10,7 +10,8 @@ Semantics (identical in every backend and kernel; this module is the oracle):
 4. top-p (1.0 = off): order the kept tokens by (z descending, index ascending), weights ``w = exp(z - max z)``;
    keep the smallest prefix whose mass reaches ``top_p * total`` (at least one token).
 5. Draw: one uniform ``u`` in [0, 1) from Philox4x32-10 with key = seed (64 bit) and counter =
-   (step, stream) (64 bit each); scan the kept tokens in **index order** accumulating ``w`` and take the first
+   (step, stream) (64 bit each; ``step`` shared by the batch or one per row, as rows of a continuously batched
+   loop sit at different steps); scan the kept tokens in **index order** accumulating ``w`` and take the first
    token whose running sum exceeds ``u * total`` (float64).
 
 The log-probability of the chosen token under the filtered, renormalised distribution is
@@ -32,7 +33,7 @@ import numpy as np
 
 __all__ = [
     "SamplingParams", "RowParams", "resolve_params", "philox4x32", "uniform", "uniform_table", "sample",
-    "cfg_mix", "filtered_distribution",
+    "cfg_mix", "filtered_distribution", "check_step",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -166,14 +167,38 @@ def uniform(seed: np.ndarray, stream: np.ndarray, step: int | np.ndarray) -> np.
     return ((x0 >> np.uint64(5)).astype(np.float64) * 67108864.0 + (x1 >> np.uint64(6)).astype(np.float64)) / 2.0**53
 
 
-def uniform_table(params: RowParams, steps: int) -> np.ndarray:
-    """(B, steps) uniforms of steps 0..steps-1 for every row, in one vectorised Philox pass."""
-    return uniform(params.seed[:, None], params.stream[:, None], np.arange(steps, dtype=np.uint64)[None, :])
+def uniform_table(params: RowParams, steps: int, start: int | np.ndarray = 0) -> np.ndarray:
+    """(B, steps) uniforms of steps start..start+steps-1 for every row, in one vectorised Philox pass; ``start``
+    an int or (B,) per-row first steps (column j of row r is step start[r] + j)."""
+    start = check_step(start, len(params), "start")
+    first = np.asarray(start, np.uint64).reshape(-1, 1)  # (1, 1) or (B, 1)
+    return uniform(params.seed[:, None], params.stream[:, None], first + np.arange(steps, dtype=np.uint64)[None, :])
 
 
 # --------------------------------------------------------------------------------------------
 # the sampler
 # --------------------------------------------------------------------------------------------
+def check_step(step, batch: int, name: str = "step") -> int | np.ndarray:
+    """A sampler's ``step``: an int in [0, 2**64) shared by every row, or (batch,) integers >= 0, one per row
+    (row r draws ``uniform(seed[r], stream[r], step[r])``). Returns the int, or the (batch,) uint64 array."""
+    if isinstance(step, (int, np.integer)) and not isinstance(step, (bool, np.bool_)):
+        step = int(step)
+        if not 0 <= step < 2**64:
+            raise ValueError(f"{name} must be >= 0 and < 2**64, got {step}")
+        return step
+    a = np.asarray(step)
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must be an int or a ({batch},) integer array (one step per row), got {step!r}")
+    if a.ndim == 0:
+        return check_step(a.item(), batch, name)
+    if a.shape != (batch,):
+        raise ValueError(f"{name} must be an int or have shape ({batch},) (one step per row), got shape {a.shape}")
+    if a.dtype.kind == "i" and batch and a.min() < 0:
+        r = int(np.argmax(a < 0))
+        raise ValueError(f"{name}[{r}] = {a[r]}: must be >= 0")
+    return a.astype(np.uint64)
+
+
 def _check_logits(name: str, x: np.ndarray, rows: int | None = None) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2 or (rows is not None and x.shape[0] != rows):
@@ -231,15 +256,16 @@ def sample(
     cond_logits: np.ndarray,
     uncond_logits: np.ndarray | None,
     params: RowParams,
-    step: int,
+    step: int | np.ndarray,
     *,
     return_logprobs: bool = False,
     u: np.ndarray | None = None,
 ):
     """Draw one token per row. cond/uncond: (B, V) float logits (uncond = the paired null-class rows or None).
 
-    ``u``: the rows' uniforms for this step if already drawn (``uniform_table`` precomputes a whole video's);
-    must equal ``uniform(params.seed, params.stream, step)``. Returns (B,) int64 token ids [and (B,) float64
+    ``step``: an int (every row) or (B,) integers, one per row (``check_step``). ``u``: the rows' uniforms for
+    this step if already drawn (``uniform_table`` precomputes a whole video's); must equal
+    ``uniform(params.seed, params.stream, step)``. Returns (B,) int64 token ids [and (B,) float64
     log-probabilities]. Never mutates its inputs.
     """
     B = len(params)
@@ -247,8 +273,7 @@ def sample(
     uncond = None if uncond_logits is None else _check_logits("uncond_logits", uncond_logits, B)
     if uncond is not None and uncond.shape != cond.shape:
         raise ValueError(f"uncond_logits shape {uncond.shape} must equal cond_logits shape {cond.shape}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
+    step = check_step(step, B)
     l = cfg_mix(cond, uncond, params.cfg_scale)
     if u is None:
         u = uniform(params.seed, params.stream, step)

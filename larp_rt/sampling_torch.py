@@ -7,12 +7,13 @@ device values. See ``larp_rt.sampling`` for the semantics.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .sampling import PHILOX_M, PHILOX_W, RowParams
+from .sampling import PHILOX_M, PHILOX_W, RowParams, check_step
 
-__all__ = ["DeviceRowParams", "philox4x32", "uniform", "sample"]
+__all__ = ["DeviceRowParams", "philox4x32", "uniform", "sample", "as_step"]
 
 _M32 = 0xFFFFFFFF
 
@@ -35,11 +36,33 @@ class DeviceRowParams:
     def __len__(self) -> int:
         return len(self.host)
 
-    def uniform_table(self, steps: int) -> Tensor:
-        """(B, steps) float64 uniforms of steps 0..steps-1, drawn in one pass (same values as ``uniform``)."""
-        step = torch.arange(steps, device=self.seed.device).view(1, -1)
+    def uniform_table(self, steps: int, start: int | Tensor = 0) -> Tensor:
+        """(B, steps) float64 uniforms of steps start..start+steps-1 (``start`` an int or (B,) per-row first steps:
+        column j of row r is step start[r] + j), drawn in one pass (same values as ``uniform``)."""
         B = len(self.host)
+        first = as_step(start, B, self.seed.device, "start").view(-1, 1)  # (1, 1) or (B, 1)
+        step = first + torch.arange(steps, device=self.seed.device).view(1, -1)
         return uniform(self.seed.view(-1, 1).expand(B, steps), self.stream.view(-1, 1).expand(B, steps), step)
+
+
+def as_step(step, batch: int, device: torch.device | str, name: str = "step") -> Tensor:
+    """A sampler's ``step`` as an int64 tensor on ``device``: an int (every row), a 1-element tensor (shared, e.g.
+    the device step of a captured loop) or (batch,) per-row steps (a tensor, or integers ``check_step`` takes).
+    Values are checked (>= 0) for ints, arrays and CPU tensors; a device tensor is not read (no host sync)."""
+    if not isinstance(step, Tensor):
+        s = check_step(step, batch, name)
+        s = s.view(np.int64) if isinstance(s, np.ndarray) else (s - 2**64 if s >= 2**63 else s)  # bit patterns
+        return torch.as_tensor(s, dtype=torch.int64, device=device)
+    if step.dtype == torch.bool or step.dtype.is_floating_point or step.dtype.is_complex:
+        raise ValueError(f"{name} must be an integer tensor, got {step.dtype}")
+    if not (step.numel() == 1 and step.ndim <= 1) and tuple(step.shape) != (batch,):
+        raise ValueError(f"{name} must have shape () or (1,) (one step for every row) or ({batch},) (one per row), "
+                         f"got {tuple(step.shape)}")
+    if step.device.type == "cpu" and bool((step < 0).any()):
+        flat = step.reshape(-1)
+        r = int(torch.nonzero(flat < 0)[0])
+        raise ValueError(f"{name}[{r}] = {int(flat[r])}: must be >= 0")
+    return step.to(device=device, dtype=torch.int64)
 
 
 def _mulhilo(m: int, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -66,7 +89,8 @@ def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[Tensor
 
 
 def uniform(seed: Tensor, stream: Tensor, step: int | Tensor) -> Tensor:
-    """(B,) float64 in [0, 1): Philox(key=seed, counter=(step, stream)); int64 bit patterns for 64-bit values."""
+    """(B,) float64 in [0, 1): Philox(key=seed, counter=(step, stream)); int64 bit patterns for 64-bit values;
+    ``step`` broadcasts (an int, a 1-element tensor, or one per row)."""
     step = torch.as_tensor(step, dtype=torch.int64, device=seed.device).expand_as(seed)  # broadcastable
     x0, x1, _, _ = philox4x32(
         (step & _M32, (step >> 32) & _M32, stream & _M32, (stream >> 32) & _M32), (seed & _M32, (seed >> 32) & _M32)
@@ -95,6 +119,7 @@ def sample(
 ):
     """Draw one token per row: (B, V) logits -> (B,) int64 [and (B,) float64 log-probabilities].
 
+    ``step``: an int or a 1-element int64 tensor (every row), or (B,) per-row steps (``as_step``).
     ``check_finite`` raises on NaN/Inf logits (a host sync: the engine's eager path uses it; a captured step
     passes False and checks the finished sequence instead). Never mutates its inputs.
     """
@@ -102,6 +127,7 @@ def sample(
         raise ValueError(f"cond_logits must have shape ({len(params)}, V), got {tuple(cond_logits.shape)}")
     if uncond_logits is not None and uncond_logits.shape != cond_logits.shape:
         raise ValueError(f"uncond_logits shape {tuple(uncond_logits.shape)} must equal {tuple(cond_logits.shape)}")
+    step = as_step(step, len(params), params.seed.device)
     l = cfg_mix(cond_logits, uncond_logits, params.cfg_scale)  # (B, V) float32
     if check_finite and not bool(torch.isfinite(l).all()):
         raise ValueError("logits contain NaN/Inf: the model produced non-finite values; check weights and precision")

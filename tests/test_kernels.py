@@ -272,8 +272,89 @@ def test_torch_op_errors_name_the_argument():
         op(x, None, **{**ok, "top_k": torch.zeros(3, dtype=torch.int64)}, step=torch.tensor(0))
     with pytest.raises(ValueError, match=r"top_k\[0\] = 11"):
         op(x, None, **{**ok, "top_k": torch.full((2,), 11)}, step=torch.tensor(0))
-    with pytest.raises(ValueError, match="step must have one element"):
-        op(x, None, **ok, step=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"step must have one element \(every row\) or shape \(2,\) \(one per row\)"):
+        op(x, None, **ok, step=torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"steps\[1\] = -2: must be >= 0"):  # the kernel's own check (per row)
+        op(x, None, **ok, step=torch.tensor([0, -2]))
+
+
+def per_row_steps(rng, B):
+    """Steps of rows at different points of their videos: 0, small, huge (< 2**63), repeats."""
+    return rng.choice([0, 1, 2, 7, 1000, 2**40 + 3, 2**63 - 1], B).astype(np.int64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_per_row_steps_equal_the_reference_and_rows_alone(dtype):
+    """step (B,): row r draws at steps[r] (continuous batching): == the reference with the same array, and == each
+    row sampled alone with its step as an int (tokens exactly, logprobs as above); threads change nothing."""
+    rng = np.random.default_rng(11 + (dtype == np.float16))
+    for _ in range(40):
+        B = int(rng.integers(1, 7))
+        V = int(rng.choice([1, 17, 1000, 4099]))
+        cond = random_logits(rng, B, V).astype(dtype)
+        uncond = random_logits(rng, B, V).astype(dtype) if rng.random() < 0.5 else None
+        params = random_params(rng, B, V)
+        steps = per_row_steps(rng, B)
+        want_t, want_l = S.sample(cond, uncond, params, steps, return_logprobs=True)
+        got_t, got_l = K.sample_numpy(cond, uncond, params, steps, return_logprobs=True)
+        np.testing.assert_array_equal(got_t, want_t)
+        assert_logp_equal(got_l, want_l)
+        np.testing.assert_array_equal(K.sample_numpy(cond, uncond, params, list(steps), num_threads=3), got_t)
+        for r in range(B):
+            sub = RowParams(**{f: getattr(params, f)[r:r + 1] for f in RowParams.__dataclass_fields__})
+            one_t, one_l = K.sample_numpy(cond[r:r + 1], None if uncond is None else uncond[r:r + 1], sub,
+                                          int(steps[r]), return_logprobs=True)
+            assert one_t[0] == got_t[r] and one_l[0] == got_l[r]
+    # one step for every row: an int and a (B,) array of it are the same draw
+    c, p = random_logits(rng, 5, 300), random_params(rng, 5, 300)
+    np.testing.assert_array_equal(K.sample_numpy(c, None, p, np.full(5, 9, np.uint64)), K.sample_numpy(c, None, p, 9))
+
+
+def test_per_row_step_errors_are_named():
+    p = resolve_params(SamplingParams(seed=0), 3)
+    x = np.zeros((3, 10), np.float32)
+    with pytest.raises(ValueError, match=r"step\[1\] = -3: must be >= 0"):
+        K.sample_numpy(x, None, p, np.array([0, -3, 1]))
+    with pytest.raises(ValueError, match=r"step must be an int or have shape \(3,\) \(one step per row\), got shape"):
+        K.sample_numpy(x, None, p, np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"step must be an int or a \(3,\) integer array"):
+        K.sample_numpy(x, None, p, np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"step\[2\] = 9223372036854775808: must be < 2\*\*63"):
+        K.sample_numpy(x, None, p, np.array([0, 1, 2**63], np.uint64))
+    with pytest.raises(ValueError, match=r"step must be < 2\*\*63"):
+        K.sample_numpy(x, None, p, 2**63)
+    with K.force_fallback(), pytest.raises(ValueError, match=r"step\[1\] = -3: must be >= 0"):
+        K.sample_numpy(x, None, p, np.array([0, -3, 1]))  # the reference says the same
+
+
+def test_torch_op_with_per_row_steps_on_cpu():
+    torch = pytest.importorskip("torch")
+    from larp_rt import sampling_torch as ST
+
+    rng = np.random.default_rng(12)
+    B, V = 5, 640
+    c, u = random_logits(rng, B, V), random_logits(rng, B, V)
+    params = random_params(rng, B, V)
+    dp = ST.DeviceRowParams(params, "cpu")
+    steps = per_row_steps(rng, B)
+    want = S.sample(c, u, params, steps, return_logprobs=True)
+    ct, ut = torch.from_numpy(c), torch.from_numpy(u)
+    for step in (torch.from_numpy(steps), steps):  # a tensor, or integers
+        got = K.sample_torch(ct, ut, dp, step, return_logprobs=True)
+        np.testing.assert_array_equal(got[0].numpy(), want[0])
+        assert_logp_equal(got[1].numpy(), want[1])
+    for r in range(B):  # == each row alone with its step as a 1-element tensor
+        sub = ST.DeviceRowParams(RowParams(**{f: getattr(params, f)[r:r + 1] for f in RowParams.__dataclass_fields__}),
+                                 "cpu")
+        assert K.sample_torch(ct[r:r + 1], ut[r:r + 1], sub, torch.tensor([int(steps[r])])).item() == want[0][r]
+    with K.force_fallback():  # the torch reference draws the same
+        np.testing.assert_array_equal(K.sample_torch(ct, ut, dp, torch.from_numpy(steps)).numpy(), want[0])
+    op = K.register_torch_op()
+    args = (ct, ut, dp.cfg_scale, dp.temperature, dp.top_k, dp.top_p.float(), dp.seed, dp.stream,
+            torch.from_numpy(steps))
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda *a: op(*a), backend="aot_eager", fullgraph=True)
+    np.testing.assert_array_equal(compiled(*args)[0].numpy(), want[0])
 
 
 @pytest.mark.skipif(K.cuda_library() is None, reason="built without a CUDA toolkit")
@@ -289,9 +370,13 @@ def test_cuda_launcher_checks_its_arguments_on_the_host():
         K.launch_cuda(**{**ok, "vocab": 0})
     with pytest.raises(ValueError, match="tokens is NULL"):
         K.launch_cuda(**{**ok, "cond": 1, "tokens": 0})
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        K.launch_cuda(**{**ok, "cond": 1, "step": -1})
     if lib.larp_cuda_device_count() == 0:  # no device: the launch itself fails, cleanly
         with pytest.raises(RuntimeError, match="CUDA launch failed"):
             K.launch_cuda(**{**ok, "cond": 1})
+        with pytest.raises(RuntimeError, match="CUDA launch failed"):  # per-row steps: the shared one is unused
+            K.launch_cuda(**{**ok, "cond": 1, "step": -1, "steps_ptr": 1})
 
 
 @pytest.mark.parametrize("V", [64, 1000, 65536])

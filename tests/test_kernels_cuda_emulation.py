@@ -43,6 +43,7 @@ def emu64(tmp_path_factory):
 
 
 def run(lib, cond, uncond, p: RowParams, step, dtype=0, step_on_ptr=False, ld=None):
+    """``step`` an int (the ``step`` field, or ``step_ptr`` with step_on_ptr) or (B,) per-row ``steps``."""
     B = len(p)
     V = cond.shape[1]
     tokens = np.full(B, -7, np.int64)
@@ -50,13 +51,15 @@ def run(lib, cond, uncond, p: RowParams, step, dtype=0, step_on_ptr=False, ld=No
     arrs = [np.ascontiguousarray(getattr(p, f), dt) for f, dt in
             [("cfg_scale", np.float32), ("temperature", np.float32), ("top_k", np.int64), ("top_p", np.float32),
              ("seed", np.uint64), ("stream", np.uint64)]]
-    step_arr = np.array([step], np.int64)
+    per_row = np.ndim(step) > 0
+    step_arr = np.ascontiguousarray(step, np.int64) if per_row else np.array([step], np.int64)
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p) if a is not None else None
     args = K.SampleArgs(
         cond=ptr(cond), uncond=ptr(uncond), ld_cond=V if ld is None else ld, ld_uncond=V, dtype=dtype, batch=B,
         vocab=V, cfg_scale=ptr(arrs[0]), temperature=ptr(arrs[1]), top_k=ptr(arrs[2]), top_p=ptr(arrs[3]),
-        seed=ptr(arrs[4]), stream=ptr(arrs[5]), step_ptr=ptr(step_arr) if step_on_ptr else None,
-        step=0 if step_on_ptr else step, tokens=ptr(tokens), logprobs=ptr(logp),
+        seed=ptr(arrs[4]), stream=ptr(arrs[5]), step_ptr=ptr(step_arr) if step_on_ptr and not per_row else None,
+        step=0 if step_on_ptr or per_row else step, tokens=ptr(tokens), logprobs=ptr(logp),
+        steps=ptr(step_arr) if per_row else None,
     )
     assert lib.larp_sample_cuda_emulated(ctypes.byref(args)) == 0
     return tokens, logp
@@ -128,6 +131,20 @@ def test_emulated_cuda_kernel_shared_row_and_non_finite_rows(emu64):
     bad[1, 3] = np.inf
     t, lp = run(emu64, bad, None, resolve_params(SamplingParams(seed=0), 2), 0)
     assert t[0] >= 0 and t[1] == -1 and np.isnan(lp[1])
+
+
+def test_emulated_cuda_kernel_with_per_row_steps(emu64):
+    """steps [B]: block r draws at steps[r] (rows at different steps), == the reference given the same steps, and
+    the shared step (step / step_ptr) is ignored."""
+    rng = np.random.default_rng(3)
+    for _ in range(15):
+        cond, uncond, p = random_case(rng, int(rng.choice([7, 300, 1000])))
+        B = len(p)
+        steps = rng.choice([0, 1, 1 << 33, (1 << 63) - 1], B).astype(np.int64)
+        want_t, want_l = S.sample(cond, uncond, p, steps, return_logprobs=True)
+        got_t, got_l = run(emu64, cond, uncond, p, steps, step_on_ptr=rng.random() < 0.5)
+        np.testing.assert_array_equal(got_t, want_t)
+        np.testing.assert_allclose(got_l, want_l, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow

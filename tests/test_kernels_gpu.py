@@ -87,6 +87,35 @@ def test_cuda_graph_capture_with_the_step_on_the_device():
         np.testing.assert_array_equal(tokens.cpu().numpy(), want)
 
 
+def test_cuda_per_row_steps_on_the_device_and_in_a_graph():
+    """steps (B,) on the device: row r draws at steps[r] (== the reference), also replayed in a CUDA graph."""
+    rng = np.random.default_rng(5)
+    B, V = 6, 8192
+    c, _, p = random_case(rng, B, V)
+    dp = device_params(p)
+    cc = torch.from_numpy(c).cuda()
+    steps = np.array([0, 1, 1, 77, 2**40, 2**63 - 1], np.int64)
+    got = K.sample_torch(cc, None, dp, torch.from_numpy(steps).cuda())
+    np.testing.assert_array_equal(got.cpu().numpy(), S.sample(c, None, p, steps))
+    with pytest.raises(ValueError, match="per-row step is on cpu"):
+        K.sample_torch(cc, None, dp, torch.from_numpy(steps))
+    op = K.register_torch_op()
+    dsteps = torch.zeros(B, dtype=torch.int64, device="cuda")
+    args = (cc, None, dp.cfg_scale, dp.temperature, dp.top_k, dp.top_p, dp.seed, dp.stream, dsteps)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        op(*args)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens, _ = op(*args)
+    for shift in (0, 3, 1000):
+        dsteps.copy_(torch.from_numpy(steps // 2 + shift))
+        graph.replay()
+        np.testing.assert_array_equal(tokens.cpu().numpy(), S.sample(c, None, p, steps // 2 + shift))
+
+
 def test_cuda_deterministic_and_independent_of_batch_composition():
     rng = np.random.default_rng(3)
     c, u, p = random_case(rng, 16, 30000)

@@ -18,11 +18,11 @@ INPUTS = [("cfg_scale", TP.FLOAT), ("temperature", TP.FLOAT), ("top_k", TP.INT64
           ("seed", TP.INT64), ("stream", TP.INT64)]
 
 
-def session(logits_type=TP.FLOAT, with_logprobs=True, pre_scale=False):
-    """A graph with the op fed by the graph inputs."""
+def session(logits_type=TP.FLOAT, with_logprobs=True, pre_scale=False, step_dims=()):
+    """A graph with the op fed by the graph inputs (``step_dims``: the step input's declared shape)."""
     ins = [h.make_tensor_value_info("logits", logits_type, ["R", "V"])]
     ins += [h.make_tensor_value_info(n, t, ["B"]) for n, t in INPUTS]
-    ins += [h.make_tensor_value_info("step", TP.INT64, [])]
+    ins += [h.make_tensor_value_info("step", TP.INT64, list(step_dims))]
     nodes, src = [], "logits"
     if pre_scale:  # the op behind another node, as in a fused decode + sample graph
         nodes.append(h.make_node("Identity", ["logits"], ["logits_id"]))
@@ -83,3 +83,26 @@ def test_ort_custom_op_without_the_optional_output_and_with_errors():
     bad = RowParams(**{**p.__dict__, "top_k": np.array([0, 51], np.int64)})
     with pytest.raises(Exception, match=r"top_k\[1\] = 51"):
         sess.run(None, feed(logits, bad, 0))
+
+
+def test_ort_custom_op_with_per_row_steps():
+    """step [B]: row r draws at step[r] (== the reference with the same steps, row by row); [1] still shares one
+    step; any other shape is refused naming it; a negative row step is named by the kernel."""
+    rng = np.random.default_rng(4)
+    sess = session(step_dims=["N"])
+    for cfg in (False, True):
+        B, V = 4, 300
+        p = params(rng, B, V)
+        logits = (rng.standard_normal((2 * B if cfg else B, V)) * 3).astype(np.float32)
+        steps = np.array([0, 5, 5, 2**62 + 1], np.int64)
+        tokens, logp = sess.run(None, feed(logits, p, steps))
+        want_t, want_l = S.sample(logits[:B], logits[B:] if cfg else None, p, steps, return_logprobs=True)
+        np.testing.assert_array_equal(tokens, want_t)
+        np.testing.assert_allclose(logp, want_l, rtol=1e-13, atol=1e-13)
+        (shared, _) = sess.run(None, feed(logits, p, [5]))
+        np.testing.assert_array_equal(shared, S.sample(logits[:B], logits[B:] if cfg else None, p, 5))
+    with pytest.raises(Exception, match=r"step must have shape \[\] or \[1\] \(one step for every row\) or "
+                                        r"\[B\] = \[4\] \(one per row\), got \[3\]"):
+        sess.run(None, feed(logits, p, [1, 2, 3]))
+    with pytest.raises(Exception, match=r"steps\[2\] = -1: must be >= 0"):
+        sess.run(None, feed(logits, p, [0, 1, -1, 2]))

@@ -44,6 +44,69 @@ def test_uniform_tables_equal_per_step_draws():
     assert np.array_equal(S.sample(logits, None, p, 7), S.sample(logits, None, p, 7, u=table[:, 7]))
 
 
+def test_per_row_steps_numpy_and_torch():
+    """step (B,): row r draws uniform(seed[r], stream[r], step[r]) (continuous batching: every row at its own
+    step). == each row alone with its step as an int; numpy == torch; a device-style (1,) tensor still shares."""
+    rng = np.random.default_rng(5)
+    B, V = 6, 200
+    ks, ps = [0, 5, 0, 50, 1, 0], [1.0, 1.0, 0.5, 0.9, 1.0, 0.2]
+    rp = resolve_params([SamplingParams(seed=int(s), temperature=1.0, top_k=k, top_p=p)
+                         for s, k, p in zip(rng.integers(0, 2**62, B), ks, ps, strict=True)], B, V)
+    dp = ST.DeviceRowParams(rp, "cpu")
+    steps = np.array([0, 3, 3, 1000, 2**40, 2**63 - 1], np.int64)
+    c = rng.normal(size=(B, V)).astype(np.float32) * 3
+    t, lp = S.sample(c, None, rp, steps, return_logprobs=True)
+    for r in range(B):
+        sub = S.RowParams(**{f: getattr(rp, f)[r:r + 1] for f in S.RowParams.__dataclass_fields__})
+        one_t, one_lp = S.sample(c[r:r + 1], None, sub, int(steps[r]), return_logprobs=True)
+        assert one_t[0] == t[r] and one_lp[0] == lp[r]
+    assert np.array_equal(S.uniform(rp.seed, rp.stream, steps),
+                          [S.uniform(rp.seed[r], rp.stream[r], int(steps[r])) for r in range(B)])
+    assert np.array_equal(S.sample(c, None, rp, list(steps)), t)  # any integer sequence
+    assert np.array_equal(S.sample(c, None, rp, steps.astype(np.uint64)), t)
+    ct = torch.from_numpy(c)
+    for step in (torch.from_numpy(steps), steps):
+        t_t, lp_t = ST.sample(ct, None, dp, step, return_logprobs=True)
+        assert np.array_equal(t_t.numpy(), t)
+        np.testing.assert_allclose(lp_t.numpy(), lp, rtol=0, atol=1e-9)
+    # one step for every row, as an int, a () or a (1,) tensor (the fast path's device step), or a (B,) array of it
+    want = S.sample(c, None, rp, 7)
+    assert np.array_equal(S.sample(c, None, rp, np.full(B, 7)), want)
+    for step in (7, torch.tensor(7), torch.tensor([7]), torch.full((B,), 7)):
+        assert np.array_equal(ST.sample(ct, None, dp, step).numpy(), want)
+    # tables from per-row first steps
+    table = S.uniform_table(rp, 5, start=steps[:5].tolist() + [9])
+    assert all(np.array_equal(table[:, j], S.uniform(rp.seed, rp.stream, np.array(steps[:5].tolist() + [9]) + j))
+               for j in range(5))
+    assert np.array_equal(dp.uniform_table(5, start=torch.tensor(steps[:5].tolist() + [9])).numpy(), table)
+    assert np.array_equal(S.uniform_table(rp, 4, start=2), S.uniform_table(rp, 6)[:, 2:])
+
+
+def test_per_row_step_errors_are_named():
+    p = rows(3)
+    dp = ST.DeviceRowParams(p, "cpu")
+    x = np.zeros((3, 10), np.float32)
+    with pytest.raises(ValueError, match=r"step\[2\] = -1: must be >= 0"):
+        S.sample(x, None, p, np.array([0, 1, -1]))
+    with pytest.raises(ValueError, match=r"step must be an int or have shape \(3,\) \(one step per row\)"):
+        S.sample(x, None, p, np.array([[0, 1, 2]]))
+    with pytest.raises(ValueError, match=r"step must be an int or a \(3,\) integer array"):
+        S.sample(x, None, p, 1.5)
+    with pytest.raises(ValueError, match=r"step must be >= 0"):
+        S.sample(x, None, p, -1)
+    with pytest.raises(ValueError, match=r"start must be"):
+        S.uniform_table(p, 4, start=[1, 2])
+    xt = torch.from_numpy(x)
+    with pytest.raises(ValueError, match=r"step\[1\] = -4: must be >= 0"):
+        ST.sample(xt, None, dp, torch.tensor([0, -4, 1]))
+    with pytest.raises(ValueError, match=r"step must have shape \(\) or \(1,\) \(one step for every row\) or \(3,\)"):
+        ST.sample(xt, None, dp, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"step must be an integer tensor"):
+        ST.sample(xt, None, dp, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"step must be >= 0"):
+        ST.sample(xt, None, dp, -2)
+
+
 def rows(n, **kw) -> S.RowParams:
     return resolve_params(SamplingParams(**{"seed": 0, **kw}), n)
 

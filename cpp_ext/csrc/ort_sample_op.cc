@@ -4,7 +4,8 @@
 //   inputs   0 logits      [R, V] float / float16 / bfloat16; R = B, or 2B with the null-class (CFG) rows last
 //            1 cfg_scale   [B] float        2 temperature [B] float     3 top_k [B] int64
 //            4 top_p       [B] float        5 seed        [B] int64 (uint64 bit pattern)
-//            6 stream      [B] int64        7 step        [] or [1] int64 (Philox counter high half)
+//            6 stream      [B] int64        7 step        [] or [1] int64 (Philox counter high half, every row)
+//                                                           or [B] int64 (one per row: rows at different steps)
 //   outputs  0 tokens      [B] int64        1 logprobs    [B] double (optional)
 //
 // Semantics: larp_rt/sampling.py. Register with SessionOptions.register_custom_ops_library(path).
@@ -57,6 +58,7 @@ struct SampleKernel {
     Ort::ConstValue cfg = ctx.GetInput(1);
     const int64_t B = cfg.GetTensorTypeAndShapeInfo().GetElementCount();
     const void* ptr[8] = {logits.GetTensorRawData()};
+    bool step_per_row = false;
     for (int i = 1; i < 8; ++i) {
       Ort::ConstValue v = ctx.GetInput(i);
       const auto ti = v.GetTensorTypeAndShapeInfo();
@@ -64,7 +66,14 @@ struct SampleKernel {
       const int64_t n = (int64_t)ti.GetElementCount();
       if (i < 7 && (ti.GetShape().size() != 1 || n != B))
         bad(std::string(names[i]) + " must have shape [B] = [" + std::to_string(B) + "], got " + shape_str(ti.GetShape()));
-      if (i == 7 && n != 1) bad("step must have one element, got shape " + shape_str(ti.GetShape()));
+      if (i == 7) {  // [] / [1]: one step for every row; [B]: one per row (B = 1: either reads the same)
+        const std::vector<int64_t> s = ti.GetShape();
+        const bool shared = s.empty() || (s.size() == 1 && s[0] == 1);
+        step_per_row = !shared && s.size() == 1 && s[0] == B;
+        if (!shared && !step_per_row)
+          bad("step must have shape [] or [1] (one step for every row) or [B] = [" + std::to_string(B) +
+              "] (one per row), got " + shape_str(s));
+      }
       ptr[i] = v.GetTensorRawData();
     }
     const int64_t R = shape[0], V = shape[1];
@@ -94,7 +103,10 @@ struct SampleKernel {
     a.top_p = static_cast<const float*>(ptr[4]);
     a.seed = static_cast<const uint64_t*>(ptr[5]);
     a.stream = static_cast<const uint64_t*>(ptr[6]);
-    a.step_ptr = static_cast<const int64_t*>(ptr[7]);
+    if (step_per_row)
+      a.steps = static_cast<const int64_t*>(ptr[7]);
+    else
+      a.step_ptr = static_cast<const int64_t*>(ptr[7]);
     a.tokens = tokens.GetTensorMutableData<int64_t>();
     a.logprobs = logprobs;
 #ifdef LARP_RT_WITH_CUDA
@@ -135,19 +147,22 @@ struct SampleOp : Ort::CustomOpBase<SampleOp, SampleKernel> {
 
 // ---- DecodeAttention: one-token attention against the static cache (include/larp_rt/attention_cpu.h) ----
 //   inputs   0 q [B, H, 1, hd] float (pre-scaled)   1 k [B, H, 1, hd]   2 v [B, H, 1, hd]
-//            3 past_k [B, H, S, hd]   4 past_v [B, H, S, hd]   5 pos [1] int64 (slots < pos are valid)
+//            3 past_k [B, H, S, hd]   4 past_v [B, H, S, hd]
+//            5 pos [1] int64 (one position for every row) or [B] int64 (one per row): row b reads its slots
+//              < pos[b] (clamped to [0, S])
 //   outputs  0 y [B, H, 1, hd] float
 struct AttentionWork {
   const float *q, *k, *v, *pk, *pv;
   float* y;
-  int64_t H, S, hd, valid, tasks;
+  const int64_t* pos;  // [B]
+  int64_t H, S, hd, tasks;
 };
 
 // One unit of ParallelFor = two (row, head) tasks, read side by side (see attention_cpu.h).
 void attention_unit(void* data, size_t unit) {
   const AttentionWork* w = static_cast<const AttentionWork*>(data);
   const int64_t t0 = 2 * (int64_t)unit, t1 = std::min(t0 + 2, w->tasks);
-  larp_decode_attention_tasks(w->q, w->k, w->v, w->pk, w->pv, w->y, w->H, w->S, w->hd, w->valid, t0, t1);
+  larp_decode_attention_tasks(w->q, w->k, w->v, w->pk, w->pv, w->y, w->H, w->S, w->hd, w->pos, t0, t1);
 }
 
 [[noreturn]] void bad_attn(const std::string& msg) {
@@ -169,11 +184,19 @@ struct AttentionKernel {
       bad_attn("past_k must have shape [B, H, S, hd] = [" + std::to_string(qs[0]) + ", " + std::to_string(qs[1]) +
                ", S, " + std::to_string(qs[3]) + "], got " + shape_str(cs));
     if (pv.GetTensorTypeAndShapeInfo().GetShape() != cs) bad_attn("past_v must have past_k's shape " + shape_str(cs));
-    if (pos.GetTensorTypeAndShapeInfo().GetElementCount() != 1) bad_attn("pos must hold one int64");
-    const int64_t p = pos.GetTensorData<int64_t>()[0];
+    const std::vector<int64_t> ps = pos.GetTensorTypeAndShapeInfo().GetShape();
+    const int64_t B = qs[0];
+    if (ps.size() != 1 || (ps[0] != 1 && ps[0] != B))
+      bad_attn("pos must have shape [1] (one position for every row) or [B] = [" + std::to_string(B) +
+               "] (one per row), got " + shape_str(ps));
+    const int64_t* p = pos.GetTensorData<int64_t>();
+    std::vector<int64_t> shared;  // [1] with B > 1: the kernel reads one entry per row
+    if (ps[0] != B) {
+      shared.assign((size_t)B, p[0]);
+      p = shared.data();
+    }
     AttentionWork w{q.GetTensorData<float>(), k.GetTensorData<float>(), v.GetTensorData<float>(),
-                    pk.GetTensorData<float>(), pv.GetTensorData<float>(), nullptr, qs[1], cs[2], qs[3],
-                    std::max<int64_t>(0, std::min<int64_t>(p, cs[2])), qs[0] * qs[1]};
+                    pk.GetTensorData<float>(), pv.GetTensorData<float>(), nullptr, p, qs[1], cs[2], qs[3], B * qs[1]};
     w.y = ctx.GetOutput(0, qs).GetTensorMutableData<float>();
     if (w.tasks == 0) return;
     ctx.ParallelFor(attention_unit, (size_t)(w.tasks + 1) / 2, 0, &w);  // ONNX Runtime's intra-op threads

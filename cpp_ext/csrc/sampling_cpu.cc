@@ -77,8 +77,18 @@ int check_args(const larp_sample_args* a) {
              {a->seed, "seed"},           {a->stream, "stream"},           {a->tokens, "tokens"}};
   for (const auto& q : req)
     if (!q.p) return fail(std::string(q.name) + " is NULL");
-  const int64_t step = a->step_ptr ? *a->step_ptr : a->step;
-  if (step < 0) return fail(fmt("step must be >= 0, got %.0f", (double)step));
+  if (a->steps) {
+    for (int64_t r = 0; r < a->batch; ++r)
+      if (a->steps[r] < 0) {
+        char buf[128];
+        snprintf(buf, sizeof buf, "steps[%lld] = %lld: must be >= 0 (row %lld's Philox step)", (long long)r,
+                 (long long)a->steps[r], (long long)r);
+        return fail(buf);
+      }
+  } else {
+    const int64_t step = a->step_ptr ? *a->step_ptr : a->step;
+    if (step < 0) return fail(fmt("step must be >= 0, got %.0f", (double)step));
+  }
   for (int64_t r = 0; r < a->batch; ++r) {
     const double s = a->cfg_scale[r], t = a->temperature[r], p = a->top_p[r];
     const int64_t k = a->top_k[r];
@@ -131,7 +141,7 @@ int larp_sample_cpu(const larp_sample_args* args) {
   if (int rc = check_args(args)) return rc;
   const larp_sample_args a = *args;
   if (a.batch == 0) return 0;
-  const uint64_t step = (uint64_t)(a.step_ptr ? *a.step_ptr : a.step);
+  const uint64_t step = a.steps ? 0 : (uint64_t)(a.step_ptr ? *a.step_ptr : a.step);  // shared, unless per row
   const larp_rt::cpu::ExpBatchFn exp_fn = current_exp();
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(a.num_threads, a.batch));
 
@@ -142,7 +152,7 @@ int larp_sample_cpu(const larp_sample_args* args) {
     thread_local larp_rt::cpu::Workspace ws;
     char err[512];
     for (int64_t r = tid; r < a.batch; r += nt) {
-      if (larp_rt::cpu::sample_row(a, r, step, exp_fn, ws, err, sizeof err)) {
+      if (larp_rt::cpu::sample_row(a, r, a.steps ? (uint64_t)a.steps[r] : step, exp_fn, ws, err, sizeof err)) {
         std::lock_guard<std::mutex> lock(mu);
         if (err_row < 0 || r < err_row) {
           err_row = r;

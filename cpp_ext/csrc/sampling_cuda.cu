@@ -55,7 +55,7 @@ int larp_sample_cuda(const larp_sample_args* args, void* stream) {
              {a.seed, "seed"},           {a.stream, "stream"},           {a.tokens, "tokens"}};
   for (const auto& q : req)
     if (!q.p) return fail(std::string(q.name) + " is NULL");
-  if (!a.step_ptr && a.step < 0) return fail("step must be >= 0, got " + num(a.step));
+  if (!a.steps && !a.step_ptr && a.step < 0) return fail("step must be >= 0, got " + num(a.step));
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const dim3 grid((unsigned)a.batch), block(larp_rt::cuda::kThreads);
   switch (a.dtype) {

@@ -1,13 +1,15 @@
 // One-token attention against a static KV cache, on the CPU (torch-free, header-only).
 //
-// For every (row b, head h): scores s_j = <past_k[b, h, j], q> for the n = min(pos, S) written slots and
+// For every (row b, head h): scores s_j = <past_k[b, h, j], q> for the n = clamp(pos[b], 0, S) written slots of that
+// row (every row sits at its own position: continuous batching) and
 // s_self = <k, q> (q is pre-scaled by the export), softmax over [s_0 .. s_{n-1}, s_self] in float32, and
 //     y = (sum_j e_j past_v[b, h, j] + e_self v) / (sum_j e_j + e_self).
 // The cache is read once (keys, then values); nothing is copied or allocated besides a per-thread score buffer.
 // Shapes: q, k, v, y (B, H, 1, hd); past_k, past_v (B, H, S, hd); all float32, contiguous. The caller splits the
 // B*H (row, head) tasks over threads: attention_task does one, attention_group<G> G at once. One core streaming
 // one task's keys then values reads ~15-17 GB/s here (AMD EPYC, Zen 4); two tasks read side by side, as two
-// concurrent streams, ~20-21 GB/s (more misses in flight). A group's arithmetic is attention_task's, bit for bit.
+// concurrent streams, ~20-21 GB/s (more misses in flight). A group's arithmetic is attention_task's, bit for bit;
+// a group whose tasks see different n (rows at different positions) runs them one by one instead.
 //
 // Arithmetic: float32 throughout, dot products and sums in 8-lane partial sums (GCC vector extensions: AVX2 + FMA
 // contraction in the target("avx2,fma") instantiation, SSE pairs otherwise), exp by a degree-6 polynomial of 2^f (relative
@@ -86,8 +88,15 @@ struct Args {
   const float* past_k;
   const float* past_v;
   float* y;
-  int64_t heads, slots, head_dim, valid;  // H, S, hd, n = min(pos, S)
+  const int64_t* pos;  // [B]: row b's position (its written slots, before clamping to [0, S])
+  int64_t heads, slots, head_dim;  // H, S, hd
 };
+
+// n of task = b * H + h: the written slots of row b, clamp(pos[b], 0, S)
+LARP_ATTN_INLINE int64_t valid_slots(const Args& a, int64_t task) {
+  const int64_t p = a.pos[task / a.heads];
+  return p < 0 ? 0 : (p > a.slots ? a.slots : p);
+}
 
 // y[d, d + 8K) = (sum_r w_r v_r + e_self v) * inv: K 8-lane accumulators, one pass over the value rows.
 template <int K>
@@ -153,7 +162,7 @@ LARP_ATTN_INLINE float* score_buffer(int64_t floats) {
 
 // One (row, head) task: task = b * H + h.
 LARP_ATTN_INLINE void attention_task(const Args& a, int64_t task) {
-  const int64_t hd = a.head_dim, n = a.valid;
+  const int64_t hd = a.head_dim, n = valid_slots(a, task);
   const float* q = a.q + task * hd;
   const float* kp = a.past_k + task * a.slots * hd;
   float* s = score_buffer(n + 8);
@@ -212,11 +221,14 @@ LARP_ATTN_INLINE void weighted_values_group(const Args& a, int64_t t, float* con
   }
 }
 
-// Tasks [t, t + G) at once (hd a multiple of 8): same results as attention_task on each, bit for bit.
+// Tasks [t, t + G) at once (hd a multiple of 8, one n for all): same results as attention_task on each, bit for
+// bit. Otherwise (tasks of rows at different positions, e.g. a pair across two rows) one task at a time.
 template <int G>
 LARP_ATTN_INLINE void attention_group(const Args& a, int64_t t) {
-  const int64_t hd = a.head_dim, n = a.valid;
-  if (hd % 8 != 0) {
+  const int64_t hd = a.head_dim, n = valid_slots(a, t);
+  bool same = hd % 8 == 0;
+  for (int g = 1; g < G; ++g) same = same && valid_slots(a, t + g) == n;
+  if (!same) {
     for (int g = 0; g < G; ++g) attention_task(a, t + g);
     return;
   }

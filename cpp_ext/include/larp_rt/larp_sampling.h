@@ -12,7 +12,7 @@
 extern "C" {
 #endif
 
-#define LARP_SAMPLING_ABI_VERSION 1
+#define LARP_SAMPLING_ABI_VERSION 2  /* 2: per-row steps (larp_sample_args.steps), per-row attention pos */
 
 #if defined(_WIN32)
 #define LARP_API __declspec(dllexport)
@@ -37,22 +37,24 @@ LARP_API int larp_get_exp_impl(void);
 LARP_API int larp_exp_batch(const double* in, double* out, int64_t n);
 
 /* ---- one-token cache attention (include/larp_rt/attention_cpu.h; in liblarp_sampling.so and the ORT library) ---- */
-/* q, k, v, y (B, H, 1, hd); past_k, past_v (B, H, S, hd); float32 contiguous; valid = min(pos, S) written slots.
- * _tasks runs the (row, head) pairs [t0, t1) of B*H on the calling thread; _cpu runs all of them on num_threads
- * threads. Return 0, or 1 for a bad argument. larp_attention_isa: 2 = the AVX2+FMA code runs, 0 = portable. */
+/* q, k, v, y (B, H, 1, hd); past_k, past_v (B, H, S, hd); float32 contiguous; pos [B] int64: row b attends to
+ * its n = clamp(pos[b], 0, S) written slots (each row at its own position). past_k/past_v may be NULL when every
+ * n is 0. _tasks runs the (row, head) pairs [t0, t1) of B*H on the calling thread; _cpu runs all of them on
+ * num_threads threads. Return 0, or 1 for a bad argument. larp_attention_isa: 2 = the AVX2+FMA code runs,
+ * 0 = portable. */
 LARP_API int larp_decode_attention_tasks(const float* q, const float* k, const float* v, const float* past_k,
                                          const float* past_v, float* y, int64_t heads, int64_t slots,
-                                         int64_t head_dim, int64_t valid, int64_t t0, int64_t t1);
+                                         int64_t head_dim, const int64_t* pos, int64_t t0, int64_t t1);
 LARP_API int larp_decode_attention_cpu(const float* q, const float* k, const float* v, const float* past_k,
                                        const float* past_v, float* y, int64_t batch, int64_t heads, int64_t slots,
-                                       int64_t head_dim, int64_t valid, int32_t num_threads);
+                                       int64_t head_dim, const int64_t* pos, int32_t num_threads);
 LARP_API int larp_attention_isa(void);
 
 /* ---- CUDA (liblarp_sampling_cuda.so, which also holds the CPU functions above; also inside the ORT custom-op library when built with CUDA) ---- */
 /* Host-side checks only (pointers, shapes, dtype); the per-row parameters live in device memory and are
  * clamped in the kernel (top_k to [0, V], top_p outside (0, 1) = off); rows with non-finite logits get
  * token -1 and logprob NaN. Enqueues on `stream` (cudaStream_t; NULL = legacy default stream); never
- * synchronises, so it can be captured in a CUDA graph (use step_ptr for the step). */
+ * synchronises, so it can be captured in a CUDA graph (use step_ptr, or steps per row, for the step). */
 LARP_API int larp_sample_cuda(const larp_sample_args* args, void* stream);
 /* The number of CUDA devices this library can use (0 without a driver or device). */
 LARP_API int larp_cuda_device_count(void);

@@ -21,6 +21,9 @@ extern "C" {
  *   top_p (float32 in (0, 1], 1 = off), seed and stream (uint64; int64 bit patterns are fine).
  * step:   the Philox counter's high half; read from *step_ptr when step_ptr != NULL (device memory for the
  *         CUDA kernel, so a captured CUDA graph picks up the current step), else the `step` field.
+ * steps:  [batch] int64 per-row steps (rows at different steps: continuous batching; same memory space as the
+ *         logits), or NULL for the shared step above. When set, row r draws at step steps[r] and step/step_ptr
+ *         are ignored. The CPU kernel rejects negative entries; the CUDA kernel reads them as uint64.
  * tokens: [batch] int64 output. logprobs: [batch] float64 output (log-probability of the token under the
  *         filtered, renormalised distribution; 0 for greedy rows) or NULL.
  * num_threads: CPU kernel only: worker threads over rows (<= 1: the calling thread). */
@@ -43,6 +46,7 @@ typedef struct larp_sample_args {
   int64_t step;
   int64_t* tokens;
   double* logprobs;
+  const int64_t* steps; /* added last (ABI 2): the older fields keep their offsets */
 } larp_sample_args;
 
 #ifdef __cplusplus

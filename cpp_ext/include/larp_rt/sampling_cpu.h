@@ -221,7 +221,8 @@ inline bool guided_row_16(const uint16_t* c, const uint16_t* u, bool mix, float 
   return acc == 0.0f;
 }
 
-// Samples row r. Returns 0, or 1 with a message in err (non-finite logits).
+// Samples row r at Philox step `step` (the row's steps[r], or the shared step). Returns 0, or 1 with a message in
+// err (non-finite logits).
 inline int sample_row(const larp_sample_args& a, int64_t r, uint64_t step, ExpBatchFn exp_batch, Workspace& ws,
                       char* err, size_t errlen) {
   const int64_t V = a.vocab;

@@ -364,7 +364,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(larp_sample_args a) {
   }
   __syncthreads();
   const double next = tid + 1 < kThreads ? sh.start[tid + 1] : total;
-  const double u = uniform53(a.seed[r], a.stream[r], (uint64_t)(a.step_ptr ? *a.step_ptr : a.step));
+  const uint64_t step = (uint64_t)(a.steps ? a.steps[r] : a.step_ptr ? *a.step_ptr : a.step);  // per row / shared
+  const double u = uniform53(a.seed[r], a.stream[r], step);
   const double target = u * total;
   // the segment whose [start, next) holds the target (the first one, should rounding make two)
   if (part > 0.0) {

@@ -190,6 +190,12 @@ class ContinuousBatch:
         self._uncond = np.where(guided, np.array([s.null_row for s in seqs], np.int64), self._rows)
         self._sample_rows = np.concatenate([self._rows, self._uncond]) if self._any_guided else self._rows
         self._hi = int(max(self._rows.max(), self._null.max() if len(self._null) else -1)) + 1
+        used = np.zeros(self._hi, bool)
+        used[self._rows] = True
+        used[self._null] = True
+        self._idle = np.flatnonzero(~used)  # free rows below the highest used one
+        self._k = np.array([s.step for s in seqs], np.int64)  # each sequence's next step
+        self._last = np.array([s.tokens[s.step - 1] if s.step else 0 for s in seqs], np.int64)  # its last token
         if self._uniforms:  # every sequence's uniforms for its whole video, drawn once (the reference sampler's)
             self._table = sampling.uniform_table(self._params, max(s.total for s in seqs))
         self._packed_version = self._version
@@ -205,20 +211,28 @@ class ContinuousBatch:
             self._pack()
         cfg, seqs = self.config, self.sequences
         V = cfg.vocab_size
-        k = np.fromiter((s.step for s in seqs), np.int64, len(seqs))
-        last = np.fromiter((s.tokens[s.step - 1] if s.step else 0 for s in seqs), np.int64, len(seqs))
-        first = k == 0
+        k, last = self._k, self._last
         hi = self._hi
         tok, pos = self._tok[:hi], self._pos[:hi]
-        tok[:] = 0  # idle rows: token 0 at position 0 (reads no cache slot; its slot-0 write is never read)
-        pos[:] = 0
-        p = np.where(first, 0, cfg.cls_token_num + k - 1)
-        tok[self._rows] = np.where(first, V + self._classes, last)
-        pos[self._rows] = p
-        if self._any_guided:
-            g = self._guided
-            tok[self._null] = np.where(first[g], V + cfg.null_class, last[g])
-            pos[self._null] = p[g]
+        if len(self._idle):  # idle rows: token 0 at position 0 (reads no cache slot; its slot-0 write is never read)
+            tok[self._idle] = 0
+            pos[self._idle] = 0
+        p = cfg.cls_token_num - 1 + k  # step k >= 1 feeds token k - 1 at position cls + k - 1; step 0 prefills at 0
+        if k.all():
+            tok[self._rows] = last
+            pos[self._rows] = p
+            if self._any_guided:
+                tok[self._null] = last[self._guided]
+                pos[self._null] = p[self._guided]
+        else:
+            first = k == 0
+            p = np.where(first, 0, p)
+            tok[self._rows] = np.where(first, V + self._classes, last)
+            pos[self._rows] = p
+            if self._any_guided:
+                g = self._guided
+                tok[self._null] = np.where(first[g], V + cfg.null_class, last[g])
+                pos[self._null] = p[g]
         failed: np.ndarray | None = None
         if self.runner.samples:
             try:
@@ -243,6 +257,12 @@ class ContinuousBatch:
                 s.step += 1
             if s.done:
                 done.append(s)
+        if failed is None:
+            k += 1
+            last[:] = tokens
+        else:
+            k[~failed] += 1
+            last[~failed] = tokens[~failed]
         for s in done:
             self.evict(s)
         return done

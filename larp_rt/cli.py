@@ -162,6 +162,45 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+    import os
+
+    try:
+        from .serving.app import build_server
+    except ModuleNotFoundError as e:
+        raise ValueError(f"larp-rt serve needs the [serve] extra ({e.name} is missing): "
+                         "pip install 'larp_rt[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    for flag, v in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    if not args.max_body_mb > 0:
+        raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LARP_RT_API_KEY") or None
+    if api_key is not None and not api_key.strip():
+        raise ValueError("--api-key must not be empty (leave it out for no authentication)")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and api_key is None:
+        print(f"note: listening on {args.host} without an API key: anyone who reaches port {args.port} can use "
+              "the server (set --api-key or LARP_RT_API_KEY)", file=sys.stderr)
+    eng = _engine(args)
+    server = build_server(eng, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                          request_timeout=args.request_timeout, max_body_bytes=int(args.max_body_mb * 2**20),
+                          api_key=api_key, log_level=args.log_level)
+    print(f"serving {args.bundle} ({eng.backend_name}, sampler {eng.sampler_name}) on http://{args.host}:{args.port}"
+          f" (max batch {args.max_batch}, queue {args.max_queue}{', API key required' if api_key else ''})",
+          flush=True)
+    server.run()  # until SIGTERM / SIGINT: stops accepting, finishes the requests in flight, drains the scheduler
+    return 0
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle directory (from `larp-rt export`)")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto")
@@ -226,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cfg-scale", type=float, default=None)
     b.add_argument("--threads", type=int, default=None)
     b.set_defaults(fn=_cmd_bench)
+
+    s = sub.add_parser("serve", help="HTTP server (generate / encode / decode) over one continuously batched loop")
+    _engine_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=8,
+                   help="rows generated together per step (a request with CFG takes two)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for rows; beyond it 429")
+    s.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a generation may take from submission, then 504 (default: no limit)")
+    s.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (413 beyond it)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $LARP_RT_API_KEY)")
+    s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    s.set_defaults(fn=_cmd_serve)
 
     i = sub.add_parser("info", help="inspect a checkpoint folder (ours or the authors'); loads it strictly")
     i.add_argument("checkpoint", help="folder with config.json + model.safetensors")

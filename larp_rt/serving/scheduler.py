@@ -148,7 +148,7 @@ class Scheduler:
         if not isinstance(engine, Engine):
             raise ValueError(f"engine must be a larp_rt.Engine, got {type(engine).__name__}")
         engine._need("generator")
-        for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0)):
+        for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1)):  # every request queues first
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue

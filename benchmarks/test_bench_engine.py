@@ -19,9 +19,9 @@ import torch
 from authors_loop import authors_decode_one_token
 from conftest import BlockedFloor
 
-from larp_rt import Engine, SamplingParams, sampling
-from larp_rt.backends.base import CfgRows
-from larp_rt.sampling import resolve_params, uniform_table
+from larp_rt import Engine, SamplingParams
+from larp_rt.backends.base import ContinuousBatch, Sequence, StepSample
+from larp_rt.sampling import RowParams, resolve_params, uniform_table
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 torch.set_grad_enabled(False)
@@ -52,30 +52,39 @@ def test_tokenizer(benchmark, bundles, machine, preset, batch, backend, op):
 
 
 def _step_ort(eng: Engine, batch: int, pos: int):
-    """One mid-video ONNX Runtime step at ``pos`` for ``batch`` guided rows, sampling included, on the engine's
-    sampler: the fused decode_sample graph (one run gives the tokens) or the decode graph + the kernel."""
-    be = eng.backend
+    """One mid-video ONNX Runtime step at ``pos`` for ``batch`` guided requests (2 * batch rows: the requests, then
+    their null-class rows, as ``Engine.generate`` lays them out), sampling included, on the engine's sampler: the
+    fused decode_sample graph (one run gives the tokens) or the decode graph + the backend's sampler."""
+    be, cfg = eng.backend, eng.generator_config
     params = resolve_params(SamplingParams(seed=0, cfg_scale=1.25), batch)
-    ids = np.arange(batch) % eng.generator_config.num_classes
-    it = be.generate_iter(ids, params)
-    next(it)  # prefill: binds the caches
-    st = be._gen_state
+    ids = np.arange(batch) % cfg.num_classes
+    runner = be.runner(2 * batch)
+    cb = ContinuousBatch(be, runner)
+    fields = RowParams.__dataclass_fields__
+    for i, c in enumerate(ids):
+        one = RowParams(**{f: getattr(params, f)[i:i + 1] for f in fields})
+        cb.admit(Sequence(int(c), one, cfg.max_seq_len), (i, batch + i))
+    cb.step()  # prefill: binds the runner's rows and caches
     # written slots, as in a real generation: the buffers come from np.zeros, whose untouched pages all map the
     # kernel's one zero page, which a step would "read" from cache instead of memory
     rng = np.random.default_rng(0)
-    for flat in st.flat:
+    for flat in runner.flat:
         flat[:] = rng.standard_normal(flat.size, dtype=np.float32).astype(flat.dtype) * 0.5
-    rows = np.zeros(st.rows, np.int64)
-    if st.fused:
-        return lambda: st.run(rows, pos, sample_step=pos)
-    layout = CfgRows.build(ids, params, eng.generator_config.null_class)
-    # as in Engine.generate: the kernel draws its own uniforms; the reference takes a table
-    extra = {"u": uniform_table(params, pos + 1)[:, pos]} if be.sampler is sampling.sample else {}
+    R = 2 * batch
+    tokens, positions = np.zeros(R, np.int64), np.full(R, pos, np.int64)
+    k = pos - cfg.cls_token_num + 1  # the sampling step whose token the step at position ``pos`` draws
+    steps = np.full(batch, k, np.int64)
+    if runner.samples:
+        # rows the sampler reads: the requests', then their null rows; version -1 is never a batch's (they count
+        # up from 1), so the runner binds these inputs once, on the first call
+        sample = StepSample(np.arange(R, dtype=np.int64), params, steps, version=-1)
+        return lambda: runner.run(tokens, positions, sample)
+    # as in ContinuousBatch: a sampler that takes uniforms gets the rows' draws from a table made once
+    extra = {"u": uniform_table(params, k + 1)[:, k]} if be.sampler_takes_uniform else {}
 
     def step():
-        logits = st.run(rows, pos)
-        cond, uncond = layout.split(logits, batch)
-        return be.sampler(cond, uncond, params, pos, **extra)
+        logits = runner.run(tokens, positions)
+        return be.sampler(logits[:batch], logits[batch:R], params, steps, **extra)
 
     return step
 

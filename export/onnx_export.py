@@ -28,6 +28,7 @@ from ..checkpoint import load_pretrained, save_pretrained
 from ..config import find_multiple
 from ..models import LARPGenerator, LARPTokenizer
 from .graphs import DecodeGraph, DecoderGraph, EncoderGraph, kv_names
+from .prior_export import export_prior
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def export_bundle(
                              + ". Reinstall with `pip install -e .`, or export without --fused-sampler")
     dtype = torch.float16 if precision == "fp16" else torch.float32
     tol = TOLERANCES[precision]
-    tok = load_pretrained(tokenizer_dir, kind="tokenizer", with_prior=False) if tokenizer_dir is not None else None
+    tok = load_pretrained(tokenizer_dir, kind="tokenizer") if tokenizer_dir is not None else None  # prior if held
     gen = load_pretrained(generator_dir, kind="generator") if generator_dir is not None else None
     if tok is not None and gen is not None:
         t, g = tok.config, gen.config
@@ -184,6 +185,8 @@ def export_bundle(
         if tok is not None:
             checks += _export_tokenizer(w, tok, dtype, opset, batch, gen_rng, tol, verify)
             m["tokenizer"] = {"config": tok.config.to_dict()}
+            m["tokenizer"]["prior"], prior_checks = export_prior(w, tok, dtype, opset, batch, gen_rng, tol, verify)
+            checks += prior_checks  # prior.onnx + prior_score.onnx when the tokenizer has a prior, else None
             if not onnx_only:
                 save_pretrained(tok, w.path("torch/tokenizer"))
                 m["checkpoints"]["tokenizer"] = "torch/tokenizer"

@@ -25,7 +25,7 @@ FORMAT = "larp_rt.bundle"
 # 2: the decode step takes a position per row (``pos`` (B,)) and the fused graph ``sample_rows`` + per-request steps
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-GRAPHS = ("encoder", "decoder", "prefill", "decode", "sample", "decode_sample")
+GRAPHS = ("encoder", "decoder", "prefill", "decode", "sample", "decode_sample", "prior", "prior_score")
 
 
 class BundleError(ValueError):
@@ -147,6 +147,11 @@ class Bundle:
     def checkpoint_dir(self, kind: str) -> Path | None:
         rel = (self.manifest.get("checkpoints") or {}).get(kind)
         return None if rel is None else self.path / rel
+
+    @property
+    def prior(self) -> dict[str, Any] | None:
+        """The tokenizer's AR prior entry (graphs, KV-cache geometry), or None when the bundle has none."""
+        return (self.manifest.get("tokenizer") or {}).get("prior")
 
     @property
     def kv_cache(self) -> dict[str, Any]:

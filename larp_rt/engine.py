@@ -13,7 +13,9 @@ Runtime sessions and the torch modules' forward are safe to call from several th
 shared state); generations are serialised: one ``generate`` (or ``generate_iter``, from its first step until it
 is exhausted or closed) runs at a time on the Engine's own KV caches, and the others wait for it. Each call
 returns exactly what it returns alone. To batch concurrent requests into one running decode loop instead, use
-``larp_rt.serving.Scheduler`` (step-level batching; it owns its own caches).
+``larp_rt.serving.Scheduler`` (step-level batching; it owns its own caches). The tokenizer's AR prior
+(``prior_logprobs`` / ``prior_nll`` / ``prior_generate``) runs on caches of its own per call, so its calls run
+concurrently with each other and with generations.
 """
 
 from __future__ import annotations
@@ -238,6 +240,135 @@ class Engine:
         self._need("tokenizer")
         gen = self.generate(class_ids, params, progress=progress)
         return self.decode(gen.tokens), gen
+
+    # ------------------------------------------------------------------------------------------
+    # the tokenizer's AR prior (prior.onnx / prior_score.onnx)
+    # ------------------------------------------------------------------------------------------
+    @property
+    def has_prior(self) -> bool:
+        return self.bundle.prior is not None
+
+    def _need_prior(self) -> dict:
+        self._need("tokenizer")
+        if self.bundle.prior is None:
+            raise ValueError(
+                f"bundle {str(self.bundle.path)!r} has no AR prior: its tokenizer was exported without one (a "
+                "checkpoint without prior_model.* weights, or a bundle exported before larp_rt exported priors); "
+                "export a tokenizer trained with the prior (`larp-rt export --tokenizer DIR`)")
+        return self.bundle.prior
+
+    def prior_logprobs(self, tokens, *, method: str = "auto") -> np.ndarray:
+        """Tokens (B, N) -> (B, N - 1) float32: ``log p(token t | tokens < t)`` under the tokenizer's AR prior, for
+        t = 1 .. N - 1 (token 0 is never predicted). method: "full" (one causal forward over the whole sequence,
+        ``prior_score.onnx``: the fast way), "steps" (N - 1 cached steps of ``prior.onnx``, as generation runs) or
+        "auto" (= "full")."""
+        if method not in ("auto", "full", "steps"):
+            raise ValueError(f"method must be 'auto', 'full' or 'steps', got {method!r}")
+        self._need_prior()
+        tokens = self.check_tokens(tokens)
+        if method == "steps":
+            return self._prior_logprobs_steps(tokens)
+        return np.asarray(self.backend.prior_logprobs_full(tokens), np.float32)
+
+    def prior_nll(self, tokens, *, method: str = "auto") -> np.ndarray:
+        """(B,) float64: each video's mean negative log-likelihood under the prior, in nats per predicted token
+        (the mean of ``-prior_logprobs`` over tokens 1 .. N - 1). Compare with log(codebook size), a uniform guess."""
+        return -self.prior_logprobs(tokens, method=method).astype(np.float64).mean(axis=1)
+
+    def _prior_logprobs_steps(self, tokens: np.ndarray) -> np.ndarray:
+        B, N = tokens.shape
+        out = np.empty((B, N - 1), np.float32)
+        runner = self.backend.prior_runner(B)
+        try:
+            for t in range(N - 1):
+                z = runner.run(tokens[:, t], np.full(B, t, np.int64)).astype(np.float64)  # logits of token t + 1
+                zmax = z.max(axis=1, keepdims=True)
+                lse = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
+                out[:, t] = z[np.arange(B), tokens[:, t + 1]] - lse
+        finally:
+            runner.close()
+        return out
+
+    def check_prefix(self, prefix_tokens) -> np.ndarray:
+        """A prior prefix: (B, P) ints in [0, codebook) with 1 <= P <= N -> int64."""
+        cfg = self._need("tokenizer")
+        N, K = cfg.num_tokens, cfg.codebook_size
+        x = _as_array(prefix_tokens, "prefix_tokens")
+        if not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"prefix_tokens must be integers, got dtype {x.dtype}")
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"prefix_tokens must have shape (B, P) with B >= 1 (a row per video; add a batch axis "
+                             f"with tokens[None]), got {x.shape}")
+        if x.shape[1] == 0:
+            raise ValueError("prefix_tokens is empty: the prior continues a prefix of at least 1 token per row "
+                             "(token 0 is never predicted)")
+        if x.shape[1] > N:
+            raise ValueError(f"prefix_tokens has {x.shape[1]} tokens per row, more than the tokenizer's N = {N}")
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= K:
+            raise ValueError(f"prefix_tokens must be in [0, {K - 1}] (the codebook), got [{lo}, {hi}]")
+        return np.ascontiguousarray(x, dtype=np.int64)
+
+    def prior_generate_iter(self, prefix_tokens, params: SamplingParams | Sequence[SamplingParams] | None = None):
+        """Yield a StepEvent per sampled token (``.step`` = the token's index P .. N-1); returns the Generation."""
+        self._need_prior()
+        prefix = self.check_prefix(prefix_tokens)
+        cfg = self.tokenizer_config
+        if params is None:
+            params = SamplingParams()  # temperature 1, no filtering, a fresh seed (the bundle's defaults are the
+            # generator's, with its guidance scale)
+        rp = resolve_params(params, len(prefix), cfg.codebook_size)
+        if rp.uses_cfg:
+            raise ValueError("cfg_scale must be 1.0 for the prior: it has no class condition, so classifier-free "
+                             f"guidance does not apply (got cfg_scale {sorted(set(rp.cfg_scale.tolist()))})")
+        plist = [params] * len(prefix) if isinstance(params, SamplingParams) else list(params)
+        return self._prior_iter(prefix, rp, plist)
+
+    def _prior_iter(self, prefix: np.ndarray, rp: RowParams, plist):
+        from .backends.base import StepEvent
+
+        B, P = prefix.shape
+        N = self.tokenizer_config.num_tokens
+        out = np.empty((B, N), np.int64)
+        out[:, :P] = prefix
+        if P < N:
+            be = self.backend
+            sampler = be.prior_sampler
+            runner = be.prior_runner(B)
+            pos = np.zeros(B, np.int64)
+            try:
+                for t in range(N - 1):  # feed token t at position t: the logits of token t + 1
+                    pos[:] = t
+                    logits = runner.run(out[:, t], pos)
+                    if t + 1 < P:
+                        continue  # a prefix position: its cache entries are what the step was for
+                    out[:, t + 1] = sampler(logits, None, rp, t + 1)  # token index = the Philox step counter
+                    yield StepEvent(t + 1, N, out[:, t + 1].copy())
+            finally:
+                runner.close()
+        return Generation(out, [int(s) for s in rp.seed], plist)
+
+    def prior_generate(
+        self,
+        prefix_tokens,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Generation:
+        """Continue ``prefix_tokens`` (B, P), 1 <= P <= N, with the tokenizer's AR prior: tokens P .. N-1 are drawn
+        with the samplers of ``generate`` (temperature, top-k, top-p; guidance does not apply: cfg_scale must be 1).
+        ``params`` as in ``generate`` (one SamplingParams: row i draws from the stream (seed, i); a list: one per
+        row, each its own (seed_i, 0); None: temperature 1 with a fresh seed). Token t is drawn with the Philox step
+        counter t (its index in the video, like ``generate``), so the draw for a position does not depend on the
+        prefix length. Returns the whole sequences (B, N), prefix included. ``progress(t + 1, N)`` after each token."""
+        it = self.prior_generate_iter(prefix_tokens, params)
+        while True:
+            try:
+                ev = next(it)
+            except StopIteration as stop:
+                return stop.value
+            if progress is not None:
+                progress(ev.step + 1, ev.total)
 
     def __repr__(self) -> str:
         parts = [p for p, c in (("tokenizer", self.tokenizer_config), ("generator", self.generator_config)) if c]

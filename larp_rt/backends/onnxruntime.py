@@ -149,6 +149,33 @@ class OnnxRuntimeBackend(Backend):
     def new_runner(self, capacity: int) -> _OrtRunner:
         return _OrtRunner(self, capacity)
 
+    # the tokenizer's AR prior ----------------------------------------------------------------
+    PRIOR_CHUNK_BYTES = 256 << 20  # the score graph's (rows, N - 1, K) float32 logits per run stay under this
+
+    def prior_logprobs_full(self, tokens: np.ndarray) -> np.ndarray:
+        """(B, N) int64 -> (B, N - 1) float32 log p(token t | tokens < t), through ``prior_score.onnx`` (one run
+        per chunk of rows, so the graph's internal logits stay bounded)."""
+        N, K = tokens.shape[1], self.tokenizer_config.codebook_size
+        rows = max(1, self.PRIOR_CHUNK_BYTES // (4 * N * K))
+        sess = self.session("prior_score")
+        return np.concatenate([sess.run(["logprobs"], {"tokens": tokens[i:i + rows]})[0]
+                               for i in range(0, len(tokens), rows)])
+
+    def prior_runner(self, capacity: int) -> _OrtPriorRunner:
+        """A StepRunner over ``prior.onnx`` (``run(tokens, pos)`` -> (rows, K) logits of the next tokens)."""
+        return _OrtPriorRunner(self, capacity)
+
+    @property
+    def prior_sampler(self):
+        """The host sampler of the prior's loop (the in-graph fused sampler is the generator's): the CPU kernel
+        when built (unless the reference was asked for), else the reference. Every one draws the same tokens."""
+        from .. import kernels
+
+        info = kernels.available()
+        if self.sampler_name != "reference" and info["cpu"] and not info["disabled"]:
+            return kernels.sample_numpy
+        return sampling.sample
+
     def close(self) -> None:
         super().close()
         self._sessions.clear()
@@ -307,6 +334,39 @@ class _OrtRunner(StepRunner):
     def close(self) -> None:
         self.binding = None
         self.flat = self.new = self.views = []
+
+
+class _OrtPriorRunner(_OrtRunner):
+    """``_OrtRunner``'s buffers, IO binding, cache windows and slot writes over the prior's step graph (same I/O
+    names: token, pos, past_{k,v}_i -> logits, present_{k,v}_i). On a GPU provider the cache stays in host buffers
+    (bound at full length; ONNX Runtime copies it per step): the prior is small, the generator's device cache is
+    not reused."""
+
+    def __init__(self, be: OnnxRuntimeBackend, capacity: int):
+        prior = be.bundle.prior
+        if prior is None:
+            raise ValueError(f"bundle {str(be.bundle.path)!r} has no AR prior")
+        kv = prior["kv_cache"]
+        self.be, self.capacity = be, int(capacity)
+        self.L, self.H, self.S, self.hd = int(kv["layers"]), int(kv["heads"]), int(kv["max_seq"]), int(kv["head_dim"])
+        self.V = int(prior["codebook_size"])
+        self.window = max(16, self.S // 8)
+        self.samples = False
+        self.sess = be.session(prior["graph"])
+        self.windowed = not be.on_gpu
+        dt = np.float16 if kv.get("dtype") == "fp16" else np.float32
+        cap = self.capacity
+        self.token = np.zeros((cap, 1), np.int64)
+        self.pos = np.zeros(cap, np.int64)
+        self.logits = np.zeros((cap, self.V), np.float32)
+        self.dev = None
+        size = cap * self.H * self.S * self.hd
+        self.flat = [np.zeros(size, dt) for _ in range(2 * self.L)]
+        self.new = [np.zeros((cap, self.H, 1, self.hd), dt) for _ in range(2 * self.L)]
+        self.binding = self.sess.io_binding()
+        self.rows = 0
+        self.width = 0
+        self.sample_key = None
 
 
 class _CudaCache:

@@ -71,6 +71,7 @@ class TorchBackend(Backend):
         self.fast_path = bool(fast_path)
         self.cuda_graphs = bool(cuda_graphs)
         self._fast = None
+        self._prior_step = None  # the prior's cached step module (created on first use)
 
     def _load(self, bundle: Bundle, kind: str, dtype):
         path = bundle.checkpoint_dir(kind)
@@ -101,6 +102,38 @@ class TorchBackend(Backend):
 
     def new_runner(self, capacity: int) -> _TorchRunner:
         return _TorchRunner(self, capacity)
+
+    # the tokenizer's AR prior ----------------------------------------------------------------
+    def _prior(self):
+        if self.tok is None or self.tok.prior_model is None:
+            raise BundleError("the bundle's PyTorch tokenizer checkpoint holds no AR prior (prior_model.*)")
+        return self.tok.prior_model
+
+    def prior_logprobs_full(self, tokens: np.ndarray) -> np.ndarray:
+        """(B, N) int64 -> (B, N - 1) float32: the prior's full causal forward, the authors' logits, log-softmax."""
+        from ..export.prior_export import prior_reference_logits
+
+        self._prior()
+        torch = self.torch
+        with torch.inference_mode():
+            t = torch.from_numpy(tokens).to(self.device)
+            logits = prior_reference_logits(self.tok, t).float()  # (B, N-1, K)
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, t[:, 1:, None])[..., 0]
+            return lp.cpu().numpy()
+
+    def prior_runner(self, capacity: int) -> _TorchPriorRunner:
+        """A StepRunner over the prior's cached step (``PriorStepGraph``, the computation of ``prior.onnx``)."""
+        self._prior()
+        with self.model_lock:
+            if self._prior_step is None:
+                from ..export.prior_graph import PriorStepGraph
+
+                self._prior_step = PriorStepGraph(self.tok).eval()
+        return _TorchPriorRunner(self, capacity)
+
+    @property
+    def prior_sampler(self):
+        return self.sampler  # the host sampler of the shared loop (kernel or reference)
 
     def generate_iter(self, class_ids: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
         if not self.fast_path:
@@ -157,6 +190,39 @@ class _TorchRunner(StepRunner):
                     layer.attention.kv_cache = c
                 gen.causal_mask = saved[1]
         return logits
+
+    def close(self) -> None:
+        self.caches = []
+
+
+class _TorchPriorRunner(StepRunner):
+    """KV caches of ``capacity`` rows for the prior's step module (stateless: the caches are passed in, so runners
+    need no lock); row r's new entries are written into its slot pos[r]; logits come back to the host."""
+
+    def __init__(self, be: TorchBackend, capacity: int):
+        torch, step = be.torch, be._prior_step
+        self.be, self.step, self.capacity = be, step, int(capacity)
+        cfg = be.tok.prior_model.config
+        self.S = find_multiple(be.tokenizer_config.num_tokens, 8)
+        dtype = step.codes.dtype
+        self.caches = [torch.zeros(self.capacity, step.heads, self.S, step.head_dim, dtype=dtype, device=be.device)
+                       for _ in range(2 * cfg.depth)]
+
+    def run(self, tokens: np.ndarray, pos: np.ndarray, sample=None) -> np.ndarray:
+        torch = self.be.torch
+        rows = len(tokens)
+        if not 1 <= rows <= self.capacity:
+            raise ValueError(f"a step takes 1..{self.capacity} rows, got {rows}")
+        if int(np.max(pos)) >= self.S:
+            raise ValueError(f"position {int(np.max(pos))} is past the cache's {self.S} slots")
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(tokens, np.int64)).to(self.be.device).view(-1, 1)
+            p = torch.from_numpy(np.ascontiguousarray(pos, np.int64)).to(self.be.device)
+            logits, *new = self.step(t, p, *(c[:rows] for c in self.caches))
+            r = torch.arange(rows, device=self.be.device)
+            for c, n in zip(self.caches, new, strict=True):
+                c[r, :, p] = n[:, :, 0]
+            return logits.float().cpu().numpy()
 
     def close(self) -> None:
         self.caches = []

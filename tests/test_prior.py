@@ -1,0 +1,332 @@
+"""The tokenizer's AR prior in bundles: prior.onnx / prior_score.onnx, Engine.prior_logprobs / prior_nll /
+prior_generate, the `score` and `prior-generate` verbs."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _authors import tokenizer_config_json, tokenizer_keys
+from larp_rt.export import export_bundle
+from larp_rt.export.prior_export import prior_reference_logits
+from larp_rt.export.prior_graph import PriorStepGraph
+from safetensors.torch import save_file
+
+from larp_rt import Bundle, Engine, SamplingParams, TokenizerConfig, save_pretrained
+from larp_rt.cli import main
+from larp_rt.models import LARPTokenizer
+
+REPO_TINY = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny" / "tokenizer"
+quiet = {"printer": lambda s: None}
+
+
+def tiny_prior_tokenizer(seed=0, **prior_overrides) -> LARPTokenizer:
+    torch.manual_seed(seed)
+    tok = LARPTokenizer(TokenizerConfig.from_name("tiny").with_prior("tiny", **prior_overrides))
+    torch.nn.init.normal_(tok.prior_model.head.weight, std=0.5)  # predictions far from the origin: peaked logits
+    return tok.eval()
+
+
+@pytest.fixture(scope="module")
+def prior_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prior")
+    tok = tiny_prior_tokenizer(latent_ce_temperature=0.1)
+    save_pretrained(tok, root / "tok")
+    return tok, export_bundle(root / "tok", None, root / "bundle", **quiet)
+
+
+@pytest.fixture(scope="module")
+def engines(prior_bundle):
+    return {b: Engine(prior_bundle[1], backend=b) for b in ("onnxruntime", "torch")}
+
+
+def reference_logprobs(tok: LARPTokenizer, tokens: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(tokens)
+    with torch.no_grad():
+        logits = prior_reference_logits(tok, t).double()
+    return torch.log_softmax(logits, -1).gather(-1, t[:, 1:, None])[..., 0].numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# the graphs
+# ------------------------------------------------------------------------------------------------
+def test_cached_step_equals_full_causal_forward_float64():
+    tok = tiny_prior_tokenizer().double()
+    step = PriorStepGraph(tok).eval()
+    N, K = tok.config.num_tokens, tok.config.codebook_size
+    B, H, hd = 3, step.heads, step.head_dim
+    tokens = torch.randint(0, K, (B, N), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = prior_reference_logits(tok, tokens)  # (B, N-1, K) float64
+        past = [torch.randn(B, H, N, hd, dtype=torch.float64) for _ in range(2 * tok.prior_model.config.depth)]
+        got = torch.zeros_like(ref)
+        rows = torch.arange(B)
+        for j in range(N - 1 + 2 * (B - 1)):  # row b starts at global step 2b: every step mixes positions
+            p = j - 2 * rows
+            live = (p >= 0) & (p < N - 1)
+            pp = torch.where(live, p, torch.zeros_like(p))  # idle rows at position 0; the cache holds noise beyond
+            logits, *new = step(tokens[rows, pp].view(-1, 1), pp, *past)
+            for c, n in zip(past, new, strict=True):
+                c[rows[live], :, pp[live]] = n[live, :, 0]
+            got[rows[live], pp[live]] = logits[live]
+    assert ref.dtype == torch.float64 and (got - ref).abs().max().item() <= 1e-10
+
+
+def test_export_manifest_and_verification(prior_bundle):
+    _, path = prior_bundle
+    b = Bundle(path)
+    m = b.manifest
+    assert {"prior", "prior_score"} <= set(b.graphs)
+    entry = b.prior
+    assert entry["graph"] == "prior" and entry["score_graph"] == "prior_score" and entry["codebook_size"] == 1024
+    assert entry["kv_cache"] == {"layers": 2, "heads": 4, "head_dim": 16, "max_seq": 64, "dtype": "fp32"}
+    assert entry["latent_ce_temperature"] == 0.1 and b.tokenizer_config.prior.latent_ce_temperature == 0.1
+    g = b.graph("prior")
+    assert g.input_names[:2] == ["token", "pos"] and g.inputs[1]["shape"] == ["B"]
+    assert g.output_names[0] == "logits" and g.outputs[0]["shape"] == ["B", 1024]
+    assert b.graph("prior_score").outputs[0] == {"name": "logprobs", "dtype": "float32", "shape": ["B", 63]}
+    checks = {(c["graph"], c["output"]): c for c in m["verification"]}
+    for key in (("prior", "logits"), ("prior_score", "logprobs")):
+        assert checks[key]["max_abs"] <= checks[key]["tol"] == 1e-3
+
+
+def test_tokenizer_without_prior_exports_as_before(tmp_path, capsys):
+    torch.manual_seed(0)
+    save_pretrained(LARPTokenizer(TokenizerConfig.from_name("tiny")), tmp_path / "tok")
+    path = export_bundle(tmp_path / "tok", None, tmp_path / "b", onnx_only=True, **quiet)
+    b = Bundle(path)
+    assert b.manifest["tokenizer"]["prior"] is None and b.prior is None
+    assert set(b.graphs) == {"encoder", "decoder"}
+    eng = Engine(path)
+    tokens = np.zeros((1, 64), np.int64)
+    for call in (lambda: eng.prior_logprobs(tokens), lambda: eng.prior_nll(tokens),
+                 lambda: eng.prior_generate(tokens[:, :4])):
+        with pytest.raises(ValueError, match="has no AR prior"):
+            call()
+    np.save(tmp_path / "t.npy", tokens)
+    assert main(["score", str(path), str(tmp_path / "t.npy")]) == 2
+    assert "has no AR prior" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_prior_logprobs_full_and_steps_equal_the_reference(prior_bundle, engines, backend):
+    tok, _ = prior_bundle
+    tokens = np.random.default_rng(2).integers(0, 1024, (3, 64))
+    want = reference_logprobs(tok, tokens)
+    eng = engines[backend]
+    for method in ("auto", "full", "steps"):
+        lp = eng.prior_logprobs(tokens, method=method)
+        assert lp.shape == (3, 63) and lp.dtype == np.float32
+        assert np.abs(lp - want).max() < 2e-4, method
+    nll = eng.prior_nll(tokens)
+    assert nll.shape == (3,) and np.allclose(nll, -want.mean(1), atol=2e-4)
+
+
+def _authors_prior_logprobs(sd: dict, heads: int, temperature: float, tokens: torch.Tensor) -> torch.Tensor:
+    """The authors' GPTC forward + ``calculate_logits_and_ar_pred_cont``, written from their key names over the raw
+    state dict (no larp_rt module), float64: log-softmax of linear(normalised prediction, normalised codebook) / T."""
+    w = {k.removeprefix("prior_model."): v.double() for k, v in sd.items() if k.startswith("prior_model.")}
+    emb = F.normalize(sd["bottleneck.regularizer.embedding.weight"].double(), dim=-1)  # get_emb()
+    x = F.embedding(tokens, emb)[:, :-1]  # ar_predict: x[:, :-1]
+    h = F.linear(x, w["input_proj.weight"], w["input_proj.bias"]) + w["pos_emb"][:, : x.shape[1]]
+    B, L, E = h.shape
+    depth = len({k.split(".")[1] for k in w if k.startswith("blocks.")})
+    for i in range(depth):
+        p = f"blocks.{i}."
+        a = F.layer_norm(h, (E,), w[p + "ln1.weight"], w[p + "ln1.bias"])
+        q, k, v = (F.linear(a, w[p + f"attn.{n}.weight"], w[p + f"attn.{n}.bias"])
+                   .view(B, L, heads, E // heads).transpose(1, 2) for n in ("query", "key", "value"))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, E)
+        h = h + F.linear(y, w[p + "attn.proj.weight"], w[p + "attn.proj.bias"])
+        m = F.layer_norm(h, (E,), w[p + "ln2.weight"], w[p + "ln2.bias"])
+        h = h + F.linear(F.gelu(F.linear(m, w[p + "mlp.0.weight"], w[p + "mlp.0.bias"])), w[p + "mlp.2.weight"],
+                         w[p + "mlp.2.bias"])
+    pred = F.linear(F.layer_norm(h, (E,), w["ln_f.weight"], w["ln_f.bias"]), w["head.weight"], w["head.bias"])
+    full = F.normalize(torch.cat([x[:, :1], pred], dim=1), p=2, dim=-1)  # l2_normalized ar_predict
+    logits = F.linear(full, emb)[:, 1:] * (1 / temperature)
+    return torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0]
+
+
+def test_prior_logprobs_equal_the_authors_formula_on_their_layout(tmp_path):
+    cfg_json = tokenizer_config_json(prior_args={"max_seq_len": 16})
+    cfg_json["prior_model"]["latent_ce_temperature"] = 0.2
+    torch.manual_seed(3)
+    src = LARPTokenizer(TokenizerConfig(
+        num_tokens=16, frames=4, height=16, width=16, temporal_patch=2, patch=4, enc_dim=32, enc_depth=2, enc_heads=2,
+        dec_dim=32, dec_depth=2, dec_heads=2, codebook_size=64).with_prior("gptc-xxs", max_seq_len=16))
+    sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
+    for k in sd:
+        if k.startswith("prior_model.") and k.endswith("bias"):
+            sd[k].normal_(std=0.1)  # non-zero biases: the q/k/v/bias folding is exercised
+    spec = tokenizer_keys(D=32, enc_depth=2, dec_depth=2, N=16, P=32, K=64, patch=(2, 4, 4), prior=(256, 6, 16))
+    assert {k: tuple(v.shape) for k, v in sd.items()} == spec  # the authors' names, independently written
+    folder = tmp_path / "authors-tok"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg_json))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    path = export_bundle(folder, None, tmp_path / "b", onnx_only=True, **quiet)
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = _authors_prior_logprobs(sd, heads=4, temperature=0.2, tokens=tokens).numpy()
+    assert want.std() > 0.5  # peaked enough that the temperature matters
+    eng = Engine(path)
+    for method in ("full", "steps"):
+        assert np.abs(eng.prior_logprobs(tokens.numpy(), method=method) - want).max() < 1e-4, method
+
+
+# ------------------------------------------------------------------------------------------------
+# generation
+# ------------------------------------------------------------------------------------------------
+def torch_greedy(tok: LARPTokenizer, prefix: np.ndarray) -> np.ndarray:
+    """The PyTorch prior's greedy continuation: the full causal forward over the tokens so far, argmax."""
+    N = tok.config.num_tokens
+    t = torch.from_numpy(prefix)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~60 tiny forwards: on 2 busy cores the thread pool only adds waits
+    try:
+        with torch.no_grad():
+            while t.shape[1] < N:
+                nxt = prior_reference_logits(tok, torch.cat([t, t[:, :1]], dim=1))[:, -1].argmax(-1)  # of t[len]
+                t = torch.cat([t, nxt[:, None]], dim=1)
+    finally:
+        torch.set_num_threads(threads)
+    return t.numpy()
+
+
+@pytest.fixture(scope="module")
+def greedy_case(prior_bundle):
+    prefix = np.random.default_rng(5).integers(0, 1024, (3, 10))
+    return prefix, torch_greedy(prior_bundle[0], prefix)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_greedy_prior_generate_equals_pytorch_greedy(engines, greedy_case, backend):
+    prefix, want = greedy_case
+    got = engines[backend].prior_generate(prefix, SamplingParams(temperature=0.0))
+    assert got.tokens.shape == (3, 64) and np.array_equal(got.tokens, want)
+    assert np.array_equal(engines[backend].prior_generate(prefix, SamplingParams(top_k=1, seed=9)).tokens, want)
+
+
+def test_seeded_sampling_is_reproducible_batch_independent_and_backend_independent(engines):
+    eng = engines["onnxruntime"]
+    prefix = np.random.default_rng(6).integers(0, 1024, (3, 8))
+    p = SamplingParams(temperature=1.0, top_p=0.95, seed=11)
+    a = eng.prior_generate(prefix, p)
+    assert a.seeds == [11, 11, 11] and np.array_equal(a.tokens, eng.prior_generate(prefix, p).tokens)
+    assert not np.array_equal(a.tokens[0, 8:], a.tokens[1, 8:])  # rows draw from their own streams
+    assert np.array_equal(a.tokens, engines["torch"].prior_generate(prefix, p).tokens)
+    # a list: one stream (seed_i, 0) per row, so a row's tokens are those it gets alone
+    plist = [SamplingParams(seed=s, top_k=50) for s in (1, 2, 3)]
+    batch = eng.prior_generate(prefix, plist)
+    for i, q in enumerate(plist):
+        assert np.array_equal(batch.tokens[i], eng.prior_generate(prefix[i:i + 1], q).tokens[0])
+    fresh = eng.prior_generate(prefix[:1])  # params=None: temperature 1 with a fresh seed, reported
+    assert np.array_equal(fresh.tokens, eng.prior_generate(prefix[:1], SamplingParams(seed=fresh.seeds[0])).tokens)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_concurrent_prior_calls_return_what_they_return_alone(engines, backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    eng = engines[backend]
+    prefixes = [np.random.default_rng(20 + i).integers(0, 1024, (2, 6)) for i in range(4)]
+    alone = [eng.prior_generate(x, SamplingParams(seed=i)).tokens for i, x in enumerate(prefixes)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda a: eng.prior_generate(a[1], SamplingParams(seed=a[0])).tokens,
+                                 enumerate(prefixes)))
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together, strict=True))
+
+
+def test_token_index_is_the_step_counter(engines):
+    """Token t is drawn with the Philox step t: a continuation from a longer prefix that agrees with a shorter
+    run's tokens draws the same tokens after it (the draws do not depend on where the prefix ended)."""
+    eng = engines["onnxruntime"]
+    prefix = np.random.default_rng(7).integers(0, 1024, (2, 5))
+    p = SamplingParams(seed=21)
+    short = eng.prior_generate(prefix, p).tokens
+    longer = eng.prior_generate(short[:, :30], p).tokens
+    assert np.array_equal(longer, short)
+    whole = eng.prior_generate(short, p)  # a full-length prefix: nothing to sample
+    assert np.array_equal(whole.tokens, short)
+
+
+def test_bad_input_gets_a_clear_error(engines):
+    eng = engines["onnxruntime"]
+    ok = np.zeros((2, 64), np.int64)
+    cases = [
+        (lambda: eng.prior_logprobs(np.full((1, 64), 1024)), r"tokens must be in \[0, 1023\]"),
+        (lambda: eng.prior_logprobs(ok[:, :10]), r"shape \(B, 64\)"),
+        (lambda: eng.prior_logprobs(ok, method="fast"), "method must be"),
+        (lambda: eng.prior_generate(np.full((1, 4), -1)), r"prefix_tokens must be in \[0, 1023\]"),
+        (lambda: eng.prior_generate(np.zeros((1, 0), np.int64)), "empty"),
+        (lambda: eng.prior_generate(np.zeros((1, 65), np.int64)), "more than the tokenizer's N = 64"),
+        (lambda: eng.prior_generate(np.zeros(8, np.int64)), "add a batch axis"),
+        (lambda: eng.prior_generate(ok[:, :4].astype(np.float32)), "must be integers"),
+        (lambda: eng.prior_generate(ok[:, :4], SamplingParams(cfg_scale=1.5)), "cfg_scale must be 1.0 for the prior"),
+        (lambda: eng.prior_generate(ok[:, :4], SamplingParams(top_k=1025)), "top_k"),
+        (lambda: eng.prior_generate(ok[:, :4], [SamplingParams()]), "params has 1 SamplingParams for 2"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()
+
+
+# ------------------------------------------------------------------------------------------------
+# the committed tiny tokenizer (trained with the prior)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not REPO_TINY.is_dir(), reason="the committed tiny checkpoint is not in this checkout")
+def test_committed_tiny_prior_nll_on_held_out_clips(tmp_path):
+    from larp_rt.training.data import SyntheticVideos
+
+    path = export_bundle(REPO_TINY, None, tmp_path / "b", onnx_only=True, **quiet)
+    eng = Engine(path)
+    cfg = eng.tokenizer_config
+    held_out = SyntheticVideos(256, frames=cfg.frames, height=cfg.height, width=cfg.width, num_classes=8, seed=1)
+    video = torch.stack([held_out[i][0] for i in range(64)]).numpy()  # data_seed + 1: the training's held-out set
+    nll = eng.prior_nll(eng.encode(video))
+    log_k = math.log(cfg.codebook_size)  # 6.931: a uniform guess
+    # measured: mean 6.078 nats/token (min 5.971, max 6.173); the prior trained 5500 steps on 2 CPU cores
+    assert abs(nll.mean() - 6.078) < 0.03 and nll.max() < log_k - 0.7
+    shuffled = np.random.default_rng(0).permuted(eng.encode(video), axis=1)  # same tokens, order destroyed
+    # measured 6.743 shuffled: the prior models the order, not only the frequencies
+    assert eng.prior_nll(shuffled).mean() > nll.mean() + 0.4
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+# ------------------------------------------------------------------------------------------------
+def test_cli_score_and_prior_generate(prior_bundle, engines, tmp_path, capsys):
+    from larp_rt.video import read_video, write_video
+
+    _, path = prior_bundle
+    rng = np.random.default_rng(8)
+    write_video(tmp_path / "in.mp4", (rng.random((10, 40, 48, 3)) * 255).astype(np.uint8), fps=8)
+    tokens = rng.integers(0, 1024, (2, 64))
+    np.save(tmp_path / "t.npy", tokens)
+    assert main(["score", str(path), str(tmp_path / "in.mp4"), str(tmp_path / "t.npy"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["video"] for r in out["videos"]] == [0, 0, 1] and out["log_codebook"] == pytest.approx(math.log(1024))
+    assert np.allclose([r["nll"] for r in out["videos"][1:]], engines["onnxruntime"].prior_nll(tokens), atol=1e-6)
+    assert main(["score", str(path), str(tmp_path / "t.npy")]) == 0
+    assert "nats/token" in capsys.readouterr().out
+
+    out_mp4 = tmp_path / "cont.mp4"
+    assert main(["prior-generate", str(path), str(tmp_path / "in.mp4"), "--keep", "20", "--seed", "1",
+                 "--out", str(out_mp4)]) == 0
+    assert "seeds: [1]" in capsys.readouterr().out
+    frames, _ = read_video(out_mp4)
+    assert frames.shape == (8, 32 + 4, 2 * 32 + 6, 3)  # original | continuation, 2 px padding
+    assert main(["prior-generate", str(path), str(tmp_path / "t.npy"), "--keep", "20", "--seed", "1",
+                 "--out", str(tmp_path / "cont.npy")]) == 0
+    cont = np.load(tmp_path / "cont.npy")
+    assert cont.shape == (2, 64) and np.array_equal(cont[:, :20], tokens[:, :20])
+    assert np.array_equal(cont, engines["onnxruntime"].prior_generate(tokens[:, :20], SamplingParams(seed=1)).tokens)
+    capsys.readouterr()
+    assert main(["prior-generate", str(path), str(tmp_path / "in.mp4"), "--keep", "65", "--out", str(out_mp4)]) == 2
+    assert "--keep must be in [1, 64]" in capsys.readouterr().err

@@ -226,14 +226,7 @@ class Engine:
         """Sample token sequences for ``class_ids``. ``params``: one SamplingParams for the whole batch (row i
         draws from the stream (seed, i)), a list with one per class id (each its own stream), or None for the
         bundle's defaults with a fresh seed. ``progress(step, total)`` is called after every position."""
-        it = self.generate_iter(class_ids, params)
-        while True:
-            try:
-                ev = next(it)
-            except StopIteration as stop:
-                return stop.value
-            if progress is not None:
-                progress(ev.step + 1, ev.total)
+        return _run(self.generate_iter(class_ids, params), progress)
 
     def generate_video(self, class_ids, params=None, *, progress=None) -> tuple[np.ndarray, Generation]:
         """generate + decode: (B, C, T, H, W) float32 videos and the Generation."""
@@ -361,18 +354,22 @@ class Engine:
         row, each its own (seed_i, 0); None: temperature 1 with a fresh seed). Token t is drawn with the Philox step
         counter t (its index in the video, like ``generate``), so the draw for a position does not depend on the
         prefix length. Returns the whole sequences (B, N), prefix included. ``progress(t + 1, N)`` after each token."""
-        it = self.prior_generate_iter(prefix_tokens, params)
-        while True:
-            try:
-                ev = next(it)
-            except StopIteration as stop:
-                return stop.value
-            if progress is not None:
-                progress(ev.step + 1, ev.total)
+        return _run(self.prior_generate_iter(prefix_tokens, params), progress)
 
     def __repr__(self) -> str:
         parts = [p for p, c in (("tokenizer", self.tokenizer_config), ("generator", self.generator_config)) if c]
         return f"Engine({str(self.bundle.path)!r}, backend={self.backend_name!r}, parts={parts})"
+
+
+def _run(it, progress: Callable[[int, int], None] | None) -> Generation:
+    """Exhaust a generation iterator (StepEvents, then its Generation), reporting ``progress(step + 1, total)``."""
+    while True:
+        try:
+            ev = next(it)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(ev.step + 1, ev.total)
 
 
 def _as_array(x, name: str) -> np.ndarray:

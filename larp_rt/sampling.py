@@ -94,6 +94,10 @@ class RowParams:
     def __len__(self) -> int:
         return len(self.seed)
 
+    def select(self, rows) -> RowParams:
+        """These parameters for ``rows`` only (an index array, a slice or a mask), every field alike."""
+        return RowParams(**{f: getattr(self, f)[rows] for f in RowParams.__dataclass_fields__})
+
     @property
     def uses_cfg(self) -> bool:
         return bool(np.any(self.cfg_scale != 1.0))

@@ -281,8 +281,7 @@ class ContinuousBatch:
         tokens = np.zeros(len(k), np.int64)
         ok = np.flatnonzero(~failed)
         if len(ok):
-            sub = RowParams(**{f: getattr(params, f)[ok] for f in RowParams.__dataclass_fields__})
-            tokens[ok] = be.sampler(cond[ok], None if uncond is None else uncond[ok], sub, k[ok],
+            tokens[ok] = be.sampler(cond[ok], None if uncond is None else uncond[ok], params.select(ok), k[ok],
                                     **({"u": extra["u"][ok]} if extra else {}))
         return tokens, failed
 
@@ -331,8 +330,7 @@ class Backend:
         B, N = len(class_ids), cfg.max_seq_len
         guided = np.flatnonzero(params.cfg_scale != 1.0)
         batch = ContinuousBatch(self, self.runner(B + len(guided)))
-        seqs = [Sequence(c, RowParams(**{f: getattr(params, f)[i:i + 1] for f in RowParams.__dataclass_fields__}), N)
-                for i, c in enumerate(class_ids)]
+        seqs = [Sequence(c, params.select(slice(i, i + 1)), N) for i, c in enumerate(class_ids)]
         null = dict(zip(guided.tolist(), range(B, B + len(guided)), strict=True))
         for i, s in enumerate(seqs):
             batch.admit(s, (i, null.get(i, -1)))

@@ -44,7 +44,7 @@ from .. import kernels
 from .. import sampling_torch as ST
 from ..models.generator import LARPGenerator
 from ..sampling import RowParams
-from .base import NON_FINITE, StepEvent
+from .base import NON_FINITE, StepEvent, bucket
 
 __all__ = ["FastGenerator", "StaticRowParams", "bucket_size", "pad_params", "use_kernel_sampler", "NON_FINITE"]
 
@@ -52,8 +52,8 @@ _PARAM_TENSORS = ("cfg_scale", "temperature", "top_k", "top_p", "seed", "stream"
 
 
 def bucket_size(batch: int) -> int:
-    """Request rows of the bucket that serves ``batch`` requests: the next power of two."""
-    return 1 << max(batch - 1, 0).bit_length()
+    """Request rows of the bucket that serves ``batch`` requests: the next power of two (the shared loop's buckets)."""
+    return bucket(batch)
 
 
 def pad_params(params: RowParams, rows: int) -> RowParams:

@@ -1,5 +1,17 @@
-"""Export: checkpoint folders -> bundles (ONNX graphs verified against PyTorch; TensorRT plans)."""
+"""Export: checkpoint folders -> bundles (ONNX graphs verified against PyTorch; TensorRT plans).
 
-from .onnx_export import DEFAULT_OPSET, ExportError, export_bundle
+Names are imported lazily, so ``build_plans`` (TensorRT plans) works where torch is not installed."""
 
-__all__ = ["export_bundle", "ExportError", "DEFAULT_OPSET"]
+__all__ = ["export_bundle", "ExportError", "DEFAULT_OPSET", "build_plans", "PlanBuildError"]
+
+
+def __getattr__(name):
+    if name in ("export_bundle", "ExportError", "DEFAULT_OPSET"):
+        from . import onnx_export
+
+        return getattr(onnx_export, name)
+    if name in ("build_plans", "PlanBuildError"):
+        from . import trt_build
+
+        return getattr(trt_build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

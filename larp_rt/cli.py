@@ -235,6 +235,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .export.trt_build import build_plans
+
+    build_plans(args.bundle_dir, trt=args.trt, precision=args.precision, batch=args.batch, max_seq=args.max_seq,
+                compute_capability=args.compute_capability, strip_weights=args.strip_weights)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
     import os
@@ -276,7 +284,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle directory (from `larp-rt export`)")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "torch"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
     p.add_argument("--sampler", choices=["auto", "fused", "kernel", "graph", "reference"], default="auto",
@@ -374,6 +382,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     s.set_defaults(fn=_cmd_serve)
 
+    bp = sub.add_parser("build", help="TensorRT plans for a bundle's graphs (TensorRT-RTX ahead of time on any "
+                                      "machine, or datacenter TensorRT on its GPU)",
+                        description="Build TensorRT plans from the bundle's ONNX graphs into BUNDLE_DIR/plans and "
+                                    "record them in its manifest (replacing earlier plans). A failed build leaves "
+                                    "the bundle unchanged.")
+    bp.add_argument("bundle_dir")
+    bp.add_argument("--trt", choices=["auto", "rtx", "tensorrt"], default="auto",
+                    help="builder: rtx = TensorRT-RTX (no GPU needed; RTX GPUs), tensorrt = datacenter TensorRT "
+                         "(builds on its GPU); auto = rtx when installed")
+    bp.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default=None,
+                    help="must match the bundle's graphs (strongly typed networks; default: the bundle's)")
+    bp.add_argument("--batch", default="1,2,4,8,16", help="batch buckets, one optimisation profile each")
+    bp.add_argument("--max-seq", type=int, default=None, help="largest KV-cache length (default: the bundle's)")
+    bp.add_argument("--compute-capability", default=None,
+                    help="target GPUs, e.g. 8.6,8.9 or 'current' (rtx; default: its portable set); datacenter "
+                         "TensorRT targets the GPU it builds on")
+    bp.add_argument("--strip-weights", action="store_true",
+                    help="weight-stripped plans, refitted at load from the bundle's ONNX weights")
+    bp.set_defaults(fn=_cmd_build)
+
     i = sub.add_parser("info", help="inspect a checkpoint folder (ours or the authors'); loads it strictly")
     i.add_argument("checkpoint", help="folder with config.json + model.safetensors")
     i.set_defaults(fn=_cmd_info)
@@ -397,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, OSError, RuntimeError) as e:  # our errors are ValueErrors with actionable text
+    except (ValueError, OSError, RuntimeError, ImportError) as e:  # our errors are ValueErrors with actionable text
         print(f"larp-rt {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

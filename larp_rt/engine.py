@@ -35,7 +35,7 @@ from .sampling import RowParams, SamplingParams, resolve_params
 __all__ = ["Engine", "Generation"]
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "onnxruntime", "torch")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,11 @@ class Engine:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
         if backend == "auto":
             backend = "onnxruntime" if self.bundle.graphs and importlib.util.find_spec("onnxruntime") else "torch"
-        if backend == "onnxruntime":
+        if backend == "tensorrt":  # never picked by "auto": plans need a GPU, checked before anything is created
+            from .backends.tensorrt import TensorRTBackend
+
+            self.backend = TensorRTBackend(self.bundle, device=device, threads=threads, sampler=sampler)
+        elif backend == "onnxruntime":
             from .backends.onnxruntime import OnnxRuntimeBackend
 
             self.backend = OnnxRuntimeBackend(self.bundle, device=device, threads=threads, sampler=sampler)

@@ -1,0 +1,708 @@
+"""TensorRT backend: the bundle's plans (``larp-rt build``) on an NVIDIA GPU through cuda-python; no torch.
+
+Loading checks before it creates anything:
+
+1. every plan's file has its recorded sha256, and was built from the ONNX graph the bundle holds now;
+2. the plan's builder (TensorRT-RTX or datacenter TensorRT) is installed here at the plan's version;
+3. a usable GPU exists (``probe_gpus``: cudaGetDeviceCount in a child process, so a broken driver cannot crash
+   this one) and its compute capability is one of the plan's targets;
+4. the engine validity API (TensorRT-RTX's ``Runtime.get_engine_validity``, a header check) accepts the plan.
+
+Each failure names the plan's target, this machine and the ``larp-rt build`` command that fixes it. Only then are
+TensorRT / CUDA runtime objects created. Without a usable GPU, ``Engine(backend="tensorrt")`` raises at step 3
+and ``backend="auto"`` never picks TensorRT.
+
+Running (per batch bucket, allocated once): device buffers for every input and output; the KV cache on the device
+(one buffer per layer and tensor, bound as (rows, h, S_w, hd) with the cache window S_w following the longest row,
+like the ONNX Runtime backend: a step reads about ``pos`` slots); after the decode step a small NVRTC kernel writes
+every row's new entries into its slot ``pos[r]``, a gather kernel picks the sampled rows' logits and the cpp_ext
+CUDA sampling kernel (``kernels.launch_cuda``) draws on the same stream. That sequence is captured as one CUDA
+graph per (bucket, window, request-row count) and replayed (``LARP_RT_TRT_CUDA_GRAPHS=0`` runs it eagerly).
+The step's inputs and the sampling parameters travel in pinned host buffers that the graph copies from, and the
+tokens come back the same way: one stream synchronisation per step (not yet chunked across steps, see README).
+Encode and decode run on their plans with buffers per bucket as well. Weight-stripped plans are refitted at load
+from the bundle's own ONNX files. TensorRT-RTX's JIT kernels persist in a runtime cache per plan under
+``$LARP_RT_TRT_CACHE`` (default ``~/.cache/larp_rt/tensorrt``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle, BundleError, sha256_file
+from .base import Backend, StepRunner, StepSample
+
+__all__ = ["TensorRTBackend", "Machine", "PlanMismatchError", "TensorRTUnavailable", "probe_gpus", "check_plans",
+           "machine", "rebuild_command"]
+
+PKG = {"tensorrt-rtx": "tensorrt_rtx", "tensorrt": "tensorrt"}
+FLAG = {"tensorrt-rtx": "rtx", "tensorrt": "tensorrt"}
+
+_PROBE = r"""
+import json
+try:
+    try:
+        from cuda.bindings import runtime as rt
+    except ImportError:
+        from cuda import cudart as rt
+except ImportError as e:
+    print(json.dumps({"error": "cuda-python is not installed (" + str(e) + "): pip install 'larp_rt[tensorrt]'"}))
+    raise SystemExit(0)
+err, n = rt.cudaGetDeviceCount()
+if int(err) != 0:
+    print(json.dumps({"error": "cudaGetDeviceCount: " + str(err)}))
+    raise SystemExit(0)
+gpus = []
+for i in range(n):
+    e, p = rt.cudaGetDeviceProperties(i)
+    if int(e) == 0:
+        name = p.name.decode(errors="replace").rstrip("\x00") if isinstance(p.name, bytes) else str(p.name)
+        gpus.append({"index": i, "name": name, "cc": f"{p.major}.{p.minor}"})
+print(json.dumps({"gpus": gpus}))
+"""
+_probe_lock = threading.Lock()
+_probe_cache: tuple[list[dict], str] | None = None
+
+
+class TensorRTUnavailable(RuntimeError):
+    """No usable GPU / TensorRT here (raised before any TensorRT or CUDA runtime object exists)."""
+
+
+class PlanMismatchError(RuntimeError):
+    """A plan does not suit this machine (builder version, compute capability, validity); rebuild it."""
+
+
+def probe_gpus(timeout: float = 60.0) -> tuple[list[dict], str]:
+    """([{index, name, cc}], why-empty): CUDA devices seen by cuda-python, probed once per process in a child
+    process (a missing or broken driver makes it exit or die there, never here). ``LARP_RT_TRT_PROBE=0`` probes
+    nothing and reports no GPU."""
+    global _probe_cache
+    with _probe_lock:
+        if _probe_cache is not None:
+            return _probe_cache
+        if os.environ.get("LARP_RT_TRT_PROBE", "1") == "0":
+            _probe_cache = ([], "LARP_RT_TRT_PROBE=0")
+            return _probe_cache
+        try:
+            r = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            _probe_cache = ([], f"the CUDA probe failed: {e}")
+            return _probe_cache
+        if r.returncode != 0:
+            how = f"signal {-r.returncode}" if r.returncode < 0 else f"exit status {r.returncode}"
+            tail = (r.stderr.strip().splitlines() or [""])[-1]
+            _probe_cache = ([], f"the CUDA probe ended with {how} {tail}".strip())
+            return _probe_cache
+        try:
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            _probe_cache = ([], f"the CUDA probe printed nothing readable: {r.stdout[-200:]!r}")
+            return _probe_cache
+        gpus = out.get("gpus") or []
+        _probe_cache = (gpus, out.get("error") or ("no CUDA device" if not gpus else ""))
+        return _probe_cache
+
+
+def _installed(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What plans are checked against: the installed builders' versions and the GPUs (none: no usable GPU)."""
+
+    versions: dict = field(default_factory=dict)  # "tensorrt-rtx" / "tensorrt" -> version or None
+    gpus: tuple = ()  # ({"index", "name", "cc"}, ...)
+    why_no_gpu: str = ""
+
+    def describe(self) -> str:
+        have = ", ".join(f"{k} {v}" for k, v in self.versions.items() if v) or "no TensorRT"
+        g = "; ".join(f"GPU {x['index']} {x['name']} (compute capability {x['cc']})" for x in self.gpus)
+        return f"this machine: {have}; " + (g or f"no usable GPU ({self.why_no_gpu})")
+
+
+def machine(probe: bool = True) -> Machine:
+    versions = {k: _installed(k) for k in PKG}
+    if not probe:
+        return Machine(versions)
+    gpus, why = probe_gpus()
+    return Machine(versions, tuple(gpus), why)
+
+
+def _trt_version_of(mod_name: str) -> str | None:
+    """The module's own version (the wheel's metadata can carry a longer build number, e.g. 1.7.1.116)."""
+    return None if mod_name is None else _installed(mod_name)
+
+
+def rebuild_command(bundle: Bundle, flavour: str, cc: str | None = None) -> str:
+    trt = bundle.manifest.get("tensorrt") or {}
+    cmd = f"larp-rt build {bundle.path} --trt {FLAG.get(flavour, 'auto')}"
+    if trt.get("buckets"):
+        cmd += " --batch " + ",".join(map(str, trt["buckets"]))
+    if cc:
+        cmd += f" --compute-capability {cc}"
+    return cmd
+
+
+def _same_version(a: str, b: str) -> bool:
+    """Plans record the module's __version__ (1.7.1.116); metadata may say the same or a prefix of it."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def check_plans(bundle: Bundle, mach: Machine, *, device: int = 0, need_gpu: bool = True) -> dict[str, dict]:
+    """Every plan entry of the bundle against its files and ``mach``; returns the entries. Raises BundleError (a file
+    altered or stale) or PlanMismatchError (builder version / compute capability) with the rebuild command, or
+    TensorRTUnavailable (no GPU, when ``need_gpu``)."""
+    plans = bundle.manifest.get("plans") or {}
+    if not plans:
+        raise BundleError(f"bundle {str(bundle.path)!r} has no TensorRT plans: build them with "
+                          f"`larp-rt build {bundle.path}`")
+    for name, e in plans.items():
+        p = bundle.path / e["file"]
+        if not p.is_file():
+            raise BundleError(f"plan {str(p)!r} is missing; rebuild with `{rebuild_command(bundle, e['flavour'])}`")
+        if sha256_file(p) != e["sha256"]:
+            raise BundleError(f"plan {str(p)!r} was altered (sha256 mismatch with manifest.json); rebuild with "
+                              f"`{rebuild_command(bundle, e['flavour'])}`")
+        if name in bundle.graphs and sha256_file(bundle.graph_path(name)) != e.get("onnx_sha256"):
+            raise BundleError(f"plan {e['file']!r} was built from another {bundle.graphs[name].file} than the bundle "
+                              f"holds now; rebuild with `{rebuild_command(bundle, e['flavour'])}`")
+    for name, e in plans.items():
+        fl, ver = e["flavour"], str(e["version"])
+        have = mach.versions.get(fl)
+        if have is None or not _same_version(have, ver):
+            here = f"{fl} {have}" if have else f"no {fl}"
+            raise PlanMismatchError(
+                f"plan {e['file']!r} ({name}) was built with {fl} {ver} for compute capability "
+                f"{', '.join(e['compute_capabilities'])}; {mach.describe()} ({here}). Plans only load in the "
+                f"TensorRT they were built with: rebuild with `{rebuild_command(bundle, fl)}`"
+                + ("" if have else f" after pip install {fl}=={ver}"))
+    if not need_gpu:
+        return plans
+    if not mach.gpus:
+        raise TensorRTUnavailable(
+            f"backend='tensorrt' needs a usable NVIDIA GPU, and there is none ({mach.why_no_gpu}); "
+            "use backend='onnxruntime' (CPU) or run on a machine with a GPU")
+    gpu = mach.gpus[min(device, len(mach.gpus) - 1)]
+    for name, e in plans.items():
+        targets = e["compute_capabilities"]
+        if gpu["cc"] not in targets:
+            raise PlanMismatchError(
+                f"plan {e['file']!r} ({name}) targets compute capability {', '.join(targets)} ({e['flavour']} "
+                f"{e['version']}); {mach.describe()}. Rebuild with "
+                f"`{rebuild_command(bundle, e['flavour'], gpu['cc'])}`")
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA helpers (cuda-python runtime API)
+# ---------------------------------------------------------------------------------------------------------------
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart
+    return cudart
+
+
+def _ok(res, what: str):
+    err = res[0] if isinstance(res, tuple) else res
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed: {err}")
+    if isinstance(res, tuple):
+        return res[1] if len(res) == 2 else res[1:]
+    return None
+
+
+class _Pinned:
+    """A page-locked host buffer viewed as a numpy array."""
+
+    def __init__(self, cudart, shape, dtype):
+        self.cudart = cudart
+        self.nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
+        self.ptr = int(_ok(cudart.cudaMallocHost(self.nbytes), "cudaMallocHost"))
+        raw = (ctypes.c_char * self.nbytes).from_address(self.ptr)
+        self.array = np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def free(self):
+        if self.ptr:
+            self.cudart.cudaFreeHost(self.ptr)
+            self.ptr = 0
+
+
+class _Device:
+    def __init__(self, cudart, nbytes: int):
+        self.cudart = cudart
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(_ok(cudart.cudaMalloc(self.nbytes), "cudaMalloc"))
+        _ok(cudart.cudaMemset(self.ptr, 0, self.nbytes), "cudaMemset")
+
+    def free(self):
+        if self.ptr:
+            self.cudart.cudaFree(self.ptr)
+            self.ptr = 0
+
+
+_KERNELS = r"""
+// row r's new cache entries (present: rows x h x hd) into slot pos[r] of its cache (rows x h x W x hd), for every
+// layer and tensor at once (blockIdx.y picks the pair); elements are copied as raw bits of ESIZE bytes
+template <typename T>
+__device__ void kv_write_t(T* cache, const T* present, const long long* pos, int rows, int H, int W, int hd) {
+  long long n = (long long)rows * H * hd;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    long long d = i % hd, rh = i / hd, r = rh / H;
+    long long p = pos[r];
+    if (p >= 0 && p < W) cache[(rh * W + p) * hd + d] = present[i];
+  }
+}
+extern "C" __global__ void kv_write2(unsigned long long const* caches, unsigned long long const* presents,
+                                     const long long* pos, int rows, int H, int W, int hd) {
+  kv_write_t((unsigned short*)caches[blockIdx.y], (const unsigned short*)presents[blockIdx.y], pos, rows, H, W, hd);
+}
+extern "C" __global__ void kv_write4(unsigned long long const* caches, unsigned long long const* presents,
+                                     const long long* pos, int rows, int H, int W, int hd) {
+  kv_write_t((unsigned int*)caches[blockIdx.y], (const unsigned int*)presents[blockIdx.y], pos, rows, H, W, hd);
+}
+// dst[i] = src[rows[i]] (V floats per row): the sampled rows' logits, contiguous for the sampling kernel
+extern "C" __global__ void gather_rows(float* dst, const float* src, const long long* rows, int R, int V) {
+  long long n = (long long)R * V;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+    dst[i] = src[rows[i / V] * (long long)V + i % V];
+}
+"""
+
+
+class _Kernels:
+    """The KV-write and gather kernels, compiled once with NVRTC for this GPU."""
+
+    def __init__(self, cc: str):
+        try:
+            from cuda.bindings import driver, nvrtc
+        except ImportError:
+            from cuda import cuda as driver
+            from cuda import nvrtc
+        self.driver = driver
+        prog = _ok(nvrtc.nvrtcCreateProgram(_KERNELS.encode(), b"larp_rt_kv.cu", 0, [], []), "nvrtcCreateProgram")
+        arch = f"--gpu-architecture=compute_{cc.replace('.', '')}".encode()
+        err = nvrtc.nvrtcCompileProgram(prog, 2, [arch, b"--std=c++14"])[0]
+        if int(err) != 0:
+            size = _ok(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            log = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile the KV-write kernels: {log.decode(errors='replace')}")
+        size = _ok(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+        ptx = b" " * size
+        _ok(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+        # the runtime API has made the primary context current (cudaSetDevice + allocations)
+        self.module = _ok(driver.cuModuleLoadData(ptx), "cuModuleLoadData")
+        self.fn = {n: _ok(driver.cuModuleGetFunction(self.module, n.encode()), "cuModuleGetFunction")
+                   for n in ("kv_write2", "kv_write4", "gather_rows")}
+
+    def launch(self, name: str, grid, block: int, stream: int, args: list[tuple[int, type]]) -> None:
+        vals = [c(v) for v, c in args]
+        ptrs = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+        _ok(self.driver.cuLaunchKernel(self.fn[name], grid[0], grid[1], 1, block, 1, 1, 0, stream,
+                                       ctypes.addressof(ptrs), 0), f"cuLaunchKernel({name})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class _Plan:
+    """One deserialised plan: its engine, one execution context per profile (batch bucket), created lazily."""
+
+    def __init__(self, be: TensorRTBackend, name: str, entry: dict):
+        trt = be.trt
+        self.be, self.name, self.entry = be, name, entry
+        blob = (be.bundle.path / entry["file"]).read_bytes()
+        validity = getattr(be.runtime, "get_engine_validity", None)
+        if validity is not None:
+            state, diag = validity(blob)
+            if state == trt.EngineValidity.INVALID:
+                raise PlanMismatchError(
+                    f"TensorRT says plan {entry['file']!r} is not valid on this machine (diagnostics {diag}); "
+                    f"{be.machine.describe()}; rebuild with "
+                    f"`{rebuild_command(be.bundle, entry['flavour'], be.gpu['cc'])}`")
+        self.engine = be.runtime.deserialize_cuda_engine(blob)
+        if self.engine is None:
+            raise PlanMismatchError(f"TensorRT could not deserialise plan {entry['file']!r}; rebuild with "
+                                    f"`{rebuild_command(be.bundle, entry['flavour'], be.gpu['cc'])}`")
+        if entry.get("weights") == "stripped":  # refit from the bundle's own ONNX weights
+            refitter = trt.Refitter(self.engine, be.logger)
+            parser = trt.OnnxParserRefitter(refitter, be.logger)
+            if not parser.refit_from_file(str(be.bundle.path / entry["onnx"])) or not refitter.refit_cuda_engine():
+                raise RuntimeError(f"refitting weight-stripped plan {entry['file']!r} from {entry['onnx']} failed")
+        self.buckets = list(entry["buckets"])
+        self.inputs = [i["name"] for i in entry["inputs"]]
+        self.outputs = [o["name"] for o in entry["outputs"]]
+        self.dtypes = {d["name"]: np.dtype(d["dtype"]) for d in entry["inputs"] + entry["outputs"]}
+        self._contexts: dict[int, object] = {}
+        self.runtime_cache = None
+        self.cache_path = None
+
+    def context(self, bucket: int):
+        ctx = self._contexts.get(bucket)
+        if ctx is None:
+            be, k = self.be, self.buckets.index(bucket)
+            if be.flavour == "tensorrt-rtx" and hasattr(self.engine, "create_runtime_config"):
+                rc = self.engine.create_runtime_config()
+                if self.runtime_cache is None:
+                    self.runtime_cache = rc.create_runtime_cache()
+                    self.cache_path = be.cache_dir / f"{self.entry['sha256'][:24]}-{be.gpu['cc']}.rtcache"
+                    if self.cache_path.is_file():
+                        self.runtime_cache.deserialize(self.cache_path.read_bytes())
+                rc.set_runtime_cache(self.runtime_cache)
+                ctx = self.engine.create_execution_context(rc)
+            else:
+                ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(k, be.stream)
+            self._contexts[bucket] = ctx
+        return ctx
+
+    def bucket_for(self, rows: int) -> int:
+        for b in self.buckets:
+            if b >= rows:
+                return b
+        raise ValueError(f"plan {self.entry['file']!r} serves at most {self.buckets[-1]} rows, got {rows}; rebuild "
+                         f"with a bigger bucket: `larp-rt build {self.be.bundle.path} --batch "
+                         f"{','.join(map(str, self.buckets + [rows]))}`")
+
+    def save_cache(self) -> None:
+        if self.runtime_cache is not None and self.cache_path is not None:
+            try:
+                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                self.cache_path.write_bytes(bytes(self.runtime_cache.serialize()))
+            except OSError:
+                pass  # a cache is an optimisation
+
+
+class TensorRTBackend(Backend):
+    """The bundle's TensorRT plans on GPU ``device`` (``LARP_RT_CUDA_DEVICE``, default 0)."""
+
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int | None = None, sampler: str = "auto"):
+        if device == "cpu":
+            raise ValueError("backend='tensorrt' runs on a GPU; device='cpu' runs on backend='onnxruntime'")
+        if sampler not in ("auto", "kernel", "reference"):
+            raise ValueError(f"sampler={sampler!r}: the tensorrt backend samples with 'kernel' (the CUDA kernel on "
+                             "the engine's stream; 'auto' picks it when built) or 'reference' (on the host)")
+        super().__init__(bundle.tokenizer_config, bundle.generator_config)
+        self.bundle = bundle
+        dev = int(os.environ.get("LARP_RT_CUDA_DEVICE", "0"))
+        check_plans(bundle, machine(probe=False), need_gpu=False)  # files and versions: no GPU needed to tell
+        self.machine = machine(probe=True)
+        entries = check_plans(bundle, self.machine, device=dev)  # raises without a GPU: nothing created yet
+        self.gpu = self.machine.gpus[min(dev, len(self.machine.gpus) - 1)]
+        self.flavour = next(iter(entries.values()))["flavour"]
+        import importlib
+
+        self.trt = trt = importlib.import_module(PKG[self.flavour])
+        self.cudart = cudart = _cudart()
+        _ok(cudart.cudaSetDevice(int(self.gpu["index"])), "cudaSetDevice")
+        self.stream = int(_ok(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreate"))
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.cache_dir = Path(os.environ.get("LARP_RT_TRT_CACHE", Path.home() / ".cache" / "larp_rt" / "tensorrt"))
+        self.plans = {name: _Plan(self, name, e) for name, e in entries.items()}
+        self._io: dict[tuple[str, int], dict] = {}
+        self._lock = threading.Lock()  # encode/decode share the stream and the per-bucket buffers
+        self._kernels: _Kernels | None = None
+        from .. import kernels
+
+        self.cuda_sampler = sampler in ("auto", "kernel") and kernels.cuda_library() is not None
+        if sampler == "kernel" and not self.cuda_sampler:
+            raise ValueError("sampler='kernel' needs the built CUDA sampling kernels (liblarp_sampling_cuda.so; "
+                             "reinstall with nvcc on PATH); use sampler='auto'")
+        self.sampler_name = "kernel" if self.cuda_sampler else "reference"
+        if not self.cuda_sampler and kernels.cpu_library() is not None and sampler == "auto":
+            self.sampler, self.sampler_takes_uniform = kernels.sample_numpy, False
+
+    def kernels(self) -> _Kernels:
+        if self._kernels is None:
+            self._kernels = _Kernels(self.gpu["cc"])
+        return self._kernels
+
+    def plan(self, name: str) -> _Plan:
+        if name not in self.plans:
+            raise BundleError(f"bundle {str(self.bundle.path)!r} has no {name!r} plan (it has "
+                              f"{', '.join(self.plans) or 'none'}); rebuild with `larp-rt build {self.bundle.path}`")
+        return self.plans[name]
+
+    # encode / decode -------------------------------------------------------------------------
+    def _run_graph(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        plan = self.plan(name)
+        B = len(next(iter(feeds.values())))
+        top = plan.buckets[-1]
+        if B > top:  # in chunks of the biggest bucket
+            parts = [self._run_graph(name, {k: v[i:i + top] for k, v in feeds.items()}) for i in range(0, B, top)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        bucket = plan.bucket_for(B)
+        cudart, s = self.cudart, self.stream
+        with self._lock:
+            ctx = plan.context(bucket)
+            io = self._io.get((name, bucket))
+            if io is None:  # buffers at the bucket's largest shapes, once
+                io = {}
+                for n in plan.inputs + plan.outputs:
+                    shape = [bucket if isinstance(d, str) else d for d in _entry_shape(plan.entry, n)]
+                    io[n] = (_Device(cudart, int(np.prod(shape)) * plan.dtypes[n].itemsize), shape)
+                self._io[(name, bucket)] = io
+            for n in plan.inputs:
+                x = np.ascontiguousarray(feeds[n], plan.dtypes[n])
+                ctx.set_input_shape(n, x.shape)
+                ctx.set_tensor_address(n, io[n][0].ptr)
+                _ok(cudart.cudaMemcpyAsync(io[n][0].ptr, x.ctypes.data, x.nbytes,
+                                           cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, s), "cudaMemcpyAsync")
+            for n in plan.outputs:
+                ctx.set_tensor_address(n, io[n][0].ptr)
+            if not ctx.execute_async_v3(s):
+                raise RuntimeError(f"TensorRT could not run plan {plan.entry['file']!r}")
+            out = {}
+            for n in plan.outputs:
+                y = np.empty(tuple(ctx.get_tensor_shape(n)), plan.dtypes[n])
+                _ok(cudart.cudaMemcpyAsync(y.ctypes.data, io[n][0].ptr, y.nbytes,
+                                           cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync")
+                out[n] = y
+            _ok(cudart.cudaStreamSynchronize(s), "cudaStreamSynchronize")
+        return out
+
+    def encode(self, video: np.ndarray) -> np.ndarray:
+        return self._run_graph("encoder", {"video": video})["indices"]
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        return self._run_graph("decoder", {"indices": tokens})["video"]
+
+    def prior_logprobs_full(self, tokens: np.ndarray) -> np.ndarray:
+        return self._run_graph("prior_score", {"tokens": tokens})["logprobs"]
+
+    # generation ------------------------------------------------------------------------------
+    def new_runner(self, capacity: int) -> _TrtRunner:
+        return _TrtRunner(self, capacity)
+
+    def close(self) -> None:
+        super().close()
+        for p in getattr(self, "plans", {}).values():
+            p.save_cache()
+        for io in getattr(self, "_io", {}).values():
+            for buf, _ in io.values():
+                buf.free()
+        self._io = {}
+
+
+def _entry_shape(entry: dict, name: str) -> list:
+    """An I/O tensor's largest shape over the plan's profiles (symbols resolved to each profile's max)."""
+    for d in entry["inputs"] + entry["outputs"]:
+        if d["name"] == name:
+            hi = {}
+            for prof in entry["profiles"]:
+                for sym, (_, _, mx) in prof.items():
+                    hi[sym] = max(hi.get(sym, 0), mx)
+            return [hi.get(x, x) if isinstance(x, str) else x for x in d["shape"]]
+    raise KeyError(name)
+
+
+class _TrtRunner(StepRunner):
+    """The decode plan over ``capacity`` rows (a batch bucket of the plan; every step runs all of them, idle rows at
+    position 0), its KV cache on the device, the step + KV write + sampling captured as CUDA graphs."""
+
+    def __init__(self, be: TensorRTBackend, capacity: int):
+        cfg = be.generator_config
+        if cfg is None:
+            raise ValueError("this bundle has no generator")
+        self.be = be
+        plan = self.plan = be.plan("decode")
+        self.capacity = plan.bucket_for(capacity)
+        cap = self.capacity
+        self.ctx = plan.context(cap)
+        kv = be.bundle.kv_cache
+        self.L, self.H, self.hd, self.V = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size
+        self.S = min(int(kv["max_seq"]), int((be.bundle.manifest.get("tensorrt") or {}).get("max_seq", kv["max_seq"])))
+        self.window = max(16, self.S // 8)
+        self.kv_dtype = plan.dtypes["past_k_0"]
+        es = self.kv_dtype.itemsize
+        cudart = self.cudart = be.cudart
+        self.stream = be.stream
+        n_cache = cap * self.H * self.S * self.hd * es
+        self.cache = [_Device(cudart, n_cache) for _ in range(2 * self.L)]  # k_0, v_0, k_1, ...
+        self.scratch = _Device(cudart, n_cache)
+        self.present = [_Device(cudart, cap * self.H * self.hd * es) for _ in range(2 * self.L)]
+        self.d_token = _Device(cudart, cap * 8)
+        self.d_pos = _Device(cudart, cap * 8)
+        self.d_logits = _Device(cudart, cap * self.V * 4)
+        self.h_token = _Pinned(cudart, (cap, 1), np.int64)
+        self.h_pos = _Pinned(cudart, (cap,), np.int64)
+        ptrs = np.array([c.ptr for c in self.cache] + [p.ptr for p in self.present], np.uint64)
+        self.d_ptrs = _Device(cudart, ptrs.nbytes)
+        _ok(cudart.cudaMemcpy(self.d_ptrs.ptr, ptrs.ctypes.data, ptrs.nbytes,
+                              cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy")
+        self.samples = be.cuda_sampler
+        if self.samples:
+            self.h_rows = _Pinned(cudart, (2 * cap,), np.int64)
+            self.d_rows = _Device(cudart, 2 * cap * 8)
+            self.d_gathered = _Device(cudart, 2 * cap * self.V * 4)
+            self.h_par = {n: _Pinned(cudart, (cap,), t) for n, t in (
+                ("cfg_scale", np.float32), ("temperature", np.float32), ("top_k", np.int64), ("top_p", np.float32),
+                ("seed", np.uint64), ("stream", np.uint64), ("steps", np.int64))}
+            self.d_par = {n: _Device(cudart, cap * 8) for n in self.h_par}
+            self.d_tokens = _Device(cudart, cap * 8)
+            self.h_tokens = _Pinned(cudart, (cap,), np.int64)
+        else:
+            self.h_logits = _Pinned(cudart, (cap, self.V), np.float32)
+        self.width = 0
+        self.graphs: dict[tuple, object] = {}
+        self.use_graphs = os.environ.get("LARP_RT_TRT_CUDA_GRAPHS", "1") != "0"
+        self.sample_key: tuple | None = None
+        self._bind(min(self.window, self.S))
+
+    # binding ---------------------------------------------------------------------------------
+    def _bind(self, width: int) -> None:
+        ctx, cap = self.ctx, self.capacity
+        ctx.set_input_shape("token", (cap, 1))
+        ctx.set_input_shape("pos", (cap,))
+        ctx.set_tensor_address("token", self.d_token.ptr)
+        ctx.set_tensor_address("pos", self.d_pos.ptr)
+        for j in range(2 * self.L):
+            kvn = "kv"[j % 2]
+            ctx.set_input_shape(f"past_{kvn}_{j // 2}", (cap, self.H, width, self.hd))
+            ctx.set_tensor_address(f"past_{kvn}_{j // 2}", self.cache[j].ptr)
+            ctx.set_tensor_address(f"present_{kvn}_{j // 2}", self.present[j].ptr)
+        ctx.set_tensor_address("logits", self.d_logits.ptr)
+        self.width = width
+
+    def _rewidth(self, width: int, keep: int) -> None:
+        """Move the first ``keep`` slots of every row to the layout of window ``width`` (through the scratch
+        buffer: source and destination layouts overlap), then rebind."""
+        cudart, es, hd = self.cudart, self.kv_dtype.itemsize, self.hd
+        if keep and self.width:
+            rows = self.capacity * self.H
+            kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+            for buf in self.cache:
+                _ok(cudart.cudaMemcpy2DAsync(self.scratch.ptr, width * hd * es, buf.ptr, self.width * hd * es,
+                                             keep * hd * es, rows, kind, self.stream), "cudaMemcpy2DAsync")
+                _ok(cudart.cudaMemcpyAsync(buf.ptr, self.scratch.ptr, rows * width * hd * es, kind, self.stream),
+                    "cudaMemcpyAsync")
+        self._bind(width)
+
+    # the step --------------------------------------------------------------------------------
+    def _enqueue(self, B: int, R: int, guided: bool) -> None:
+        """The step's work on the stream: inputs H2D, the plan, the KV writes, [gather + sample, tokens D2H]."""
+        cudart, s, cap = self.cudart, self.stream, self.capacity
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _ok(cudart.cudaMemcpyAsync(self.d_token.ptr, self.h_token.ptr, cap * 8, h2d, s), "cudaMemcpyAsync")
+        _ok(cudart.cudaMemcpyAsync(self.d_pos.ptr, self.h_pos.ptr, cap * 8, h2d, s), "cudaMemcpyAsync")
+        if not self.ctx.execute_async_v3(s):
+            raise RuntimeError("TensorRT could not run the decode plan")
+        k = self.be.kernels()
+        es = self.kv_dtype.itemsize
+        name = "kv_write2" if es == 2 else "kv_write4"
+        n = cap * self.H * self.hd
+        grid = (max(1, min(1024, -(-n // 256))), 2 * self.L)
+        k.launch(name, grid, 256, s, [(self.d_ptrs.ptr, ctypes.c_void_p),
+                                      (self.d_ptrs.ptr + 2 * self.L * 8, ctypes.c_void_p),
+                                      (self.d_pos.ptr, ctypes.c_void_p), (cap, ctypes.c_int),
+                                      (self.H, ctypes.c_int), (self.width, ctypes.c_int), (self.hd, ctypes.c_int)])
+        if not self.samples:
+            _ok(cudart.cudaMemcpyAsync(self.h_logits.ptr, self.d_logits.ptr, cap * self.V * 4, d2h, s),
+                "cudaMemcpyAsync")
+            return
+        from .. import kernels
+
+        for nm, h in self.h_par.items():
+            _ok(cudart.cudaMemcpyAsync(self.d_par[nm].ptr, h.ptr, B * 8 if h.array.itemsize == 8 else B * 4, h2d, s),
+                "cudaMemcpyAsync")
+        _ok(cudart.cudaMemcpyAsync(self.d_rows.ptr, self.h_rows.ptr, R * 8, h2d, s), "cudaMemcpyAsync")
+        nV = R * self.V
+        k.launch("gather_rows", (max(1, min(4096, -(-nV // 256))), 1), 256, s,
+                 [(self.d_gathered.ptr, ctypes.c_void_p), (self.d_logits.ptr, ctypes.c_void_p),
+                  (self.d_rows.ptr, ctypes.c_void_p), (R, ctypes.c_int), (self.V, ctypes.c_int)])
+        p = self.d_par
+        kernels.launch_cuda(cond=self.d_gathered.ptr, uncond=self.d_gathered.ptr + B * self.V * 4 if guided else None,
+                            dtype="float32", batch=B, vocab=self.V, cfg_scale=p["cfg_scale"].ptr,
+                            temperature=p["temperature"].ptr, top_k=p["top_k"].ptr, top_p=p["top_p"].ptr,
+                            seed=p["seed"].ptr, stream_ids=p["stream"].ptr, tokens=self.d_tokens.ptr,
+                            steps_ptr=p["steps"].ptr, cuda_stream=s)
+        _ok(cudart.cudaMemcpyAsync(self.h_tokens.ptr, self.d_tokens.ptr, B * 8, d2h, s), "cudaMemcpyAsync")
+
+    def _launch(self, B: int, R: int, guided: bool) -> None:
+        cudart, s = self.cudart, self.stream
+        key = (self.width, B, R, guided)
+        if not self.use_graphs:
+            self._enqueue(B, R, guided)
+            return
+        g = self.graphs.get(key)
+        if g is None:
+            self._enqueue(B, R, guided)  # eager once: JIT compilation and lazy allocations happen outside capture
+            _ok(cudart.cudaStreamSynchronize(s), "cudaStreamSynchronize")
+            if hasattr(self.ctx, "is_stream_capturable") and not self.ctx.is_stream_capturable(s):
+                self.use_graphs = False
+                return
+            _ok(cudart.cudaStreamBeginCapture(s, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+                "cudaStreamBeginCapture")
+            try:
+                self._enqueue(B, R, guided)
+            finally:
+                graph = _ok(cudart.cudaStreamEndCapture(s), "cudaStreamEndCapture")
+            g = self.graphs[key] = _ok(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            return  # the eager run above was this step
+        _ok(cudart.cudaGraphLaunch(g, s), "cudaGraphLaunch")
+
+    def run(self, tokens: np.ndarray, pos: np.ndarray, sample: StepSample | None = None) -> np.ndarray:
+        rows = len(tokens)
+        if not 1 <= rows <= self.capacity:
+            raise ValueError(f"a step takes 1..{self.capacity} rows, got {rows}")
+        top = int(pos.max())
+        if top >= self.S:
+            raise ValueError(f"position {top} is past the cache's {self.S} slots")
+        self.h_token.array[:rows, 0] = tokens
+        self.h_token.array[rows:, 0] = 0
+        self.h_pos.array[:rows] = pos
+        self.h_pos.array[rows:] = 0  # rows beyond the step: idle at position 0 (their slot 0 is rewritten on join)
+        need = min(self.S, -(-(top + 1) // self.window) * self.window)
+        if need > self.width or need <= self.width // 2:
+            self._rewidth(need, min(self.width, need))
+        B = R = 0
+        guided = False
+        if self.samples:
+            if sample is None:
+                raise ValueError("the tensorrt runner samples on the device: pass the StepSample")
+            B, R = len(sample.params), len(sample.rows)
+            guided = R == 2 * B
+            if (sample.version, B, R) != self.sample_key:
+                self.h_rows.array[:R] = sample.rows
+                for nm in ("cfg_scale", "temperature", "top_k", "top_p", "seed", "stream"):
+                    self.h_par[nm].array[:B] = getattr(sample.params, nm)
+                self.sample_key = (sample.version, B, R)
+            self.h_par["steps"].array[:B] = sample.steps
+        self._launch(B, R, guided)
+        _ok(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        if self.samples:
+            return self.h_tokens.array[:B].copy()
+        return self.h_logits.array[:rows]  # the host sampler raises the reference's NaN/Inf error naming the row
+
+    def close(self) -> None:
+        cudart = self.cudart
+        for g in self.graphs.values():
+            cudart.cudaGraphExecDestroy(g)
+        self.graphs = {}
+        bufs = [*self.cache, *self.present, self.scratch, self.d_token, self.d_pos, self.d_logits, self.d_ptrs,
+                self.h_token, self.h_pos]
+        if self.samples:
+            bufs += [self.h_rows, self.d_rows, self.d_gathered, self.d_tokens, self.h_tokens, *self.h_par.values(),
+                     *self.d_par.values()]
+        else:
+            bufs.append(self.h_logits)
+        for b in bufs:
+            b.free()
+

@@ -19,7 +19,7 @@ def _has_cuda() -> bool:
 
 def pytest_collection_modifyitems(config, items):
     has_cuda = _has_cuda()
-    has_trt = importlib.util.find_spec("tensorrt") is not None
+    has_trt = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_rtx"))
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible to torch here"))

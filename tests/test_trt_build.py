@@ -310,3 +310,16 @@ def test_no_float64_in_plans(built):
         assert all(d["dtype"] != "float64" for d in e["inputs"] + e["outputs"])
     assert np.dtype("float64").name not in {d["dtype"] for e in Bundle(built[0]).manifest["plans"].values()
                                             for d in e["inputs"] + e["outputs"]}
+
+
+def test_the_device_kernels_compile_for_every_target():
+    """The backend's KV-write / gather kernels (NVRTC source in backends/tensorrt.py) compile to PTX for every
+    compute capability the plans target; NVRTC runs without a GPU."""
+    try:
+        ptx = {cc: trt_backend.compile_ptx(cc) for cc in ["7.5", *trt_build.RTX_DEFAULT_CC]}
+    except Exception as e:  # no libnvrtc here
+        pytest.skip(f"NVRTC is not available: {e}")
+    for cc, code in ptx.items():
+        text = code.decode(errors="replace")
+        assert f".target sm_{cc.replace('.', '')}" in text
+        assert all(f".entry {k}" in text for k in ("kv_write2", "kv_write4", "gather_rows"))

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import sampling
 from ..bundle import Bundle, BundleError, sha256_file
 from .base import Backend, StepRunner, StepSample
 
@@ -285,27 +286,37 @@ extern "C" __global__ void gather_rows(float* dst, const float* src, const long 
 """
 
 
+def compile_ptx(cc: str) -> bytes:
+    """The KV-write and gather kernels as PTX for compute capability ``cc`` (NVRTC; runs without a GPU)."""
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:
+        from cuda import nvrtc
+    prog = _ok(nvrtc.nvrtcCreateProgram(_KERNELS.encode(), b"larp_rt_kv.cu", 0, [], []), "nvrtcCreateProgram")
+    arch = f"--gpu-architecture=compute_{cc.replace('.', '')}".encode()
+    err = nvrtc.nvrtcCompileProgram(prog, 2, [arch, b"--std=c++14"])[0]
+    if int(err) != 0:
+        size = _ok(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        raise RuntimeError(f"NVRTC could not compile the KV-write kernels: {log.decode(errors='replace')}")
+    size = _ok(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+    ptx = b" " * size
+    _ok(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+    nvrtc.nvrtcDestroyProgram(prog)
+    return ptx
+
+
 class _Kernels:
-    """The KV-write and gather kernels, compiled once with NVRTC for this GPU."""
+    """The KV-write and gather kernels, compiled once with NVRTC for this GPU and loaded into its context."""
 
     def __init__(self, cc: str):
         try:
-            from cuda.bindings import driver, nvrtc
+            from cuda.bindings import driver
         except ImportError:
             from cuda import cuda as driver
-            from cuda import nvrtc
         self.driver = driver
-        prog = _ok(nvrtc.nvrtcCreateProgram(_KERNELS.encode(), b"larp_rt_kv.cu", 0, [], []), "nvrtcCreateProgram")
-        arch = f"--gpu-architecture=compute_{cc.replace('.', '')}".encode()
-        err = nvrtc.nvrtcCompileProgram(prog, 2, [arch, b"--std=c++14"])[0]
-        if int(err) != 0:
-            size = _ok(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-            log = b" " * size
-            nvrtc.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile the KV-write kernels: {log.decode(errors='replace')}")
-        size = _ok(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
-        ptx = b" " * size
-        _ok(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+        ptx = compile_ptx(cc)
         # the runtime API has made the primary context current (cudaSetDevice + allocations)
         self.module = _ok(driver.cuModuleLoadData(ptx), "cuModuleLoadData")
         self.fn = {n: _ok(driver.cuModuleGetFunction(self.module, n.encode()), "cuModuleGetFunction")
@@ -351,8 +362,10 @@ class _Plan:
         self.runtime_cache = None
         self.cache_path = None
 
-    def context(self, bucket: int):
-        ctx = self._contexts.get(bucket)
+    def context(self, bucket: int, shared: bool = True):
+        """The execution context of ``bucket``'s profile: shared (encode/decode, under the backend's lock) or a
+        new one (each step runner binds its own buffers)."""
+        ctx = self._contexts.get(bucket) if shared else None
         if ctx is None:
             be, k = self.be, self.buckets.index(bucket)
             if be.flavour == "tensorrt-rtx" and hasattr(self.engine, "create_runtime_config"):
@@ -367,7 +380,8 @@ class _Plan:
             else:
                 ctx = self.engine.create_execution_context()
             ctx.set_optimization_profile_async(k, be.stream)
-            self._contexts[bucket] = ctx
+            if shared:
+                self._contexts[bucket] = ctx
         return ctx
 
     def bucket_for(self, rows: int) -> int:
@@ -451,6 +465,7 @@ class TensorRTBackend(Backend):
         bucket = plan.bucket_for(B)
         cudart, s = self.cudart, self.stream
         with self._lock:
+            self.set_device()
             ctx = plan.context(bucket)
             io = self._io.get((name, bucket))
             if io is None:  # buffers at the bucket's largest shapes, once
@@ -491,6 +506,22 @@ class TensorRTBackend(Backend):
     def new_runner(self, capacity: int) -> _TrtRunner:
         return _TrtRunner(self, capacity)
 
+    def prior_runner(self, capacity: int) -> _TrtRunner:
+        """A StepRunner over the prior's step plan (``run(tokens, pos)`` -> (rows, K) logits; host sampler)."""
+        if self.bundle.prior is None:
+            raise ValueError(f"bundle {str(self.bundle.path)!r} has no AR prior")
+        return _TrtRunner(self, capacity, graph=self.bundle.prior["graph"])
+
+    @property
+    def prior_sampler(self):
+        from .. import kernels
+
+        return kernels.sample_numpy if kernels.cpu_library() is not None else sampling.sample
+
+    def set_device(self) -> None:
+        """Make this backend's GPU current on the calling thread (runners may step on a scheduler's thread)."""
+        _ok(self.cudart.cudaSetDevice(int(self.gpu["index"])), "cudaSetDevice")
+
     def close(self) -> None:
         super().close()
         for p in getattr(self, "plans", {}).values():
@@ -517,18 +548,27 @@ class _TrtRunner(StepRunner):
     """The decode plan over ``capacity`` rows (a batch bucket of the plan; every step runs all of them, idle rows at
     position 0), its KV cache on the device, the step + KV write + sampling captured as CUDA graphs."""
 
-    def __init__(self, be: TensorRTBackend, capacity: int):
-        cfg = be.generator_config
-        if cfg is None:
-            raise ValueError("this bundle has no generator")
+    def __init__(self, be: TensorRTBackend, capacity: int, graph: str = "decode"):
         self.be = be
-        plan = self.plan = be.plan("decode")
+        be.set_device()
+        plan = self.plan = be.plan(graph)
         self.capacity = plan.bucket_for(capacity)
         cap = self.capacity
-        self.ctx = plan.context(cap)
-        kv = be.bundle.kv_cache
-        self.L, self.H, self.hd, self.V = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size
-        self.S = min(int(kv["max_seq"]), int((be.bundle.manifest.get("tensorrt") or {}).get("max_seq", kv["max_seq"])))
+        self.ctx = plan.context(cap, shared=False)
+        if graph == "decode":
+            cfg = be.generator_config
+            if cfg is None:
+                raise ValueError("this bundle has no generator")
+            kv = be.bundle.kv_cache
+            self.L, self.H, self.hd, self.V = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size
+            self.samples = be.cuda_sampler
+        else:  # the tokenizer's prior: its own cache geometry, logits to the host sampler
+            kv = be.bundle.prior["kv_cache"]
+            self.L, self.H, self.hd = int(kv["layers"]), int(kv["heads"]), int(kv["head_dim"])
+            self.V = int(be.bundle.prior["codebook_size"])
+            self.samples = False
+        plan_max = max(p["S"][2] for p in plan.entry["profiles"] if "S" in p) if plan.entry["profiles"] else 0
+        self.S = min(int(kv["max_seq"]), int(plan_max or kv["max_seq"]))
         self.window = max(16, self.S // 8)
         self.kv_dtype = plan.dtypes["past_k_0"]
         es = self.kv_dtype.itemsize
@@ -547,7 +587,6 @@ class _TrtRunner(StepRunner):
         self.d_ptrs = _Device(cudart, ptrs.nbytes)
         _ok(cudart.cudaMemcpy(self.d_ptrs.ptr, ptrs.ctypes.data, ptrs.nbytes,
                               cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy")
-        self.samples = be.cuda_sampler
         if self.samples:
             self.h_rows = _Pinned(cudart, (2 * cap,), np.int64)
             self.d_rows = _Device(cudart, 2 * cap * 8)
@@ -662,6 +701,7 @@ class _TrtRunner(StepRunner):
         rows = len(tokens)
         if not 1 <= rows <= self.capacity:
             raise ValueError(f"a step takes 1..{self.capacity} rows, got {rows}")
+        self.be.set_device()
         top = int(pos.max())
         if top >= self.S:
             raise ValueError(f"position {top} is past the cache's {self.S} slots")

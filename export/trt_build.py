@@ -283,9 +283,10 @@ def _build_one(trt, flavour: str, graph: str, onnx_path: Path, buckets: list[int
         if timing_cache is not None:
             blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
             config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
-    if strip:
+    if strip:  # refitted at load with the same weights: TensorRT-RTX documents STRIP_PLAN + REFIT; datacenter
+        # TensorRT recommends REFIT_IDENTICAL for identical weights (its REFIT may drop a GEMM bias, 11.3 notes)
         config.set_flag(trt.BuilderFlag.STRIP_PLAN)
-        config.set_flag(trt.BuilderFlag.REFIT)
+        config.set_flag(trt.BuilderFlag.REFIT if flavour == "rtx" else trt.BuilderFlag.REFIT_IDENTICAL)
     plan = builder.build_serialized_network(net, config)
     if plan is None:
         why = "; ".join(lg.errors) or "no message"

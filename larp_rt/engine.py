@@ -61,7 +61,8 @@ class Engine:
         verify: bool = True,
         sampler: str = "auto",
     ):
-        """Load a bundle. backend: "auto" (ONNX Runtime if installed, else torch), "onnxruntime", "torch".
+        """Load a bundle. backend: "auto" (ONNX Runtime if installed, else torch), "onnxruntime", "torch",
+        "tensorrt" (the bundle's plans from `larp-rt build` on an NVIDIA GPU; never picked by "auto").
         device: "auto", "cpu" or "cuda". threads: intra-op threads (default: the backend's).
         verify: check every file's sha256 against the manifest (default; False trusts the files).
         sampler: "auto" (the fastest available), "fused" (ONNX Runtime: the bundle's decode_sample graph),

@@ -1,4 +1,5 @@
-"""Backends: onnxruntime.py (the embedded default), torch.py (reference / CUDA path); same small interface."""
+"""Backends: onnxruntime.py (the embedded default), tensorrt.py (plans on a GPU), torch.py (reference / CUDA
+path); the same small interface."""
 
 from .base import Backend, StepEvent
 

@@ -322,4 +322,4 @@ def test_the_device_kernels_compile_for_every_target():
     for cc, code in ptx.items():
         text = code.decode(errors="replace")
         assert f".target sm_{cc.replace('.', '')}" in text
-        assert all(f".entry {k}" in text for k in ("kv_write2", "kv_write4", "gather_rows"))
+        assert all(f".entry {k}" in text for k in ("kv_write2", "kv_write4", "gather_rows", "feed_tokens"))

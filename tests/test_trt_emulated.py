@@ -208,6 +208,12 @@ class FakeKernels:
                     for r in range(rows):
                         if 0 <= p[r] < W:
                             c[r, :, p[r]] = new[r]
+            elif name == "feed_tokens":
+                token, sampled, row_req, cap = vals
+                req = view(row_req, 8 * cap).view(np.int64)
+                got = view(sampled, 8 * (int(req.max()) + 1)).view(np.int64)
+                t = np.where(req >= 0, got[np.maximum(req, 0)], 0)
+                view(token, 8 * cap).view(np.int64)[:] = np.maximum(t, 0)
             else:  # gather_rows
                 dst, src, rows, R, V = vals
                 idx = view(rows, 8 * R).view(np.int64)
@@ -261,7 +267,7 @@ def bundle(tmp_path_factory):
     return b
 
 
-def emulated_engine(bundle, monkeypatch, *, device_sampler: bool, graphs: bool = True):
+def emulated_engine(bundle, monkeypatch, *, device_sampler: bool, graphs: bool = True, chunk: int = 16):
     cudart = FakeCudart()
     from larp_rt import kernels
 
@@ -274,6 +280,7 @@ def emulated_engine(bundle, monkeypatch, *, device_sampler: bool, graphs: bool =
     monkeypatch.setattr(kernels, "cuda_library", lambda: object() if device_sampler else None)
     monkeypatch.setattr(kernels, "launch_cuda", fake_launch_cuda(cudart))
     monkeypatch.setenv("LARP_RT_TRT_CUDA_GRAPHS", "1" if graphs else "0")
+    monkeypatch.setenv("LARP_RT_TRT_CHUNK", str(chunk))
     return Engine(bundle, backend="tensorrt", sampler="auto" if device_sampler else "reference"), cudart
 
 
@@ -288,7 +295,8 @@ def test_emulated_runner_draws_the_onnx_runtime_tokens(bundle, monkeypatch, devi
         got = eng.generate([1, 2, 3], params).tokens  # 3 rows on the 4-row bucket (one idle row)
         np.testing.assert_array_equal(got, want)
     N = eng.generator_config.max_seq_len
-    assert cudart.captures >= 2 and cudart.launches >= N  # replayed graphs did the steps: windows grew and moved
+    # replayed graphs did the steps (per step, or per chunk of 16 with the device sampler): windows grew and moved
+    assert cudart.captures >= 2 and cudart.launches >= (4 if device_sampler else N)
 
 
 def test_emulated_step_logits_equal_onnx_runtime_at_per_row_positions(bundle, monkeypatch):
@@ -315,13 +323,27 @@ def test_emulated_step_logits_equal_onnx_runtime_at_per_row_positions(bundle, mo
 
 def test_emulated_graph_replay_equals_eager(bundle, monkeypatch):
     p = SamplingParams(seed=4, temperature=1.0, cfg_scale=1.0)
-    eng, cudart = emulated_engine(bundle, monkeypatch, device_sampler=True, graphs=True)
+    eng, cudart = emulated_engine(bundle, monkeypatch, device_sampler=True, graphs=True, chunk=0)  # per step
     replayed = eng.generate([0, 5], p).tokens
     assert cudart.launches > 0
-    eng2, cudart2 = emulated_engine(bundle, monkeypatch, device_sampler=True, graphs=False)
+    eng2, cudart2 = emulated_engine(bundle, monkeypatch, device_sampler=True, graphs=False, chunk=0)
     eager = eng2.generate([0, 5], p).tokens
     assert cudart2.launches == 0
     np.testing.assert_array_equal(replayed, eager)
+
+
+@pytest.mark.parametrize("chunk", [0, 5, 16])
+def test_emulated_chunked_generation_equals_per_step_and_onnx_runtime(bundle, monkeypatch, chunk):
+    """Generation in chunks of steps (tokens fed on the device, one host sync per chunk; chunk 0 = the per-step
+    loop), with guidance on some rows: the tokens of ONNX Runtime's reference loop."""
+    params = [SamplingParams(seed=2, temperature=1.0, top_k=40, cfg_scale=1.0),
+              SamplingParams(seed=3, temperature=0.0, cfg_scale=1.0)]
+    ref = Engine(bundle, backend="onnxruntime", sampler="reference").generate([1, 4], params).tokens
+    eng, cudart = emulated_engine(bundle, monkeypatch, device_sampler=True, chunk=chunk)
+    np.testing.assert_array_equal(eng.generate([1, 4], params).tokens, ref)
+    N = eng.generator_config.max_seq_len
+    if chunk:  # every chunk ran as a graph: captured after its eager first run, or replayed
+        assert cudart.captures + cudart.launches == -(-N // chunk) and (cudart.launches > 0) == (chunk < 16)
 
 
 def test_emulated_encode_decode_equal_onnx_runtime(bundle, monkeypatch):

@@ -86,6 +86,14 @@ def test_cuda_graph_replay_equals_the_eager_step(planned, monkeypatch):
     np.testing.assert_array_equal(graphs, eager)
 
 
+def test_chunked_generation_equals_the_per_step_loop(planned, monkeypatch):
+    p = SamplingParams(seed=6, temperature=1.0, top_k=30, cfg_scale=1.0)
+    chunked = Engine(planned, backend="tensorrt").generate([1, 2, 3], p).tokens
+    monkeypatch.setenv("LARP_RT_TRT_CHUNK", "0")
+    per_step = Engine(planned, backend="tensorrt").generate([1, 2, 3], p).tokens
+    np.testing.assert_array_equal(chunked, per_step)
+
+
 def test_strip_weights_plans_are_smaller_than_their_weights(planned, tmp_path):
     dst = tmp_path / "b"
     shutil.copytree(planned, dst)

@@ -18,8 +18,11 @@ like the ONNX Runtime backend: a step reads about ``pos`` slots); after the deco
 every row's new entries into its slot ``pos[r]``, a gather kernel picks the sampled rows' logits and the cpp_ext
 CUDA sampling kernel (``kernels.launch_cuda``) draws on the same stream. That sequence is captured as one CUDA
 graph per (bucket, window, request-row count) and replayed (``LARP_RT_TRT_CUDA_GRAPHS=0`` runs it eagerly).
-The step's inputs and the sampling parameters travel in pinned host buffers that the graph copies from, and the
-tokens come back the same way: one stream synchronisation per step (not yet chunked across steps, see README).
+``generate`` (every request from step 0) runs ``LARP_RT_TRT_CHUNK`` steps (default 16) per graph: a kernel feeds
+each step's drawn tokens to the next step's input on the device, positions and sampling steps come from tables
+uploaded once per chunk, and the tokens reach the host once per chunk (one synchronisation per chunk). The
+step-level scheduler's runner steps one at a time (requests join and leave between steps): its inputs and
+parameters travel in pinned buffers the graph copies from, one synchronisation per step.
 Encode and decode run on their plans with buffers per bucket as well. Weight-stripped plans are refitted at load
 from the bundle's own ONNX files. TensorRT-RTX's JIT kernels persist in a runtime cache per plan under
 ``$LARP_RT_TRT_CACHE`` (default ``~/.cache/larp_rt/tensorrt``).
@@ -41,7 +44,7 @@ import numpy as np
 
 from .. import sampling
 from ..bundle import Bundle, BundleError, sha256_file
-from .base import Backend, StepRunner, StepSample
+from .base import Backend, StepEvent, StepRunner, StepSample
 
 __all__ = ["TensorRTBackend", "Machine", "PlanMismatchError", "TensorRTUnavailable", "probe_gpus", "check_plans",
            "machine", "rebuild_command"]
@@ -277,6 +280,14 @@ extern "C" __global__ void kv_write4(unsigned long long const* caches, unsigned 
                                      const long long* pos, int rows, int H, int W, int hd) {
   kv_write_t((unsigned int*)caches[blockIdx.y], (const unsigned int*)presents[blockIdx.y], pos, rows, H, W, hd);
 }
+// the next step's input on the device: row r's token is what its request drew (row_req[r] < 0: an idle row, 0)
+extern "C" __global__ void feed_tokens(long long* token, const long long* sampled, const long long* row_req, int cap) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < cap; i += gridDim.x * blockDim.x) {
+    long long q = row_req[i];
+    long long t = q >= 0 ? sampled[q] : 0;
+    token[i] = t >= 0 ? t : 0;  // a failed row (-1) feeds 0; the host reports the failure after the chunk
+  }
+}
 // dst[i] = src[rows[i]] (V floats per row): the sampled rows' logits, contiguous for the sampling kernel
 extern "C" __global__ void gather_rows(float* dst, const float* src, const long long* rows, int R, int V) {
   long long n = (long long)R * V;
@@ -320,7 +331,7 @@ class _Kernels:
         # the runtime API has made the primary context current (cudaSetDevice + allocations)
         self.module = _ok(driver.cuModuleLoadData(ptx), "cuModuleLoadData")
         self.fn = {n: _ok(driver.cuModuleGetFunction(self.module, n.encode()), "cuModuleGetFunction")
-                   for n in ("kv_write2", "kv_write4", "gather_rows")}
+                   for n in ("kv_write2", "kv_write4", "gather_rows", "feed_tokens")}
 
     def launch(self, name: str, grid, block: int, stream: int, args: list[tuple[int, type]]) -> None:
         vals = [c(v) for v, c in args]
@@ -505,6 +516,40 @@ class TensorRTBackend(Backend):
     # generation ------------------------------------------------------------------------------
     def new_runner(self, capacity: int) -> _TrtRunner:
         return _TrtRunner(self, capacity)
+
+    def generate_iter(self, class_ids: np.ndarray, params):
+        """Every request from step 0 (``Engine.generate``). With the device sampler the steps run in chunks of
+        ``LARP_RT_TRT_CHUNK`` (default 16) as one CUDA graph each: the sampled tokens feed the next step on the
+        device and reach the host once per chunk (one synchronisation per chunk, not per step). Without it (or
+        ``LARP_RT_TRT_CHUNK=0``) the shared per-step loop runs."""
+        chunk = int(os.environ.get("LARP_RT_TRT_CHUNK", "16"))
+        if not self.cuda_sampler or chunk <= 0:
+            yield from super().generate_iter(class_ids, params)
+            return
+        cfg = self.generator_config
+        B, N, V = len(class_ids), cfg.max_seq_len, cfg.vocab_size
+        guided = np.flatnonzero(params.cfg_scale != 1.0)
+        G = len(guided)
+        runner = self.runner(B + G)
+        null = np.arange(B, B + G)
+        row_req = np.full(runner.capacity, -1, np.int64)
+        row_req[:B] = np.arange(B)
+        row_req[null] = guided
+        first = np.zeros(runner.capacity, np.int64)
+        first[:B] = V + class_ids
+        first[null] = V + cfg.null_class
+        if G:
+            uncond = np.arange(B)
+            uncond[guided] = null
+            sample_rows = np.concatenate([np.arange(B), uncond])
+        else:
+            sample_rows = np.arange(B)
+        for k, tokens in runner.run_chunks(first, row_req, sample_rows, params, N, cfg.cls_token_num, chunk):
+            if (tokens < 0).any():
+                from .base import NON_FINITE
+
+                raise ValueError(NON_FINITE)
+            yield StepEvent(k, N, tokens)
 
     def prior_runner(self, capacity: int) -> _TrtRunner:
         """A StepRunner over the prior's step plan (``run(tokens, pos)`` -> (rows, K) logits; host sampler)."""
@@ -731,6 +776,124 @@ class _TrtRunner(StepRunner):
             return self.h_tokens.array[:B].copy()
         return self.h_logits.array[:rows]  # the host sampler raises the reference's NaN/Inf error naming the row
 
+    def _chunk_buffers(self, chunk: int) -> None:
+        if getattr(self, "chunk_len", 0) >= chunk:
+            return
+        cudart, cap = self.cudart, self.capacity
+        for name in ("h_pos_tab", "d_pos_tab", "h_steps_tab", "d_steps_tab", "d_ring", "h_ring"):
+            if hasattr(self, name):
+                getattr(self, name).free()
+        self.h_pos_tab = _Pinned(cudart, (chunk, cap), np.int64)
+        self.d_pos_tab = _Device(cudart, chunk * cap * 8)
+        self.h_steps_tab = _Pinned(cudart, (chunk, cap), np.int64)
+        self.d_steps_tab = _Device(cudart, chunk * cap * 8)
+        self.d_ring = _Device(cudart, chunk * cap * 8)
+        self.h_ring = _Pinned(cudart, (chunk, cap), np.int64)
+        self.d_row_req = getattr(self, "d_row_req", None) or _Device(cudart, cap * 8)
+        self.chunk_len = chunk
+
+    def _enqueue_chunk(self, n: int, B: int, R: int, guided: bool) -> None:
+        """``n`` steps back to back: step j reads position row j of the table, samples into ring row j and feeds its
+        tokens to step j + 1 on the device."""
+        from .. import kernels
+
+        s, cap = self.stream, self.capacity
+        k = self.be.kernels()
+        es = self.kv_dtype.itemsize
+        kv = "kv_write2" if es == 2 else "kv_write4"
+        n_kv = cap * self.H * self.hd
+        p = self.d_par
+        for j in range(n):
+            pos_j = self.d_pos_tab.ptr + j * cap * 8
+            self.ctx.set_tensor_address("pos", pos_j)
+            if not self.ctx.execute_async_v3(s):
+                raise RuntimeError("TensorRT could not run the decode plan")
+            k.launch(kv, (max(1, min(1024, -(-n_kv // 256))), 2 * self.L), 256, s,
+                     [(self.d_ptrs.ptr, ctypes.c_void_p), (self.d_ptrs.ptr + 2 * self.L * 8, ctypes.c_void_p),
+                      (pos_j, ctypes.c_void_p), (cap, ctypes.c_int), (self.H, ctypes.c_int),
+                      (self.width, ctypes.c_int), (self.hd, ctypes.c_int)])
+            nV = R * self.V
+            k.launch("gather_rows", (max(1, min(4096, -(-nV // 256))), 1), 256, s,
+                     [(self.d_gathered.ptr, ctypes.c_void_p), (self.d_logits.ptr, ctypes.c_void_p),
+                      (self.d_rows.ptr, ctypes.c_void_p), (R, ctypes.c_int), (self.V, ctypes.c_int)])
+            ring_j = self.d_ring.ptr + j * B * 8
+            kernels.launch_cuda(cond=self.d_gathered.ptr,
+                                uncond=self.d_gathered.ptr + B * self.V * 4 if guided else None, dtype="float32",
+                                batch=B, vocab=self.V, cfg_scale=p["cfg_scale"].ptr, temperature=p["temperature"].ptr,
+                                top_k=p["top_k"].ptr, top_p=p["top_p"].ptr, seed=p["seed"].ptr,
+                                stream_ids=p["stream"].ptr, tokens=ring_j,
+                                steps_ptr=self.d_steps_tab.ptr + j * cap * 8, cuda_stream=s)
+            k.launch("feed_tokens", (max(1, -(-cap // 256)), 1), 256, s,
+                     [(self.d_token.ptr, ctypes.c_void_p), (ring_j, ctypes.c_void_p),
+                      (self.d_row_req.ptr, ctypes.c_void_p), (cap, ctypes.c_int)])
+        self.ctx.set_tensor_address("pos", self.d_pos.ptr)  # the per-step path's binding again
+
+    def run_chunks(self, first: np.ndarray, row_req: np.ndarray, sample_rows: np.ndarray, params, N: int, cls: int,
+                   chunk: int):
+        """Generation from step 0 in chunks (see ``TensorRTBackend.generate_iter``): yields (step, (B,) tokens)."""
+        if not self.samples:
+            raise RuntimeError("chunked generation needs the device sampler")
+        self.be.set_device()
+        cudart, s, cap = self.cudart, self.stream, self.capacity
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        B, R = len(params), len(sample_rows)
+        guided = R == 2 * B
+        chunk = max(1, min(chunk, N))
+        self._chunk_buffers(chunk)
+        active = row_req >= 0
+        # once per generation: the first step's tokens, the row map, the sampled rows and the parameters
+        self.h_token.array[:, 0] = first
+        self.h_rows.array[:R] = sample_rows
+        for nm in ("cfg_scale", "temperature", "top_k", "top_p", "seed", "stream"):
+            self.h_par[nm].array[:B] = getattr(params, nm)
+        self.sample_key = None
+        h_req = _Pinned(cudart, (cap,), np.int64)
+        h_req.array[:] = row_req
+        uploads = [(self.d_token.ptr, self.h_token.ptr, cap * 8), (self.d_row_req.ptr, h_req.ptr, cap * 8),
+                   (self.d_rows.ptr, self.h_rows.ptr, R * 8)]
+        uploads += [(self.d_par[nm].ptr, h.ptr, B * h.array.itemsize) for nm, h in self.h_par.items() if nm != "steps"]
+        for dst, src, nbytes in uploads:
+            _ok(cudart.cudaMemcpyAsync(dst, src, nbytes, h2d, s), "cudaMemcpyAsync")
+        try:
+            k0 = 0
+            while k0 < N:
+                n = min(chunk, N - k0)
+                steps = np.arange(k0, k0 + n)
+                pos = np.where(steps == 0, 0, cls - 1 + steps)  # step 0 prefills at 0; step k feeds at cls - 1 + k
+                self.h_pos_tab.array[:n] = np.where(active[None, :], pos[:, None], 0)
+                self.h_steps_tab.array[:n] = steps[:, None]
+                _ok(cudart.cudaMemcpyAsync(self.d_pos_tab.ptr, self.h_pos_tab.ptr, n * cap * 8, h2d, s), "H2D")
+                _ok(cudart.cudaMemcpyAsync(self.d_steps_tab.ptr, self.h_steps_tab.ptr, n * cap * 8, h2d, s), "H2D")
+                top = int(pos.max())
+                if top >= self.S:
+                    raise ValueError(f"position {top} is past the cache's {self.S} slots")
+                need = min(self.S, -(-(top + 1) // self.window) * self.window)
+                if need > self.width or need <= self.width // 2:
+                    self._rewidth(need, min(self.width, need))
+                key = ("chunk", self.width, n, B, R, guided)
+                g = self.graphs.get(key) if self.use_graphs else None
+                if g is not None:
+                    _ok(cudart.cudaGraphLaunch(g, s), "cudaGraphLaunch")
+                else:
+                    self._enqueue_chunk(n, B, R, guided)  # eager (the first time: JIT and lazy allocations)
+                    if self.use_graphs:  # capture for the next chunk of this shape
+                        _ok(cudart.cudaStreamSynchronize(s), "cudaStreamSynchronize")
+                        _ok(cudart.cudaStreamBeginCapture(
+                            s, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "BeginCapture")
+                        try:
+                            self._enqueue_chunk(n, B, R, guided)
+                        finally:
+                            graph = _ok(cudart.cudaStreamEndCapture(s), "cudaStreamEndCapture")
+                        self.graphs[key] = _ok(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+                _ok(cudart.cudaMemcpyAsync(self.h_ring.ptr, self.d_ring.ptr, n * B * 8, d2h, s), "D2H")
+                _ok(cudart.cudaStreamSynchronize(s), "cudaStreamSynchronize")  # once per chunk
+                ring = self.h_ring.array.reshape(-1)[: n * B].reshape(n, B).copy()
+                for j in range(n):
+                    yield k0 + j, ring[j]
+                k0 += n
+        finally:
+            h_req.free()
+
     def close(self) -> None:
         cudart = self.cudart
         for g in self.graphs.values():
@@ -743,6 +906,8 @@ class _TrtRunner(StepRunner):
                      *self.d_par.values()]
         else:
             bufs.append(self.h_logits)
+        bufs += [getattr(self, n) for n in ("h_pos_tab", "d_pos_tab", "h_steps_tab", "d_steps_tab", "d_ring", "h_ring",
+                                           "d_row_req") if getattr(self, n, None) is not None]
         for b in bufs:
             b.free()
 

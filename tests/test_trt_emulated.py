@@ -336,7 +336,7 @@ def test_emulated_graph_replay_equals_eager(bundle, monkeypatch):
 def test_emulated_chunked_generation_equals_per_step_and_onnx_runtime(bundle, monkeypatch, chunk):
     """Generation in chunks of steps (tokens fed on the device, one host sync per chunk; chunk 0 = the per-step
     loop), with guidance on some rows: the tokens of ONNX Runtime's reference loop."""
-    params = [SamplingParams(seed=2, temperature=1.0, top_k=40, cfg_scale=1.0),
+    params = [SamplingParams(seed=2, temperature=1.0, top_k=40, cfg_scale=1.5),
               SamplingParams(seed=3, temperature=0.0, cfg_scale=1.0)]
     ref = Engine(bundle, backend="onnxruntime", sampler="reference").generate([1, 4], params).tokens
     eng, cudart = emulated_engine(bundle, monkeypatch, device_sampler=True, chunk=chunk)

@@ -18,6 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..sampling import SamplingParams
+from .frames import to_frames
 
 _set_name = ctypes.pythonapi.PyCapsule_SetName
 _set_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
@@ -43,8 +44,10 @@ def _params(args) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
 
 
-def _error(msg: str):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg))
+def _error(msg: str, internal: bool = False):
+    """An error response: INVALID_ARG (HTTP 400) for bad input, INTERNAL (500) for a failure of ours."""
+    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(msg, code))
 
 
 def _engine(p: dict[str, str]):
@@ -121,7 +124,7 @@ class Generate:
             try:
                 gens = [s.result() for s in subs]
             except Exception as e:
-                responses.append(_error(f"generation failed: {e}"))
+                responses.append(_error(f"generation failed: {e}", internal=True))
                 continue
             tokens = np.concatenate([g.tokens for g in gens], 0).astype(np.int64)
             seeds = np.array([[s.seed] for s in subs], np.int64)
@@ -171,7 +174,7 @@ class GenerateStream(Generate):
                             _out("TOTAL", np.array([req.total], np.int32)),
                             _out("TOKEN", np.array([g.tokens[0, -1]], np.int64))]), flags=final)
                     except Exception as e:
-                        sender.send(_error(f"generation failed: {e}"), flags=final)
+                        sender.send(_error(f"generation failed: {e}", internal=True), flags=final)
 
             subs[0].add_done_callback(done)
         return None
@@ -210,11 +213,6 @@ class _Tokenizer:
 class Encode(_Tokenizer):
     def execute(self, requests):
         return self._batched(requests, "VIDEO", self.engine.check_video, self.engine.encode, "TOKENS")
-
-
-def to_frames(video: np.ndarray) -> np.ndarray:
-    """(B, C, T, H, W) float in [0, 1] -> (B, T, H, W, C) uint8, rounded."""
-    return np.clip(np.rint(video.transpose(0, 2, 3, 4, 1) * 255.0), 0, 255).astype(np.uint8)
 
 
 class Decode(_Tokenizer):

@@ -27,9 +27,9 @@ import numpy as np
 
 def build_bundle(preset: str, root: Path) -> Path:
     import torch
+    from larp_rt.export import export_bundle
 
     from larp_rt import GeneratorConfig, TokenizerConfig, save_pretrained
-    from larp_rt.export import export_bundle
     from larp_rt.models import LARPGenerator, LARPTokenizer
 
     torch.manual_seed(0)

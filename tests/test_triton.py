@@ -196,6 +196,32 @@ def test_encode_decode_video(http, ref):
     assert vid.dtype == np.uint8 and vid.shape == (2, 8, 32, 32, 3)
 
 
+def test_concurrent_videos(server, ref):
+    """Concurrent larp_video requests (batched into one BLS generate), one of them bad: only it fails."""
+    from tritonclient.utils import InferenceServerException
+
+    from larp_rt.triton.frames import to_frames
+    from larp_rt.triton_client import TritonClient
+
+    def one(c):
+        with TritonClient(server.http_url, timeout=WAIT) as cl:
+            try:
+                return cl.video([c], seed=20 + c, temperature=0.5 if c % 2 else None)[1].tokens
+            except InferenceServerException as e:
+                return e
+
+    cases = [0, 1, 2, 99, 3]
+    with ThreadPoolExecutor(len(cases)) as ex:
+        got = list(ex.map(one, cases))
+    for c, g in zip(cases, got, strict=True):
+        if c == 99:
+            assert isinstance(g, InferenceServerException) and "class_ids must be in [0, 7]" in str(g)
+            continue
+        p = dataclasses.replace(ref.default_params, seed=20 + c, **({"temperature": 0.5} if c % 2 else {}))
+        np.testing.assert_array_equal(g, ref.generate([c], [p]).tokens)
+    assert to_frames(ref.decode(got[0])).shape == (1, 8, 32, 32, 3)
+
+
 def _metrics(server) -> dict:
     """Triton's counters by (name, model), summed over the other labels (failures carry a reason)."""
     with urllib.request.urlopen(server.metrics_url, timeout=10) as r:

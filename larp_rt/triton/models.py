@@ -222,7 +222,9 @@ class Decode(_Tokenizer):
 
 
 class Video:
-    """BLS: one larp_generate request with every row of the batch, then one larp_decode request."""
+    """BLS: one larp_generate request with every row of the batch's requests (so they share its continuous batch),
+    then one larp_decode request; when the joint request fails (one request's bad input) each request runs alone,
+    so the error is that request's only."""
 
     def initialize(self, args):
         pass
@@ -231,24 +233,61 @@ class Video:
         pass
 
     def execute(self, requests):
-        responses = []
-        for r in requests:  # each request's rows stay together: one BLS round trip per request
+        if len(requests) > 1:
             try:
-                inputs = [t for t in (pb_utils.get_input_tensor_by_name(r, n) for n in ("CLASS_ID",) + SAMPLING)
-                          if t is not None]
-                gen = pb_utils.InferenceRequest(model_name="larp_generate", inputs=inputs,
-                                                requested_output_names=["TOKENS", "SEED"]).exec()
-                if gen.has_error():
-                    raise ValueError(gen.error().message())
-                tokens = np.array(np.from_dlpack(pb_utils.get_output_tensor_by_name(gen, "TOKENS")))
-                seeds = np.array(np.from_dlpack(pb_utils.get_output_tensor_by_name(gen, "SEED")))
-                dec = pb_utils.InferenceRequest(model_name="larp_decode", inputs=[_out("TOKENS", tokens)],
-                                                requested_output_names=["FRAMES"]).exec()
-                if dec.has_error():
-                    raise ValueError(dec.error().message())
-                frames = np.array(np.from_dlpack(pb_utils.get_output_tensor_by_name(dec, "FRAMES")))
-                responses.append(pb_utils.InferenceResponse([_out("FRAMES", frames), _out("TOKENS", tokens),
-                                                             _out("SEED", seeds)]))
-            except Exception as e:
-                responses.append(_error(str(e)))
-        return responses
+                return self._joint(requests)
+            except ValueError:
+                pass
+        return [self._one(r) for r in requests]
+
+    def _joint(self, requests):
+        ids = [class_ids(r) for r in requests]
+        sizes = [len(i) for i in ids]
+        cols = {"CLASS_ID": np.concatenate(ids).astype(np.int64).reshape(-1, 1)}
+        for name, dtype, missing in (("SEED", np.int64, -1), ("CFG_SCALE", np.float32, np.nan),
+                                     ("TEMPERATURE", np.float32, np.nan), ("TOP_K", np.int32, -1),
+                                     ("TOP_P", np.float32, np.nan)):
+            vals = [_in(r, name) for r in requests]
+            if all(v is None for v in vals):
+                continue
+            parts = []
+            for v, n in zip(vals, sizes, strict=True):
+                if v is None:
+                    parts.append(np.full(n, missing, dtype))
+                elif v.size != n:
+                    raise ValueError(f"{name}: one value per CLASS_ID row")
+                else:
+                    parts.append(v.reshape(-1).astype(dtype))
+            cols[name] = np.concatenate(parts).reshape(-1, 1)
+        frames, tokens, seeds = self._run([_out(k, v) for k, v in cols.items()])
+        out, at = [], 0
+        for n in sizes:
+            out.append(pb_utils.InferenceResponse([_out("FRAMES", frames[at:at + n]), _out("TOKENS", tokens[at:at + n]),
+                                                   _out("SEED", seeds[at:at + n])]))
+            at += n
+        return out
+
+    def _run(self, inputs):
+        gen = pb_utils.InferenceRequest(model_name="larp_generate", inputs=inputs,
+                                        requested_output_names=["TOKENS", "SEED"]).exec()
+        if gen.has_error():
+            raise ValueError(gen.error().message())
+        tokens = np.array(np.from_dlpack(pb_utils.get_output_tensor_by_name(gen, "TOKENS")))
+        seeds = np.array(np.from_dlpack(pb_utils.get_output_tensor_by_name(gen, "SEED")))
+        dec = pb_utils.InferenceRequest(model_name="larp_decode", inputs=[_out("TOKENS", tokens)],
+                                        requested_output_names=["FRAMES"]).exec()
+        if dec.has_error():
+            raise RuntimeError(dec.error().message())
+        frames = np.array(np.from_dlpack(pb_utils.get_output_tensor_by_name(dec, "FRAMES")))
+        return frames, tokens, seeds
+
+    def _one(self, r):
+        try:
+            inputs = [t for t in (pb_utils.get_input_tensor_by_name(r, n) for n in ("CLASS_ID",) + SAMPLING)
+                      if t is not None]
+            frames, tokens, seeds = self._run(inputs)
+            return pb_utils.InferenceResponse([_out("FRAMES", frames), _out("TOKENS", tokens), _out("SEED", seeds)])
+        except ValueError as e:
+            return _error(str(e))
+        except Exception as e:
+            return _error(str(e), internal=True)

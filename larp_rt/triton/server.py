@@ -75,6 +75,16 @@ def server_env(base: dict | None = None) -> dict:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies (Linux), as PyTriton's launcher does."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -123,7 +133,7 @@ class LocalServer:
         self.log_path = self.log_path or str(Path(self._tmp.name) / "server.log")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(backends), env=server_env(), stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
         try:
             self.wait_ready(timeout)
         except BaseException:

@@ -7,7 +7,7 @@ Random weights (the preset's tokenizer + generator), CFG 1.25, seeds 0..V-1. Cas
   triton cN   one tritonserver (1 instance of each model), N concurrent HTTP clients (TritonClient.video)
   replicas    R tritonservers (1 instance each, ONNX Runtime threads = cores / R), clients spread round-robin
 Every Triton video's tokens are checked against the Engine's for the same seed. Ends with one JSON line and writes
-benchmarks/results/triton_cpu.json (--out).
+benchmarks/results/triton_cpu_PRESET.json (--out).
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def main() -> int:
     ap.add_argument("--videos", type=int, default=16)
     ap.add_argument("--clients", default="1,4")
     ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "triton_cpu.json"))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/triton_cpu_PRESET.json")
     a = ap.parse_args()
+    a.out = a.out or str(Path(__file__).parent / "results" / f"triton_cpu_{a.preset}.json")
     os.environ.setdefault("LARP_RT_ORT_SPIN", "0")
     from larp_rt import Engine
     from larp_rt.triton import LocalServer, write_repository

@@ -282,6 +282,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_triton(args: argparse.Namespace) -> int:
+    from .triton import write_repository
+
+    gpus = [int(g) for g in args.gpus.split(",")] if args.gpus else None
+    write_repository(args.bundle, args.repo, instances=args.instances, kind=args.kind, max_batch=args.max_batch,
+                     max_queue_delay_us=args.max_queue_delay_us, native=args.native, copy_bundle=args.copy_bundle,
+                     force=args.force, threads=args.threads, gpus=gpus, stream_every=args.stream_every)
+    return 0
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle directory (from `larp-rt export`)")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "torch"], default="auto")
@@ -401,6 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--strip-weights", action="store_true",
                     help="weight-stripped plans, refitted at load from the bundle's ONNX weights")
     bp.set_defaults(fn=_cmd_build)
+    tr = sub.add_parser("triton", help="write a Triton Inference Server model repository serving a bundle")
+    tr.add_argument("bundle")
+    tr.add_argument("repo", help="the repository folder to write (refused when non-empty, unless --force)")
+    tr.add_argument("--instances", type=int, default=1, help="instances of each model (per GPU with --kind gpu)")
+    tr.add_argument("--kind", choices=["cpu", "gpu"], default="cpu")
+    tr.add_argument("--gpus", default=None, help="comma-separated GPU ids for --kind gpu (default: all visible)")
+    tr.add_argument("--max-batch", type=int, default=8, help="Triton's max_batch_size (requests per execute)")
+    tr.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batching's queue delay")
+    tr.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per instance")
+    tr.add_argument("--stream-every", type=int, default=16, help="larp_generate_stream: a partial response "
+                                                                  "every this many tokens")
+    tr.add_argument("--native", action="store_true", help="larp_encode / larp_decode as onnxruntime platform "
+                                                          "models over the bundle's .onnx files (no larp_video)")
+    tr.add_argument("--copy-bundle", action="store_true", help="copy the bundle into REPO/bundle")
+    tr.add_argument("--force", action="store_true", help="replace a non-empty REPO")
+    tr.set_defaults(fn=_cmd_triton)
 
     i = sub.add_parser("info", help="inspect a checkpoint folder (ours or the authors'); loads it strictly")
     i.add_argument("checkpoint", help="folder with config.json + model.safetensors")

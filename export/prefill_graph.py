@@ -55,19 +55,20 @@ class PrefillGraph(DecodeGraph):
         h = F.embedding(tokens, self.table) + F.embedding(pos, gen.abs_pe[0])  # (B, P, D)
         # (B, 1, P, P) additive mask: query i sees key j of its row iff pos[j] <= pos[i]
         allowed = pos.unsqueeze(1) <= pos.unsqueeze(2)  # (B, P_q, P_k)
-        bias = torch.zeros_like(allowed, dtype=torch.float32).masked_fill(~allowed, float("-inf")).unsqueeze(1)
+        acc = torch.promote_types(self.table.dtype, torch.float32)  # float32 (float64 in the parity tests)
+        bias = torch.zeros_like(allowed, dtype=acc).masked_fill(~allowed, float("-inf")).unsqueeze(1)
         presents: list[Tensor] = []
         for i, layer in enumerate(gen.layers):
             qkv = layer.attention_norm(h) @ getattr(self, f"wqkv_{i}")  # (B, P, 3D), q pre-scaled
             q, k, v = (t.reshape(-1, P, H, hd).transpose(1, 2) for t in qkv.split(D, dim=-1))  # (B, h, P, hd)
-            s = (q @ k.transpose(-1, -2)).float() + bias  # (B, h, P, P)
+            s = (q @ k.transpose(-1, -2)).to(acc) + bias  # (B, h, P, P)
             y = torch.softmax(s, dim=-1).to(q.dtype) @ v  # (B, h, P, hd)
             h = h + y.transpose(1, 2).reshape(-1, P, D) @ getattr(self, f"wo_{i}")
             gu = layer.ffn_norm(h) @ getattr(self, f"w13_{i}")  # (B, P, 2F)
             g, u = gu.split(Fh, dim=-1)
             h = h + (F.silu(g) * u) @ getattr(self, f"w2_{i}")
             presents += [k, v]
-        logits = (gen.norm(h[:, -1]) @ self.w_out).float()  # (B, V)
+        logits = (gen.norm(h[:, -1]) @ self.w_out).to(acc)  # (B, V) float32
         return (logits, *presents)
 
 

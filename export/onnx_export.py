@@ -142,6 +142,7 @@ def export_bundle(
     seed: int = 0,
     fused_sampler: bool = False,
     printer=print,
+    revision: str | None = None,
 ) -> Path:
     """Export a tokenizer and/or a generator checkpoint folder (ours or the authors') to a verified bundle.
 
@@ -156,7 +157,7 @@ def export_bundle(
         raise ValueError(f"opset must be in [{OPSETS.start}, {OPSETS.stop - 1}], got {opset}")
     if fused_sampler and generator_dir is None:
         raise ValueError("fused_sampler needs a generator")
-    if fused_sampler and _is_frame_prediction(generator_dir):
+    if fused_sampler and _is_frame_prediction(generator_dir, revision):
         raise ValueError("fused_sampler is for class-conditional generators; a frame-prediction generator is "
                          "exported with decode.onnx + prefix_prefill.onnx + sample.onnx: drop --fused-sampler")
     if fused_sampler:
@@ -168,8 +169,9 @@ def export_bundle(
                              + ". Reinstall with `pip install -e .`, or export without --fused-sampler")
     dtype = torch.float16 if precision == "fp16" else torch.float32
     tol = TOLERANCES[precision]
-    tok = load_pretrained(tokenizer_dir, kind="tokenizer") if tokenizer_dir is not None else None  # prior if held
-    gen = load_pretrained(generator_dir, kind="generator") if generator_dir is not None else None
+    hub = {"revision": revision} if revision is not None else {}  # folders, or hub repo ids at this revision
+    tok = load_pretrained(tokenizer_dir, kind="tokenizer", **hub) if tokenizer_dir is not None else None  # + prior
+    gen = load_pretrained(generator_dir, kind="generator", **hub) if generator_dir is not None else None
     if tok is not None and gen is not None:
         t, g = tok.config, gen.config
         if g.vocab_size != t.codebook_size or g.max_seq_len != t.num_tokens:
@@ -236,10 +238,10 @@ def export_bundle(
     return out
 
 
-def _is_frame_prediction(generator_dir) -> bool:
+def _is_frame_prediction(generator_dir, revision=None) -> bool:
     from ..checkpoint import read_config
 
-    kind, cfg, _ = read_config(generator_dir)
+    kind, cfg, _ = read_config(generator_dir, revision=revision)
     return kind == "generator" and cfg.frame_prediction
 
 

@@ -47,8 +47,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import load_pretrained, read_config
 
-    kind, cfg, dialect = read_config(args.checkpoint)
-    model = load_pretrained(args.checkpoint)  # strict: proves the weights match the config
+    kind, cfg, dialect = read_config(args.checkpoint, revision=args.revision)
+    model = load_pretrained(args.checkpoint, revision=args.revision)  # strict: proves the weights match the config
     info = {"kind": kind, "dialect": dialect, "params": _param_count(model), "config": cfg.to_dict()}
     if kind == "tokenizer":
         info["has_prior"] = model.prior_model is not None
@@ -375,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_serve)
 
     i = sub.add_parser("info", help="inspect a checkpoint folder (ours or the authors'); loads it strictly")
-    i.add_argument("checkpoint", help="folder with config.json + model.safetensors")
+    i.add_argument("checkpoint", help="folder with config.json + model.safetensors, or a Hugging Face repo id "
+                                      "(hywang66/LARP-L-long-AR-FP; resolved through the hub's cache)")
+    i.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of a repo id")
     i.set_defaults(fn=_cmd_info)
 
     r = sub.add_parser("presets", help="list model presets with parameter counts")

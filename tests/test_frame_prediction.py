@@ -276,3 +276,25 @@ def test_authors_fp_state_dict_loads_strictly_and_exports(tmp_path):
 def test_pad_cond_repeats_the_last_conditioning_frame():
     v = torch.arange(8.0).view(1, 1, 8, 1, 1).expand(1, 3, 8, 2, 2)
     assert pad_cond(v, 5)[0, 0, :, 0, 0].tolist() == [0, 1, 2, 3, 4, 4, 4, 4]
+
+
+def test_cli_predict_writes_input_beside_prediction(fp_bundle, tmp_path, capsys):
+    from larp_rt.cli import main
+    from larp_rt.video import read_video, write_video
+
+    bundle = str(fp_bundle[2])
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "in.mp4", (rng.random((10, 40, 48, 3)) * 255).astype(np.uint8), fps=8)
+    out = tmp_path / "pred.mp4"
+    assert main(["predict", bundle, str(tmp_path / "in.mp4"), "--out", str(out), "--cond-frames", "5",
+                 "--temperature", "0", "--seed", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "resized 48x40" in text and "frames 5..7 are predicted" in text
+    frames, _ = read_video(out)
+    assert frames.shape[0] == 8 and frames.shape[2] > 2 * 32  # two clips side by side
+    assert main(["predict", bundle, str(tmp_path / "in.mp4"), "--out", str(tmp_path / "t.npy"), "--seed", "1"]) == 0
+    assert np.load(tmp_path / "t.npy").shape == (1, N_TOK)
+    write_video(tmp_path / "short.mp4", (rng.random((3, 32, 32, 3)) * 255).astype(np.uint8), fps=8)
+    assert main(["predict", bundle, str(tmp_path / "short.mp4"), "--out", str(out)]) == 2
+    assert "needs at least 5" in capsys.readouterr().err
+    assert main(["predict", bundle, str(tmp_path / "in.mp4"), "--out", str(tmp_path / "x.txt")]) == 2

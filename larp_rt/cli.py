@@ -59,6 +59,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.predict:  # frame prediction: the committed tiny FP generator on held-out clips
+        from .demo_predict import run_predict_demo
+
+        run_predict_demo(args.out, args.tokenizer, args.generator, seed=args.seed, scale=args.scale)
+        print("demo ok")
+        return 0
     run_demo(args.out, args.tokenizer, args.generator, seed=args.seed, scale=args.scale)
     print("demo ok")
     return 0
@@ -348,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--generator", help="generator checkpoint (default: the committed tiny one)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--scale", type=int, default=4, help="upscaling of the written grid")
+    d.add_argument("--predict", action="store_true", help="frame prediction instead: the tiny FP generator "
+                   "(checkpoints/tiny/fp_generator) predicts held-out clips from their first frames")
     d.set_defaults(fn=_cmd_demo)
 
     g = sub.add_parser("generate", help="sample class-conditional videos (or tokens) from a bundle")

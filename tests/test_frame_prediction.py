@@ -318,3 +318,34 @@ def test_committed_tiny_fp_generator_beats_repeating_the_last_frame(tmp_path):
     base = np.mean([r["psnr_repeat_last_frame"] for r in res["clips"]])
     assert pred > base, (pred, base)
     assert (tmp_path / "predict.mp4").stat().st_size > 0
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_a_request_joining_mid_generation_changes_nothing(engines, backend):
+    """Continuous batching: B joins (its prefill step, A waiting) while A is mid-video, in a row a finished request
+    left stale entries in; both get the tokens they get alone."""
+    from larp_rt.backends.base import ContinuousBatch, Sequence
+    from larp_rt.sampling import resolve_params
+
+    eng = engines[backend]
+    frames = clip(3, seed=9)
+    prefix = eng.cond_tokens(frames)
+    p = SamplingParams(temperature=1.0, top_k=20, seed=5)
+    alone = [eng.predict(frames[i:i + 1], p)[1].tokens[0] for i in range(3)]
+    be = eng.backend
+    batch = ContinuousBatch(be, be.new_runner(2))
+    seqs = [Sequence(0, resolve_params(p, 1, 1024), N_TOK, prefix=prefix[i]) for i in range(3)]
+    batch.admit(seqs[0])
+    batch.admit(seqs[2])  # row 1: it finishes, then seqs[1] reuses its stale row
+    while not seqs[2].done:
+        batch.step()
+        if seqs[0].step == 10 and seqs[2].step == 10:
+            batch.evict(seqs[2])  # leaves early: its row keeps 75 written slots
+            break
+    batch.admit(seqs[1])
+    for _ in range(3 * N_TOK):
+        if not batch.sequences:
+            break
+        batch.step()
+    assert seqs[0].done and seqs[1].done
+    assert np.array_equal(seqs[0].tokens, alone[0]) and np.array_equal(seqs[1].tokens, alone[1])

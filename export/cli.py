@@ -10,7 +10,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     export_bundle(args.tokenizer, args.generator, args.bundle_dir, precision=args.precision, opset=args.opset,
                   onnx_only=args.onnx_only, verify=not args.no_verify, overwrite=args.force,
-                  fused_sampler=args.fused_sampler)
+                  fused_sampler=args.fused_sampler, revision=args.revision)
     return 0
 
 
@@ -19,8 +19,11 @@ def register(sub) -> None:
                        description="Export a tokenizer and/or generator checkpoint folder to a bundle directory; "
                                    "every graph is verified against PyTorch in ONNX Runtime.")
     p.add_argument("bundle_dir", help="output bundle directory (must not exist unless --force)")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint folder (config.json + model.safetensors)")
-    p.add_argument("--generator", help="generator checkpoint folder")
+    p.add_argument("--tokenizer", help="tokenizer checkpoint folder (config.json + model.safetensors) or a Hugging "
+                                       "Face repo id (hywang66/LARP-L-long-tokenizer; its cache, HF_HUB_OFFLINE)")
+    p.add_argument("--generator", help="generator checkpoint folder or hub repo id (hywang66/LARP-L-long-AR, "
+                                       "hywang66/LARP-L-long-AR-FP for frame prediction)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of repo ids (default main)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17: TensorRT-friendly)")
     p.add_argument("--onnx-only", action="store_true", help="leave out the PyTorch checkpoints (small edge bundles)")

@@ -92,14 +92,14 @@ class DecodeGraph(nn.Module):
 
     def __init__(self, gen: LARPGenerator, *, fused_attention: bool = False):
         super().__init__()
-        if gen.cls_embedding is None:
-            raise ValueError("frame-prediction generators (prefix of video tokens) cannot be exported yet")
         self.gen = gen
         self.fused_attention = fused_attention  # one larp_rt::DecodeAttention node per layer (float32 only)
         cfg = gen.config
         D, scale = cfg.dim, cfg.head_dim**-0.5
-        self.register_buffer("table", torch.cat([gen.tok_embeddings.weight, gen.cls_embedding.embedding_table.weight])
-                             .detach().clone())  # (V + C, D)
+        # (V + C, D); frame prediction: the token table (V + 1 rows, the separator last), no classes
+        table = (gen.tok_embeddings.weight if gen.cls_embedding is None else
+                 torch.cat([gen.tok_embeddings.weight, gen.cls_embedding.embedding_table.weight]))
+        self.register_buffer("table", table.detach().clone())
         for i, layer in enumerate(gen.layers):
             wqkv = layer.attention.wqkv.weight.detach().clone()  # (3D, D)
             wqkv[:D] *= scale

@@ -28,6 +28,7 @@ from ..checkpoint import load_pretrained, save_pretrained
 from ..config import find_multiple
 from ..models import LARPGenerator, LARPTokenizer
 from .graphs import DecodeGraph, DecoderGraph, EncoderGraph, kv_names
+from .prefill_graph import PREFILL_GRAPH, export_codebook, export_prefill
 from .prior_export import export_prior
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def export_bundle(
     seed: int = 0,
     fused_sampler: bool = False,
     printer=print,
+    revision: str | None = None,
 ) -> Path:
     """Export a tokenizer and/or a generator checkpoint folder (ours or the authors') to a verified bundle.
 
@@ -155,6 +157,9 @@ def export_bundle(
         raise ValueError(f"opset must be in [{OPSETS.start}, {OPSETS.stop - 1}], got {opset}")
     if fused_sampler and generator_dir is None:
         raise ValueError("fused_sampler needs a generator")
+    if fused_sampler and _is_frame_prediction(generator_dir, revision):
+        raise ValueError("fused_sampler is for class-conditional generators; a frame-prediction generator is "
+                         "exported with decode.onnx + prefix_prefill.onnx + sample.onnx: drop --fused-sampler")
     if fused_sampler:
         from .. import kernels
 
@@ -164,8 +169,9 @@ def export_bundle(
                              + ". Reinstall with `pip install -e .`, or export without --fused-sampler")
     dtype = torch.float16 if precision == "fp16" else torch.float32
     tol = TOLERANCES[precision]
-    tok = load_pretrained(tokenizer_dir, kind="tokenizer") if tokenizer_dir is not None else None  # prior if held
-    gen = load_pretrained(generator_dir, kind="generator") if generator_dir is not None else None
+    hub = {"revision": revision} if revision is not None else {}  # folders, or hub repo ids at this revision
+    tok = load_pretrained(tokenizer_dir, kind="tokenizer", **hub) if tokenizer_dir is not None else None  # + prior
+    gen = load_pretrained(generator_dir, kind="generator", **hub) if generator_dir is not None else None
     if tok is not None and gen is not None:
         t, g = tok.config, gen.config
         if g.vocab_size != t.codebook_size or g.max_seq_len != t.num_tokens:
@@ -184,7 +190,7 @@ def export_bundle(
         })
         if tok is not None:
             checks += _export_tokenizer(w, tok, dtype, opset, batch, gen_rng, tol, verify)
-            m["tokenizer"] = {"config": tok.config.to_dict()}
+            m["tokenizer"] = {"config": tok.config.to_dict(), "codebook": export_codebook(w, tok)}  # stochastic SVQ
             m["tokenizer"]["prior"], prior_checks = export_prior(w, tok, dtype, opset, batch, gen_rng, tol, verify)
             checks += prior_checks  # prior.onnx + prior_score.onnx when the tokenizer has a prior, else None
             if not onnx_only:
@@ -202,6 +208,9 @@ def export_bundle(
                              "max_seq": find_multiple(cfg.num_positions, 8), "dtype": precision},
             }
             attention = ("larp_rt::DecodeAttention" if precision == "fp32" else "standard") if fused_sampler else None
+            if cfg.frame_prediction:  # the prefix (cond tokens + separator) runs through one multi-token graph
+                m["generator"]["prefill"] = {"graph": PREFILL_GRAPH, "prefix_tokens": cfg.cls_token_num,
+                                             "separator": cfg.vocab_size}
             m["sampler"] = {"graph": "sample", "fused": "decode_sample" if fused_sampler else None,
                             "fused_attention": attention,
                             "custom_op_domain": "larp_rt", "custom_op_library": "liblarp_rt_ort.so"}
@@ -227,6 +236,13 @@ def export_bundle(
         out = w.commit()
     printer(f"bundle written to {out}")
     return out
+
+
+def _is_frame_prediction(generator_dir, revision=None) -> bool:
+    from ..checkpoint import read_config
+
+    kind, cfg, _ = read_config(generator_dir, revision=revision)
+    return kind == "generator" and cfg.frame_prediction
 
 
 def _onnx_version() -> str:
@@ -290,6 +306,9 @@ def _export_generator(w: BundleWriter, gen: LARPGenerator, dtype, opset, batch, 
                 + [_io(n, kv_dtype, ["B", H, "S", hd]) for n in past],
                 [_io("logits", "float32", ["B", V])] + [_io(n, kv_dtype, ["B", H, 1, hd]) for n in present],
                 files[1:])
+    fp_checks = []
+    if cfg.frame_prediction:  # the multi-token prefill of the prefix (prefill_graph.py)
+        _, fp_checks = export_prefill(w, gen, dtype, opset, batch, rng, tol, verify)
     if not verify:
         return []
     sess = _ort_session(w.path("decode.onnx"))
@@ -301,6 +320,8 @@ def _export_generator(w: BundleWriter, gen: LARPGenerator, dtype, opset, batch, 
     ref_logits, ref_kv = _model_step(gen, token.view(-1), pos, caches)
     checks.append(_compare("decode", "logits", out[0], ref_logits.float().numpy(), tol["logits"]))
     checks.append(_compare("decode", "present", np.stack(out[1:]).astype(np.float32), ref_kv, tol["kv"]))
+    if cfg.frame_prediction:  # no class tokens: the prefix runs through prefix_prefill.onnx (checked there)
+        return checks + fp_checks
     # the prefill: class tokens at position 0, against the model's prefill
     hi = cfg.num_classes + int(gen.has_null_class)
     class_ids = torch.randint(0, hi, (batch,), generator=rng)

@@ -25,7 +25,8 @@ FORMAT = "larp_rt.bundle"
 # 2: the decode step takes a position per row (``pos`` (B,)) and the fused graph ``sample_rows`` + per-request steps
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-GRAPHS = ("encoder", "decoder", "prefill", "decode", "sample", "decode_sample", "prior", "prior_score")
+GRAPHS = ("encoder", "decoder", "prefill", "decode", "sample", "decode_sample", "prior", "prior_score",
+          "prefix_prefill")  # prefix_prefill: frame prediction's multi-token prefill (optional)
 
 
 class BundleError(ValueError):

@@ -204,8 +204,10 @@ def require_torch(what: str):
     return torch
 
 
-def _as_dir(path: str | os.PathLike) -> Path:
-    p = Path(path)
+def _as_dir(path: str | os.PathLike, revision: str | None = None) -> Path:
+    from .hub import resolve_checkpoint
+
+    p = resolve_checkpoint(path, revision=revision)  # a hub repo id (owner/name) -> its cached snapshot
     if not p.is_dir():
         raise CheckpointError(
             f"checkpoint folder {str(p)!r} does not exist or is not a directory; expected a folder with "
@@ -214,9 +216,10 @@ def _as_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def read_config(path: str | os.PathLike) -> tuple[Kind, TokenizerConfig | GeneratorConfig, str]:
-    """(kind, config, dialect) of a checkpoint folder; dialect is "larp_rt" or "authors"."""
-    p = _as_dir(path) / CONFIG_FILE
+def read_config(path: str | os.PathLike, *, revision: str | None = None,
+                ) -> tuple[Kind, TokenizerConfig | GeneratorConfig, str]:
+    """(kind, config, dialect) of a checkpoint folder (or hub repo id); dialect is "larp_rt" or "authors"."""
+    p = _as_dir(path, revision) / CONFIG_FILE
     try:
         d = json.loads(p.read_text())
     except FileNotFoundError:
@@ -305,16 +308,19 @@ def load_pretrained(
     with_prior: bool | None = None,
     device: Any = "cpu",
     dtype: Any = None,
+    revision: str | None = None,
 ):
     """Load a tokenizer or generator (ours or the authors' hub folder) strictly into a PyTorch module in eval mode.
 
     with_prior: for tokenizers, None loads the AR prior iff the file holds ``prior_model.*``; False drops it;
     True requires it. device/dtype: where and in which dtype to place the weights (default: as stored, fp32).
+    ``path`` may also be a Hugging Face hub repo id (``hywang66/LARP-L-long-AR-FP``), resolved through the hub's
+    cache (``HF_HUB_OFFLINE`` respected) at ``revision`` (see ``larp_rt.hub``).
     """
     torch = require_torch("load_pretrained")
     from .models import build_model
 
-    folder = _as_dir(path)
+    folder = _as_dir(path, revision)
     found_kind, cfg, dialect = read_config(folder)
     if kind is not None and kind != found_kind:
         raise CheckpointError(f"{str(folder)!r} holds a {found_kind} checkpoint, not a {kind}")

@@ -47,8 +47,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import load_pretrained, read_config
 
-    kind, cfg, dialect = read_config(args.checkpoint)
-    model = load_pretrained(args.checkpoint)  # strict: proves the weights match the config
+    kind, cfg, dialect = read_config(args.checkpoint, revision=args.revision)
+    model = load_pretrained(args.checkpoint, revision=args.revision)  # strict: proves the weights match the config
     info = {"kind": kind, "dialect": dialect, "params": _param_count(model), "config": cfg.to_dict()}
     if kind == "tokenizer":
         info["has_prior"] = model.prior_model is not None
@@ -59,6 +59,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.predict:  # frame prediction: the committed tiny FP generator on held-out clips
+        from .demo_predict import run_predict_demo
+
+        run_predict_demo(args.out, args.tokenizer, args.generator, seed=args.seed, scale=args.scale)
+        print("demo ok")
+        return 0
     run_demo(args.out, args.tokenizer, args.generator, seed=args.seed, scale=args.scale)
     print("demo ok")
     return 0
@@ -128,6 +134,51 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, tokens)
     print(f"wrote tokens {tokens.shape} to {out}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .sampling import SamplingParams
+    from .video import fit_clip, grid, read_video, write_video
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".mp4", ".gif", ".npy"):
+        raise ValueError(f"--out must end in .mp4, .gif or .npy, got {args.out!r}")
+    eng = _engine(args)
+    eng._need_fp()  # a class-conditional bundle says so before the video is read
+    C, T, H, W = eng.tokenizer_config.video_shape
+    n = args.cond_frames
+    if not 1 <= n <= T:
+        raise ValueError(f"--cond-frames must be in [1, {T}] (the model's {T} frames), got {n}")
+    frames, fps = read_video(args.video, max_frames=T)
+    if len(frames) < n:
+        raise ValueError(f"{args.video!r} has {len(frames)} frame(s); --cond-frames {n} needs at least {n}")
+    clip, notes = fit_clip(frames, T, H, W)
+    for note in notes:
+        if not note.startswith("padded"):  # the frames past the conditioning ones are only shown, never read
+            print(f"note: {note} (the model takes {T}x{H}x{W})")
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    step = max(1, eng.generator_config.max_seq_len // 10)
+    video, gen = eng.predict(clip[None], params, num_cond_frames=n, stochastic_cond=args.stochastic_cond,
+                             seed=args.cond_seed,
+                             progress=lambda k, t: print(f"\r  token {k}/{t}", end="", flush=True)
+                             if k % step == 0 or k == t else None)
+    print()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".npy":
+        np.save(out, gen.tokens)
+        print(f"wrote the predicted tokens {gen.tokens.shape} to {out}")
+    else:
+        given = clip[None].transpose(0, 4, 1, 2, 3).astype(np.float32) / np.float32(255.0)
+        shown = min(len(frames), T)
+        if shown < T:  # frames the input does not have: black on the input's side
+            given[:, :, shown:] = 0.0
+        write_video(out, grid(np.concatenate([given, video]), cols=2, scale=args.scale), fps=args.fps or fps or 8.0)
+        print(f"wrote {out}: the input (left) beside the prediction (right); frames 0..{n - 1} condition it, "
+              f"frames {n}..{T - 1} are predicted")
+    print(f"seed: {gen.seeds[0]}")
     return 0
 
 
@@ -321,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--generator", help="generator checkpoint (default: the committed tiny one)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--scale", type=int, default=4, help="upscaling of the written grid")
+    d.add_argument("--predict", action="store_true", help="frame prediction instead: the tiny FP generator "
+                   "(checkpoints/tiny/fp_generator) predicts held-out clips from their first frames")
     d.set_defaults(fn=_cmd_demo)
 
     g = sub.add_parser("generate", help="sample class-conditional videos (or tokens) from a bundle")
@@ -340,6 +393,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("video", help="input video file (mp4, avi, ...)")
     e.add_argument("--out", required=True, help="output .npy of (1, N) int64 tokens")
     e.set_defaults(fn=_cmd_encode)
+
+    pr = sub.add_parser("predict", help="frame prediction: a video's first frames -> the whole clip, written beside "
+                                        "the input (frame-prediction bundles)")
+    _engine_args(pr)
+    pr.add_argument("video", help="input video file (mp4, avi, ...): its first --cond-frames frames condition")
+    pr.add_argument("--cond-frames", type=int, default=5, help="conditioning frames (default 5, the authors')")
+    pr.add_argument("--out", required=True, help="output .mp4 / .gif (input | prediction, side by side) or .npy "
+                                                 "(the predicted tokens)")
+    pr.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one, printed)")
+    pr.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    pr.add_argument("--top-k", type=int, default=0)
+    pr.add_argument("--top-p", type=float, default=1.0)
+    pr.add_argument("--stochastic-cond", action="store_true",
+                    help="encode the conditioning with the authors' stochastic SVQ (default: deterministic)")
+    pr.add_argument("--cond-seed", type=int, default=None, help="seed of --stochastic-cond's draw")
+    pr.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's)")
+    pr.add_argument("--scale", type=int, default=1, help="integer upscaling of the written frames (nearest)")
+    pr.set_defaults(fn=_cmd_predict)
 
     dd = sub.add_parser("decode", help="tokens .npy -> video file")
     _engine_args(dd)
@@ -429,7 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(fn=_cmd_triton)
 
     i = sub.add_parser("info", help="inspect a checkpoint folder (ours or the authors'); loads it strictly")
-    i.add_argument("checkpoint", help="folder with config.json + model.safetensors")
+    i.add_argument("checkpoint", help="folder with config.json + model.safetensors, or a Hugging Face repo id "
+                                      "(hywang66/LARP-L-long-AR-FP; resolved through the hub's cache)")
+    i.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of a repo id")
     i.set_defaults(fn=_cmd_info)
 
     r = sub.add_parser("presets", help="list model presets with parameter counts")

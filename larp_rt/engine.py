@@ -178,6 +178,9 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     def check_class_ids(self, class_ids) -> np.ndarray:
         cfg = self._need("generator")
+        if cfg.frame_prediction:
+            raise ValueError(f"bundle {str(self.bundle.path)!r} holds a frame-prediction generator: it has no classes; "
+                             "predict from conditioning frames with Engine.predict (`larp-rt predict`)")
         ids = _as_array(class_ids, "class_ids")
         if ids.ndim == 0:
             ids = ids.reshape(1)
@@ -237,6 +240,140 @@ class Engine:
         """generate + decode: (B, C, T, H, W) float32 videos and the Generation."""
         self._need("tokenizer")
         gen = self.generate(class_ids, params, progress=progress)
+        return self.decode(gen.tokens), gen
+
+    # ------------------------------------------------------------------------------------------
+    # frame prediction (the authors' LARP-L-long-AR-FP recipe)
+    # ------------------------------------------------------------------------------------------
+    @property
+    def predicts_frames(self) -> bool:
+        """True for a frame-prediction bundle (``predict``); False for a class-conditional one (``generate``)."""
+        return bool(self.generator_config is not None and self.generator_config.frame_prediction)
+
+    def _need_fp(self):
+        cfg = self._need("generator")
+        self._need("tokenizer")
+        if not cfg.frame_prediction:
+            raise ValueError(f"bundle {str(self.bundle.path)!r} holds a class-conditional generator: it generates "
+                             "from class ids (Engine.generate / `larp-rt generate`), it cannot predict frames; "
+                             "export a frame-prediction generator (e.g. the authors' LARP-L-long-AR-FP) to predict")
+        if cfg.cls_token_num != self.tokenizer_config.num_tokens + 1:
+            raise ValueError(f"the generator's prefix ({cfg.cls_token_num} tokens) is not the tokenizer's "
+                             f"{self.tokenizer_config.num_tokens} tokens + the separator: re-export a matching pair")
+        return cfg
+
+    def check_frames(self, frames, num_cond_frames: int = 5) -> np.ndarray:
+        """Conditioning frames -> the padded clip (B, C, T, H, W) float32 in [0, 1] the encoder takes: the first
+        ``num_cond_frames`` frames, the last of them repeated up to the tokenizer's T (the authors' recipe).
+        ``frames``: uint8 (B, t, H, W, C) or float in [0, 1] (B, C, t, H, W) with t >= num_cond_frames."""
+        cfg = self._need("tokenizer")
+        C, T, H, W = cfg.video_shape
+        if isinstance(num_cond_frames, bool) or not isinstance(num_cond_frames, (int, np.integer)) or \
+                not 1 <= num_cond_frames <= T:
+            raise ValueError(f"num_cond_frames must be an int in [1, {T}] (the tokenizer's {T} frames), "
+                             f"got {num_cond_frames!r}")
+        n = int(num_cond_frames)
+        x = _as_array(frames, "frames")
+        if x.dtype == np.uint8:
+            if x.ndim != 5 or x.shape[0] == 0 or x.shape[2:] != (H, W, C):
+                raise ValueError(f"uint8 frames must have shape (B, t, {H}, {W}, {C}) (channels last), got {x.shape}; "
+                                 "use larp_rt.video.fit_clip to resize/crop")
+            t = x.shape[1]
+        elif np.issubdtype(x.dtype, np.floating):
+            if x.ndim != 5 or x.shape[0] == 0 or x.shape[1] != C or x.shape[3:] != (H, W):
+                raise ValueError(f"float frames must have shape (B, {C}, t, {H}, {W}) (channels first), got {x.shape}; "
+                                 "add a batch axis with frames[None] or resize with larp_rt.video.fit_clip")
+            t = x.shape[2]
+        else:
+            raise ValueError(f"frames must be uint8 (B, t, {H}, {W}, {C}) or float in [0, 1] (B, {C}, t, {H}, {W}), "
+                             f"got dtype {x.dtype}")
+        if t < n:
+            raise ValueError(f"frames hold {t} frame(s); prediction is conditioned on the first num_cond_frames={n}: "
+                             f"give at least {n} frames (or lower num_cond_frames)")
+        if x.dtype == np.uint8:
+            cond = x[:, :n].transpose(0, 4, 1, 2, 3).astype(np.float32) / np.float32(255.0)
+        else:
+            cond = np.asarray(x[:, :, :n], np.float32)
+            lo, hi = float(cond.min()), float(cond.max())
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
+                raise ValueError(f"frame values must be finite and in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+        pad = np.repeat(cond[:, :, n - 1:n], T - n, axis=2)  # the last conditioning frame, repeated
+        return np.ascontiguousarray(np.concatenate([cond, pad], axis=2))
+
+    def cond_tokens(self, frames, *, num_cond_frames: int = 5, stochastic_cond: bool = False,
+                    seed: int | None = None) -> np.ndarray:
+        """The prefix of ``predict``: (B, N + 1) int64, the tokens of the padded conditioning clip + the separator
+        (index codebook size). Deterministic SVQ (argmax) by default; ``stochastic_cond=True`` draws each token from
+        ``softmax(cos(latent, code) / svq_temperature)`` (the authors' SVQ) with ``numpy.random.default_rng(seed)``
+        (reproducible for a given seed; a fresh one when None)."""
+        self._need_fp()
+        clip = self.check_frames(frames, num_cond_frames)
+        if stochastic_cond:
+            tokens = self._stochastic_encode(clip, seed)
+        else:
+            if seed is not None:
+                raise ValueError("seed is for stochastic_cond=True (the deterministic encoder draws nothing)")
+            tokens = self.backend.encode(clip)
+        sep = np.full((len(tokens), 1), self.tokenizer_config.codebook_size, np.int64)
+        return np.concatenate([tokens.astype(np.int64), sep], axis=1)
+
+    def _stochastic_encode(self, clip: np.ndarray, seed: int | None) -> np.ndarray:
+        cfg = self.tokenizer_config
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        latents, codes = self.backend.encode_latents(clip)  # (B, N, d) normalised, (K, d) normalised
+        z = latents.astype(np.float64) @ codes.astype(np.float64).T / cfg.svq_temperature  # (B, N, K)
+        z -= z.max(axis=-1, keepdims=True)
+        p = np.exp(z)
+        cdf = np.cumsum(p, axis=-1)
+        rng = np.random.default_rng(seed)
+        u = rng.random(cdf.shape[:2]) * cdf[..., -1]
+        idx = (cdf < u[..., None]).sum(axis=-1)
+        return np.minimum(idx, cfg.codebook_size - 1).astype(np.int64)
+
+    def _fp_rows(self, prefix: np.ndarray, params):
+        cfg = self.generator_config
+        if params is None:
+            params = self.default_params
+        rp = resolve_params(params, len(prefix), cfg.vocab_size)
+        if rp.uses_cfg:
+            raise ValueError("frame prediction has no class condition, so classifier-free guidance does not apply: "
+                             f"use cfg_scale=1.0 (got {sorted(set(rp.cfg_scale.tolist()))})")
+        plist = [params] * len(prefix) if isinstance(params, SamplingParams) else list(params)
+        return rp, plist
+
+    def predict_iter(self, frames, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                     num_cond_frames: int = 5, stochastic_cond: bool = False, seed: int | None = None):
+        """``predict``'s token stream: a StepEvent per generated token (step 0 is the prefix's one-run prefill);
+        returns the Generation (the N generated tokens). Decode ``Generation.tokens`` for the video."""
+        prefix = self.cond_tokens(frames, num_cond_frames=num_cond_frames, stochastic_cond=stochastic_cond,
+                                  seed=seed)
+        rp, plist = self._fp_rows(prefix, params)
+        return self._predict_iter(prefix, rp, plist)
+
+    def _predict_iter(self, prefix, rp, plist):
+        out = np.empty((len(prefix), self.generator_config.max_seq_len), np.int64)
+        with self._gen_lock:
+            for ev in self.backend.predict_iter(prefix, rp):
+                out[:, ev.step] = ev.tokens
+                yield ev
+        return Generation(out, [int(s) for s in rp.seed], plist)
+
+    def predict(self, frames, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                num_cond_frames: int = 5, stochastic_cond: bool = False, seed: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, Generation]:
+        """Predict the whole clip from its first ``num_cond_frames`` frames (frame-prediction bundles).
+
+        ``frames``: uint8 (B, t, H, W, C) or float in [0, 1] (B, C, t, H, W), t >= num_cond_frames (frames past
+        the conditioning ones are ignored). The first ``num_cond_frames`` are padded to the tokenizer's T by
+        repeating the last, encoded (deterministic SVQ, or the authors' stochastic SVQ with
+        ``stochastic_cond=True`` and ``seed``, the conditioning draw's seed; the sampling seed is in ``params``)
+        and followed by the separator token; the generator prefills that prefix in one run and samples N tokens
+        with ``params`` (as in ``generate``; no guidance); the
+        tokenizer decodes them. Returns (video (B, C, T, H, W) float32 in [0, 1], the Generation).
+        ``progress(step, total)`` after every token."""
+        gen = _run(self.predict_iter(frames, params, num_cond_frames=num_cond_frames,
+                                     stochastic_cond=stochastic_cond, seed=seed), progress)
         return self.decode(gen.tokens), gen
 
     # ------------------------------------------------------------------------------------------

@@ -75,6 +75,12 @@ class StepRunner:
     def run(self, tokens: np.ndarray, pos: np.ndarray, sample: StepSample | None = None) -> np.ndarray:
         raise NotImplementedError
 
+    def prefill(self, rows: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+        """Frame prediction: the prefix (R, P) int64 of rows ``rows`` (R,) in one multi-token run (positions
+        0 .. P-1), its P cache entries written into slots 0 .. P-1 of each row -> (R, V) float32 logits of the
+        last prefix position (video token 0)."""
+        raise NotImplementedError(f"{type(self).__name__} has no multi-token prefill (frame prediction)")
+
     def close(self) -> None:
         """Release the buffers."""
 
@@ -85,12 +91,14 @@ class Sequence:
     ``rows`` are assigned on admission: its own row, and a null-class row when it uses guidance. ``step`` is the
     next step to sample (``total`` when finished); ``error`` is set when it failed (NaN/Inf logits)."""
 
-    __slots__ = ("class_id", "params", "total", "tag", "row", "null_row", "step", "tokens", "error")
+    __slots__ = ("class_id", "params", "total", "tag", "row", "null_row", "step", "tokens", "error", "prefix")
 
-    def __init__(self, class_id: int, params: RowParams, total: int, tag=None):
+    def __init__(self, class_id: int, params: RowParams, total: int, tag=None, *, prefix: np.ndarray | None = None):
         if len(params) != 1:
             raise ValueError(f"a Sequence takes one-row RowParams, got {len(params)} rows")
         self.class_id, self.params, self.total, self.tag = int(class_id), params, int(total), tag
+        # frame prediction: the prefix tokens (cls_token_num,) (cond tokens + separator), prefilled in one run
+        self.prefix = None if prefix is None else np.ascontiguousarray(prefix, np.int64).reshape(-1)
         self.row = self.null_row = -1
         self.step = 0
         self.tokens = np.zeros(self.total, np.int64)
@@ -150,6 +158,11 @@ class ContinuousBatch:
             raise ValueError(f"a sequence samples 1..{self.config.max_seq_len} tokens, got {seq.total}")
         if seq in self.sequences:
             raise RuntimeError("this sequence is already in the batch")
+        if (seq.prefix is not None) != bool(self.config.frame_prediction):
+            raise ValueError("a frame-prediction generator takes sequences with a prefix (and no class id); a "
+                             "class-conditional one takes class ids (no prefix)")
+        if seq.prefix is not None and seq.prefix.shape != (self.config.cls_token_num,):
+            raise ValueError(f"the prefix must hold {self.config.cls_token_num} tokens, got {seq.prefix.shape}")
         need = seq.rows_needed
         if rows is None:
             free = np.flatnonzero(~self._used)
@@ -209,6 +222,8 @@ class ContinuousBatch:
             return []
         if self._packed_version != self._version:
             self._pack()
+        if self.config.frame_prediction and not self._k.all():
+            return self._prefill_step()
         cfg, seqs = self.config, self.sequences
         V = cfg.vocab_size
         k, last = self._k, self._last
@@ -263,6 +278,43 @@ class ContinuousBatch:
         else:
             k[~failed] += 1
             last[~failed] = tokens[~failed]
+        for s in done:
+            self.evict(s)
+        return done
+
+    def _prefill_step(self) -> list[Sequence]:
+        """Frame prediction: the sequences at step 0 run their prefix through the runner's multi-token prefill
+        (one run for all of them) and draw token 0; the others wait for the next step (a step is a prefill or a
+        decode step, never both, so a joining request's long prefix never mixes into a decode step's rows)."""
+        idx = np.flatnonzero(self._k == 0)
+        seqs = [self.sequences[i] for i in idx]
+        logits = self.runner.prefill(self._rows[idx], np.stack([s.prefix for s in seqs]))
+        be, params = self.backend, self._params.select(idx)
+        steps = np.zeros(len(idx), np.int64)
+        extra = {"u": self._table[idx, 0]} if self._uniforms else {}
+        failed = np.zeros(len(idx), bool)
+        try:
+            tokens = be.sampler(logits, None, params, steps, **extra)
+        except ValueError as e:
+            if "NaN/Inf" not in str(e):
+                raise
+            failed = ~np.isfinite(logits).all(axis=1)
+            tokens = np.zeros(len(idx), np.int64)
+            ok = np.flatnonzero(~failed)
+            if len(ok):
+                tokens[ok] = be.sampler(logits[ok], None, params.select(ok), steps[ok],
+                                        **({"u": extra["u"][ok]} if extra else {}))
+        done: list[Sequence] = []
+        for j, s in enumerate(seqs):
+            if failed[j]:
+                s.error = NON_FINITE
+            else:
+                s.tokens[0] = tokens[j]
+                s.step = 1
+                self._k[idx[j]] = 1
+                self._last[idx[j]] = tokens[j]
+            if s.done:
+                done.append(s)
         for s in done:
             self.evict(s)
         return done
@@ -334,6 +386,25 @@ class Backend:
         null = dict(zip(guided.tolist(), range(B, B + len(guided)), strict=True))
         for i, s in enumerate(seqs):
             batch.admit(s, (i, null.get(i, -1)))
+        for k in range(N):
+            batch.step()
+            bad = [s for s in seqs if s.error]
+            if bad:
+                for s in seqs:
+                    batch.evict(s)
+                raise ValueError(bad[0].error)
+            yield StepEvent(k, N, np.fromiter((s.tokens[k] for s in seqs), np.int64, B))
+
+    def predict_iter(self, prefix: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
+        """Frame prediction: every prefix (B, cls_token_num) admitted at step 0 on the backend's runner (row i =
+        request i, no guidance); step 0 is one multi-token prefill, then one decode step per token."""
+        cfg = self.generator_config
+        assert cfg is not None and cfg.frame_prediction
+        B, N = len(prefix), cfg.max_seq_len
+        batch = ContinuousBatch(self, self.runner(B))
+        seqs = [Sequence(0, params.select(slice(i, i + 1)), N, prefix=prefix[i]) for i in range(B)]
+        for i, s in enumerate(seqs):
+            batch.admit(s, (i, -1))
         for k in range(N):
             batch.step()
             bad = [s for s in seqs if s.error]

@@ -132,6 +132,15 @@ class OnnxRuntimeBackend(Backend):
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         return self.session("decoder").run(["video"], {"indices": tokens})[0]
 
+    def encode_latents(self, video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, N, d) normalised latents of the encoder graph and the bundle's normalised codebook (K, d)."""
+        rel = (self.bundle.manifest.get("tokenizer") or {}).get("codebook")
+        if rel is None:
+            raise ValueError(f"bundle {str(self.bundle.path)!r} has no codebook.npy (exported before larp_rt wrote "
+                             "one): re-export the tokenizer for stochastic_cond, or use the deterministic encoder")
+        codes = np.load(self.bundle.path / rel)
+        return self.session("encoder").run(["latents"], {"video": video})[0], codes
+
     # sampling through the bundle's standard-ops graph -----------------------------------------
     def _graph_sampler(self, cond, uncond, params: RowParams, step: int, u=None) -> np.ndarray:
         logits = cond if uncond is None else np.concatenate([cond, uncond])
@@ -330,6 +339,34 @@ class _OrtRunner(StepRunner):
         else:
             self.dev.write_slots(rows, p)
         return self.tokens[: len(sample.steps)] if self.samples else self.logits[:rows]
+
+    def prefill(self, rows: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+        """Frame prediction: ``prefix_prefill.onnx`` over the prefixes (R, P) of rows ``rows``; its P entries per
+        layer go into slots 0 .. P-1 of those rows (the cache window grows to hold them first)."""
+        entry = (self.be.bundle.manifest.get("generator") or {}).get("prefill") or {}
+        if "graph" not in entry:
+            raise ValueError(f"bundle {str(self.be.bundle.path)!r} has no multi-token prefill graph: re-export the "
+                             "frame-prediction generator with this larp_rt (`larp-rt export --generator DIR`)")
+        rows = np.asarray(rows, np.int64)
+        R, P = prefix.shape
+        if P >= self.S:
+            raise ValueError(f"a prefix of {P} tokens does not fit the cache's {self.S} slots")
+        if self.dev is not None:
+            raise NotImplementedError("the multi-token prefill writes host caches; on a GPU execution provider "
+                                      "frame prediction is not supported yet: use device='cpu' or backend='torch'")
+        pos = np.broadcast_to(np.arange(P, dtype=np.int64), (R, P)).copy()
+        logits, *new = self.be.session(entry["graph"]).run(None, {"tokens": np.ascontiguousarray(prefix, np.int64),
+                                                                  "pos": pos})
+        hi = int(rows.max()) + 1
+        if hi > self.rows:
+            self._bind_rows(hi)  # rows above the bound ones: their views (the layout of a row is its own)
+        if self.windowed:
+            need = min(self.S, -(-(P + 1) // self.window) * self.window)  # the next step sits at position P
+            if need > self.width:
+                self._rewidth(need, self.width)
+        for cache, n in zip(self.views, new, strict=True):
+            cache[rows, :, :P] = n
+        return logits
 
     def close(self) -> None:
         self.binding = None

@@ -91,6 +91,15 @@ class TorchBackend(Backend):
         with self.torch.inference_mode():
             return self.tok.decode(self.torch.from_numpy(tokens).to(self.device)).float().cpu().numpy()
 
+    def encode_latents(self, video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, N, d) normalised latents and the normalised codebook (K, d), float32 (for stochastic SVQ)."""
+        F = self.torch.nn.functional
+        with self.torch.inference_mode():
+            x = self.torch.from_numpy(video).to(self.device, self.tok.x_embedder.proj.weight.dtype)
+            z = F.normalize(self.tok.encode_latents(x).float(), dim=-1)
+            codes = self.tok.bottleneck.regularizer.codebook().float()
+            return z.cpu().numpy(), codes.cpu().numpy()
+
     @property
     def fast(self):
         """The generator's ``FastGenerator`` (created on first use)."""
@@ -134,6 +143,9 @@ class TorchBackend(Backend):
     @property
     def prior_sampler(self):
         return self.sampler  # the host sampler of the shared loop (kernel or reference)
+
+    def predict_iter(self, prefix: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
+        yield from super().predict_iter(prefix, params)  # the shared loop over _TorchRunner (no fast path yet)
 
     def generate_iter(self, class_ids: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
         if not self.fast_path:
@@ -185,6 +197,36 @@ class _TorchRunner(StepRunner):
                 t = torch.from_numpy(np.ascontiguousarray(tokens, np.int64)).to(self.be.device)
                 p = torch.from_numpy(np.ascontiguousarray(pos, np.int64)).to(self.be.device)
                 logits = gen.step(t, p).float().cpu().numpy()
+            finally:
+                for layer, c in zip(gen.layers, saved[0], strict=True):
+                    layer.attention.kv_cache = c
+                gen.causal_mask = saved[1]
+        return logits
+
+    def prefill(self, rows: np.ndarray, prefix: np.ndarray) -> np.ndarray:
+        """Frame prediction: the model's cached prefill of the prefixes (R, P) over caches of their own, its P
+        entries per layer copied into slots 0 .. P-1 of rows ``rows`` of this runner's caches."""
+        from ..models.generator import KVCache
+
+        torch, gen = self.be.torch, self.be.gen
+        R, P = prefix.shape
+        if P >= self.S:
+            raise ValueError(f"a prefix of {P} tokens does not fit the cache's {self.S} slots")
+        cfg, dev = gen.config, self.be.device
+        dtype = gen.tok_embeddings.weight.dtype
+        with self.be.model_lock, torch.inference_mode():
+            saved = [layer.attention.kv_cache for layer in gen.layers], gen.causal_mask
+            try:
+                tmp = [KVCache(R, P, cfg.n_head, cfg.head_dim, dtype, dev) for _ in gen.layers]
+                for layer, c in zip(gen.layers, tmp, strict=True):
+                    layer.attention.kv_cache = c
+                gen.causal_mask = torch.tril(torch.ones(P, P, dtype=torch.bool, device=dev))
+                x = torch.from_numpy(np.ascontiguousarray(prefix, np.int64)).to(dev)
+                logits = gen.prefill(x).float().cpu().numpy()
+                r = torch.from_numpy(np.asarray(rows, np.int64)).to(dev)
+                for c, t in zip(self.caches, tmp, strict=True):
+                    c.k_cache[r, :, :P] = t.k_cache
+                    c.v_cache[r, :, :P] = t.v_cache
             finally:
                 for layer, c in zip(gen.layers, saved[0], strict=True):
                     layer.attention.kv_cache = c

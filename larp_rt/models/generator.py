@@ -268,11 +268,13 @@ class LARPGenerator(nn.Module):
     def step(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """The exported decode step's semantics (class-conditional): tokens (B,) int64 at positions pos (B,), one per
         row, where ``vocab_size + c`` at position 0 is the prefill of class c (null class included) and a video
-        token in [0, vocab_size) sits at its position; rows may be at different positions -> logits (B, V)."""
-        if self.cls_embedding is None:
-            raise ValueError("step() takes class tokens; a frame-prediction generator prefills with prefill()")
-        V = self.config.vocab_size
+        token in [0, vocab_size) sits at its position; rows may be at different positions -> logits (B, V).
+        Frame prediction: tokens in [0, vocab_size] (the separator included), no class tokens; its prefix is
+        prefilled with ``prefill`` (or the export's multi-token prefill graph)."""
         tokens = tokens.view(-1)
+        if self.cls_embedding is None:  # frame prediction: video tokens (or the separator, index vocab_size)
+            return self._forward_cached(self.tok_embeddings(tokens).unsqueeze(1), pos.view(-1))
+        V = self.config.vocab_size
         is_cls = tokens >= V
         h = torch.where(is_cls.view(-1, 1), self.cls_embedding.embedding_table((tokens - V).clamp(min=0)),
                         self.tok_embeddings(tokens.clamp(max=V - 1)))

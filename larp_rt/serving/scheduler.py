@@ -235,6 +235,36 @@ class Scheduler:
         if seq.rows_needed > self.max_batch:
             raise ValueError(f"a request with cfg_scale != 1 needs 2 batch rows (its class and the null class); this "
                              f"scheduler has max_batch={self.max_batch}: raise --max-batch or use cfg_scale=1.0")
+        return self._enqueue(seq, int(ids[0]), p, on_step, timeout)
+
+    def submit_predict(self, frames, params: SamplingParams | None = None, *, num_cond_frames: int = 5,
+                       stochastic_cond: bool = False, seed: int | None = None, stream: int = 0,
+                       on_step: Callable[[int, int, int], None] | None = None,
+                       timeout: float | None = None) -> Request:
+        """Queue one frame-prediction request (frame-prediction bundles): ``frames`` of one clip, (1, t, H, W, C)
+        uint8 or (1, C, t, H, W) float, as ``Engine.predict`` takes them (its conditioning is encoded here, on the
+        caller's thread). Its prefix is prefilled in one run when it joins; ``result()`` holds the N generated
+        tokens (decode them with ``engine.decode``). The other arguments as in ``submit``."""
+        if params is not None and not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams or None, got {type(params).__name__}")
+        if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or not 0 <= stream < 2**64:
+            raise ValueError(f"stream must be an int in [0, 2**64), got {stream!r}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        if on_step is not None and not callable(on_step):
+            raise ValueError("on_step must be callable or None")
+        prefix = self.engine.cond_tokens(frames, num_cond_frames=num_cond_frames, stochastic_cond=stochastic_cond,
+                                         seed=seed)
+        if len(prefix) != 1:
+            raise ValueError(f"submit_predict takes the frames of one clip (batch 1), got {len(prefix)}")
+        rp, _ = self.engine._fp_rows(prefix, [params or self.engine.default_params])
+        rp = dataclasses.replace(rp, stream=np.array([stream], np.uint64))
+        p = dataclasses.replace(params or self.engine.default_params, seed=int(rp.seed[0]))
+        seq = Sequence(0, rp, self.engine.generator_config.max_seq_len, prefix=prefix[0])
+        return self._enqueue(seq, 0, p, on_step, timeout)
+
+    def _enqueue(self, seq: Sequence, class_id: int, p: SamplingParams, on_step, timeout) -> Request:
         deadline = None if timeout is None else time.monotonic() + float(timeout)
         with self._cv:
             if self._closed:
@@ -243,7 +273,7 @@ class Scheduler:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later",
                                 retry_after=self._retry_after())
             self._ids += 1
-            req = Request(self._ids, int(ids[0]), p, seq, on_step, deadline)
+            req = Request(self._ids, class_id, p, seq, on_step, deadline)
             seq.tag = req
             self._queue.append(req)
             self.observer.on_queue(len(self._queue))
@@ -322,6 +352,7 @@ class Scheduler:
                     continue
                 rows = self.max_batch - self.batch.free_rows
                 seqs = list(self.batch.sequences)
+                before = [s.step for s in seqs]  # a frame-prediction prefill step advances only the joining ones
             t0 = time.perf_counter()
             try:
                 finished = self.batch.step()
@@ -335,12 +366,13 @@ class Scheduler:
                 continue
             dt = time.perf_counter() - t0
             self._steps += 1
-            self._tokens += sum(1 for s in seqs if s.error is None)
+            drawn = sum(1 for s, b in zip(seqs, before, strict=True) if s.error is None and s.step > b)
+            self._tokens += drawn
             self._step_seconds = dt if self._steps == 1 else 0.9 * self._step_seconds + 0.1 * dt
-            self.observer.on_step(rows, len(seqs), dt, sum(1 for s in seqs if s.error is None))
-            for s in seqs:
+            self.observer.on_step(rows, len(seqs), dt, drawn)
+            for s, b in zip(seqs, before, strict=True):
                 req = s.tag
-                if req._on_step is not None and s.error is None:
+                if req._on_step is not None and s.error is None and s.step > b:
                     try:
                         req._on_step(s.step - 1, s.total, int(s.tokens[s.step - 1]))
                     except Exception:

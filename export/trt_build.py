@@ -58,8 +58,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 #   "prefix"       a prefix length (multi-token prefill): [1, max_seq], optimum max_seq // 2
 #   (lo, opt, hi)  fixed ints
 # A graph of the bundle that is neither here nor in PLAN_EXCLUDED fails the build with a message pointing here.
-# To give the multi-token prefill graph (prefix tokens (B, S) + caches) its plans, add e.g.
-#   "prefill": {"B": "batch", "S": "prefix", "P": "kv"},
+# Example: the multi-token prefill of frame-prediction bundles (prefix tokens (B, P) -> logits + P cache entries)
+# is the "prefix_prefill" entry.
 # ---------------------------------------------------------------------------------------------------------------
 PROFILES: dict[str, dict[str, Any]] = {
     "encoder": {"B": "batch"},
@@ -67,6 +67,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "decode": {"B": "batch", "S": "kv"},
     "prior": {"B": "batch", "S": "prior_kv"},
     "prior_score": {"B": "batch"},
+    "prefix_prefill": {"B": "batch", "P": "prefix"},
 }
 # graphs that stay ONNX-only: the sampler graph computes in float64 (plans hold none; the plan path samples with
 # the CUDA kernel of cpp_ext instead), the fused decode+sample graph uses larp_rt custom ops TensorRT cannot parse

@@ -349,3 +349,22 @@ def test_a_request_joining_mid_generation_changes_nothing(engines, backend):
         batch.step()
     assert seqs[0].done and seqs[1].done
     assert np.array_equal(seqs[0].tokens, alone[0]) and np.array_equal(seqs[1].tokens, alone[1])
+
+
+def test_prefill_graph_builds_a_tensorrt_plan_with_a_dynamic_prefix(fp_bundle, tmp_path):
+    """The TensorRT build gives the multi-token prefill its own profiles (prefix length dynamic up to max_seq)."""
+    pytest.importorskip("tensorrt_rtx", reason="the TensorRT-RTX builder is not installed (pip install '.[tensorrt]')")
+    import shutil
+
+    from larp_rt.bundle import Bundle
+    from larp_rt.export import trt_build
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(fp_bundle[2], dst)
+    trt_build.build_plans(dst, batch="1,2", printer=lambda *_: None, graphs=[PREFILL_GRAPH])
+    b = Bundle(dst)
+    e = b.manifest["plans"][PREFILL_GRAPH]
+    assert [x["name"] for x in e["inputs"]] == ["tokens", "pos"]
+    S = b.kv_cache["max_seq"]
+    assert [p["P"] for p in e["profiles"]] == [[1, S // 2, S]] * 2
+    assert [p["B"] for p in e["profiles"]] == [[1, 1, 1], [2, 2, 2]]

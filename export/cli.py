@@ -21,7 +21,9 @@ def register(sub) -> None:
     p.add_argument("bundle_dir", help="output bundle directory (must not exist unless --force)")
     p.add_argument("--tokenizer", help="tokenizer checkpoint folder (config.json + model.safetensors)")
     p.add_argument("--generator", help="generator checkpoint folder")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
+                   help="int8/int4: weight-only quantized generator (ONNX Runtime MatMulNBits, block 32, "
+                        "int8 compute); the tokenizer and the KV cache stay float32")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17: TensorRT-friendly)")
     p.add_argument("--onnx-only", action="store_true", help="leave out the PyTorch checkpoints (small edge bundles)")
     p.add_argument("--fused-sampler", action="store_true",

@@ -167,8 +167,8 @@ _NBITS = {"int8": 8, "int4": 4}
 
 def check_graph_precision(bundle: Bundle) -> str | None:
     """None when the generator graphs hold the weights the manifest's ``precision`` claims, else what is wrong:
-    int8/int4 bundles must have com.microsoft MatMulNBits nodes of that many bits , other bundles none. Reads the graphs' structure with ``onnx`` when installed
-    (op types and the ``bits`` attribute), else scans the files for the op name."""
+    int8/int4 bundles must have com.microsoft MatMulNBits nodes of that many bits, other bundles none. Reads the
+    graphs with ``onnx`` when installed (op types, the ``bits`` attribute), else scans the files for the op name."""
     precision = bundle.precision
     if precision not in PRECISIONS:
         return f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})"

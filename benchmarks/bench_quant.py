@@ -34,8 +34,9 @@ def variant_bundle(preset: str, precision: str) -> Path:
             return out
         except BundleError:
             pass
-    from larp_rt import kernels
     from larp_rt.export import export_bundle
+
+    from larp_rt import kernels
 
     ck = CACHE / f"{preset}-ckpt"
     return export_bundle(ck / "tokenizer", ck / "generator", out, precision=precision, overwrite=True,

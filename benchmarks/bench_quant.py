@@ -4,7 +4,9 @@ weight-read floor and to each variant's own weight bytes, with the read bandwidt
 
     .venv/bin/python benchmarks/bench_quant.py [--videos 2] [--preset small] [--batches 1,8]
 
-Runtime on the 2-core host: ~4 min (the int8/int4 exports are cached under .benchmarks/bundles). Ends with one
+Runtime: about 6 min on a quiet 2-core host (estimate: three exports of `small`, cached under
+.benchmarks/bundles, then 3 videos per variant and batch); the default run passed 15 min on the shared host.
+`--batches 1 --videos 1` is the quick one. Ends with one
 JSON line; --json PATH also writes it (benchmarks/results/quant_speed.json).
 """
 

@@ -51,7 +51,15 @@ def quantize_model(model, precision: str):
                                        bits=bits)
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
                              accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=("MatMul",), algo_config=cfg)
-    q.process()
+    import logging
+
+    qlog = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = qlog.level
+    qlog.setLevel(logging.WARNING)  # it logs every node it visits at INFO
+    try:
+        q.process()
+    finally:
+        qlog.setLevel(level)
     return q.model.model
 
 

@@ -24,7 +24,9 @@ def register(sub) -> None:
     p.add_argument("--generator", help="generator checkpoint folder or hub repo id (hywang66/LARP-L-long-AR, "
                                        "hywang66/LARP-L-long-AR-FP for frame prediction)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of repo ids (default main)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
+                   help="int8/int4: weight-only quantized generator (ONNX Runtime MatMulNBits, block 32, "
+                        "int8 compute); the tokenizer and the KV cache stay float32")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17: TensorRT-friendly)")
     p.add_argument("--onnx-only", action="store_true", help="leave out the PyTorch checkpoints (small edge bundles)")
     p.add_argument("--fused-sampler", action="store_true",

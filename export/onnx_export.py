@@ -41,6 +41,8 @@ TOLERANCES = {
     "fp32": {"latents": 1e-4, "video": 1e-4, "logits": 1e-3, "kv": 1e-4},
     "fp16": {"latents": 2e-2, "video": 2e-2, "logits": 5e-2, "kv": 2e-2},
 }
+# weight-only int8/int4 (export/quantize.py): traced and verified in float32, then quantized
+TOLERANCES["int8"] = TOLERANCES["int4"] = TOLERANCES["fp32"]
 
 
 class ExportError(RuntimeError):
@@ -155,6 +157,16 @@ def export_bundle(
         raise ValueError(f"precision must be one of {sorted(TOLERANCES)}, got {precision!r}")
     if opset not in OPSETS:
         raise ValueError(f"opset must be in [{OPSETS.start}, {OPSETS.stop - 1}], got {opset}")
+    if precision in ("int8", "int4"):
+        from .quantize import quantizer_available
+
+        if generator_dir is None:
+            raise ValueError(f"precision {precision!r} quantizes the generator's weights: give a generator")
+        if (why := quantizer_available()) is not None:
+            raise ValueError(why)
+        if _is_frame_prediction(generator_dir, revision):  # prefix_prefill.onnx reads decode.onnx's weight file
+            raise ValueError(f"precision {precision!r} is for class-conditional generators so far: a frame-prediction "
+                             "generator's prefill graph shares decode.onnx's float weights; export it as fp32 or fp16")
     if fused_sampler and generator_dir is None:
         raise ValueError("fused_sampler needs a generator")
     if fused_sampler and _is_frame_prediction(generator_dir, revision):
@@ -201,13 +213,19 @@ def export_bundle(
         if gen is not None:
             checks += _export_generator(w, gen, dtype, opset, batch, gen_rng, tol, verify)
             checks += _export_samplers(w, gen, fused_sampler, opset, batch, gen_rng, verify)
+            if precision in ("int8", "int4"):
+                from .quantize import quantize_bundle_graphs
+
+                m["quantization"] = quantize_bundle_graphs(w, precision, verify=verify, batch=batch, seed=seed,
+                                                           printer=printer)
             cfg = gen.config
             m["generator"] = {
                 "config": cfg.to_dict(),
                 "kv_cache": {"layers": cfg.n_layer, "heads": cfg.n_head, "head_dim": cfg.head_dim,
-                             "max_seq": find_multiple(cfg.num_positions, 8), "dtype": precision},
+                             "max_seq": find_multiple(cfg.num_positions, 8),
+                             "dtype": "fp16" if precision == "fp16" else "fp32"},
             }
-            attention = ("larp_rt::DecodeAttention" if precision == "fp32" else "standard") if fused_sampler else None
+            attention = ("larp_rt::DecodeAttention" if precision != "fp16" else "standard") if fused_sampler else None
             if cfg.frame_prediction:  # the prefix (cond tokens + separator) runs through one multi-token graph
                 m["generator"]["prefill"] = {"graph": PREFILL_GRAPH, "prefix_tokens": cfg.cls_token_num,
                                              "separator": cfg.vocab_size}

@@ -113,6 +113,9 @@ class Bundle:
                 raise BundleError(f"{str(mpath)!r}: file {rel!r} points outside the bundle")
         if verify:
             self.verify()
+        why = check_graph_precision(self)
+        if why is not None:
+            raise BundleError(f"{str(mpath)!r}: {why}; re-export the bundle (larp-rt export --precision ...)")
 
     def verify(self) -> None:
         """Check every listed file exists and has its recorded sha256."""
@@ -157,6 +160,48 @@ class Bundle:
     @property
     def kv_cache(self) -> dict[str, Any]:
         return dict((self.manifest.get("generator") or {}).get("kv_cache") or {})
+
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # int8/int4: weight-only MatMulNBits generator (export/quantize.py)
+_NBITS = {"int8": 8, "int4": 4}
+
+
+def check_graph_precision(bundle: Bundle) -> str | None:
+    """None when the generator graphs hold the weights the manifest's ``precision`` claims, else what is wrong:
+    int8/int4 bundles must have com.microsoft MatMulNBits nodes of that many bits, other bundles none. Reads the
+    graphs with ``onnx`` when installed (op types, the ``bits`` attribute), else scans the files for the op name."""
+    precision = bundle.precision
+    if precision not in PRECISIONS:
+        return f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})"
+    want = _NBITS.get(precision)
+    for name in ("decode", "decode_sample"):
+        info = bundle.graphs.get(name)
+        if info is None:
+            continue
+        path = bundle.path / info.file
+        if not path.is_file():
+            continue  # verify() names missing files
+        try:
+            import onnx
+        except ImportError:
+            has = b"MatMulNBits" in path.read_bytes()
+            if (want is not None) != has:
+                return (f"the manifest claims precision {precision!r} but {info.file} "
+                        + ("has no MatMulNBits node" if want else "holds MatMulNBits (quantized) weights"))
+            continue
+        graph = onnx.load(str(path), load_external_data=False).graph
+        bits = [next((a.i for a in n.attribute if a.name == "bits"), None) for n in graph.node
+                if n.op_type == "MatMulNBits"]
+        if want is None and bits:
+            return (f"the manifest claims precision {precision!r} but {info.file} holds {len(bits)} MatMulNBits "
+                    f"({sorted(set(bits))}-bit quantized) weight nodes")
+        if want is not None:
+            if not bits:
+                return f"the manifest claims precision {precision!r} but {info.file} has no MatMulNBits node"
+            if set(bits) != {want}:
+                return (f"the manifest claims precision {precision!r} ({want}-bit) but {info.file}'s MatMulNBits "
+                        f"nodes are {sorted(set(bits))}-bit")
+    return None
 
 
 class BundleWriter:

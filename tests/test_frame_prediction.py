@@ -356,8 +356,9 @@ def test_prefill_graph_builds_a_tensorrt_plan_with_a_dynamic_prefix(fp_bundle, t
     pytest.importorskip("tensorrt_rtx", reason="the TensorRT-RTX builder is not installed (pip install '.[tensorrt]')")
     import shutil
 
-    from larp_rt.bundle import Bundle
     from larp_rt.export import trt_build
+
+    from larp_rt.bundle import Bundle
 
     dst = tmp_path / "bundle"
     shutil.copytree(fp_bundle[2], dst)
@@ -368,3 +369,11 @@ def test_prefill_graph_builds_a_tensorrt_plan_with_a_dynamic_prefix(fp_bundle, t
     S = b.kv_cache["max_seq"]
     assert [p["P"] for p in e["profiles"]] == [[1, S // 2, S]] * 2
     assert [p["B"] for p in e["profiles"]] == [[1, 1, 1], [2, 2, 2]]
+
+
+def test_quantized_export_of_a_frame_prediction_generator_is_refused(fp_bundle, tmp_path):
+    pytest.importorskip("onnxruntime.quantization")
+    root = fp_bundle[3]
+    with pytest.raises(ValueError, match="class-conditional generators so far"):
+        export_bundle(root / "tok", root / "gen", tmp_path / "q", precision="int8")
+    assert not (tmp_path / "q").exists()

@@ -12,6 +12,7 @@ JSON line; --json PATH also writes it (benchmarks/results/quant_speed.json).
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--json", help="also write the result to this file")
+    ap.add_argument("--note", default="", help="how the machine was loaded while measuring (recorded in the JSON)")
     args = ap.parse_args()
     variants = ("fp32", "int8", "int4")
     paths = {v: variant_bundle(args.preset, v) for v in variants}
@@ -97,8 +99,8 @@ def main() -> None:
             print(f"batch {B} {v}: {r['ms_per_step']:.2f} ms/step (both CFG rows), x{r['vs_fp32']:.2f} fp32, "
                   f"x{r['x_fp32_weight_floor']:.2f} the fp32 weight floor, x{r['x_own_weight_floor']:.2f} its own "
                   f"bytes' floor (bandwidth {bw / 1e9:.1f} GB/s)", flush=True)
-    out = {"bench": "quant_speed", "machine": f"{platform.processor() or platform.machine()}, AMD EPYC Zen 4 "
-           "(2 cores, shared with other jobs while measured)", "results": results}
+    out = {"bench": "quant_speed", "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
+           "cores", "note": args.note, "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out))

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CACHE  # noqa: E402
 
 from larp_rt import Engine, GeneratorConfig, SamplingParams, TokenizerConfig, __version__, save_pretrained  # noqa: E402
-from larp_rt.bench import machine_name  # noqa: E402
+from larp_rt.bench import machine_name, time_runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,15 +68,6 @@ def fp_bundle() -> Path:
     save_pretrained(gen, ck / "generator")
     return export_bundle(ck / "tokenizer", ck / "generator", out, overwrite=True, onnx_only=True,
                          printer=lambda s: None)
-
-
-def _median(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
 
 
 def main() -> int:
@@ -110,8 +101,8 @@ def main() -> int:
 
     prefill()
     steps()  # warm-up (and the windowed cache grown to its full width)
-    t_prefill, all_prefill = _median(prefill, args.repeats)
-    t_steps, all_steps = _median(steps, max(1, min(args.repeats, 2)))
+    t_prefill, all_prefill = time_runs(prefill, args.repeats)
+    t_steps, all_steps = time_runs(steps, max(1, min(args.repeats, 2)))
     # both paths write the same cache entries (the step loop's last logits = the prefill's)
     pos = np.zeros(1, np.int64)
     for p in range(P):
@@ -123,8 +114,8 @@ def main() -> int:
     clip = np.concatenate([frames, np.repeat(frames[:, -1:], tc.frames - 5, axis=1)], axis=1)
     params = SamplingParams(temperature=1.0, seed=0)
     eng.predict(frames, params)  # warm-up
-    t_predict, all_predict = _median(lambda: eng.predict(frames, params), args.repeats)
-    t_encode, _ = _median(lambda: eng.encode(clip), args.repeats)
+    t_predict, all_predict = time_runs(lambda: eng.predict(frames, params), args.repeats)
+    t_encode, _ = time_runs(lambda: eng.encode(clip), args.repeats)
     toks = eng.predict_iter(frames, params)
     gen_times = []
     t = time.perf_counter()
@@ -135,7 +126,7 @@ def main() -> int:
         if ev.step == N - 1:
             break
     toks.close()
-    t_decode, _ = _median(lambda: eng.decode(prefix[:, :N]), args.repeats)
+    t_decode, _ = time_runs(lambda: eng.decode(prefix[:, :N]), args.repeats)
     step0 = gen_times[0]  # the prefill + token 0 (predict_iter encodes the conditioning before it)
     per_token = statistics.median(gen_times[1:])
     out = {

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CACHE, build_bundle  # noqa: E402
 
 from larp_rt import Engine, SamplingParams, TokenizerConfig, __version__, save_pretrained  # noqa: E402
-from larp_rt.bench import machine_name  # noqa: E402
+from larp_rt.bench import machine_name, time_runs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "checkpoints" / "tiny"
@@ -73,15 +72,6 @@ def bundles() -> dict[str, tuple[Path, Path]]:
     return {"tiny": (tiny, tiny), "larp": (_bundle("prior-larp", ck, None), build_bundle("small"))}
 
 
-def _median(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
-
-
 def _warm_generate(eng: Engine, B: int) -> None:
     it = eng.generate_iter([0] * B, SamplingParams(cfg_scale=1.0, seed=0))
     for _ in range(4):
@@ -102,18 +92,18 @@ def bench(name: str, prior_bundle: Path, gen_bundle: Path, batches: list[int], r
              "generator_sampler": ge.sampler_name}
         for method in ("full", "steps"):
             pe.prior_logprobs(tokens, method=method)  # warm-up: sessions, buffers
-            t, ts = _median(lambda m=method, x=tokens: pe.prior_logprobs(x, method=m), repeats)
+            t, ts = time_runs(lambda m=method, x=tokens: pe.prior_logprobs(x, method=m), repeats)
             r[f"score_{method}_videos_per_s"] = B / t
             r[f"score_{method}_times_s"] = ts
         r["score_full_vs_steps"] = r["score_full_videos_per_s"] / r["score_steps_videos_per_s"]
         prefix = tokens[:, :1]
         p = SamplingParams(seed=0)  # temperature 1, no top-k/top-p
         pe.prior_generate(tokens[:, : N - 4], p)  # warm-up
-        t, ts = _median(lambda x=prefix, q=p: pe.prior_generate(x, q), repeats)
+        t, ts = time_runs(lambda x=prefix, q=p: pe.prior_generate(x, q), repeats)
         r["prior_step_ms"] = 1e3 * t / (N - 1)
         r["prior_video_times_s"] = ts
         _warm_generate(ge, B)
-        t, ts = _median(lambda b=B: ge.generate([0] * b, SamplingParams(cfg_scale=1.0, seed=0)), repeats)
+        t, ts = time_runs(lambda b=B: ge.generate([0] * b, SamplingParams(cfg_scale=1.0, seed=0)), repeats)
         r["generator_step_ms"] = 1e3 * t / ge.generator_config.max_seq_len
         r["generator_video_times_s"] = ts
         r["prior_vs_generator_step"] = r["prior_step_ms"] / r["generator_step_ms"]

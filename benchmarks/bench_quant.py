@@ -18,10 +18,10 @@ import statistics
 import time
 from pathlib import Path
 
-from conftest import CACHE, build_bundle, measure_bandwidth
+from conftest import CACHE, build_bundle, cached_bundle, measure_bandwidth
 
 from larp_rt import Engine, SamplingParams
-from larp_rt.bundle import Bundle, BundleError
+from larp_rt.bundle import Bundle
 
 GATHERED = ("table", "abs_pe")  # embedding rows gathered per step: not read whole
 
@@ -31,12 +31,8 @@ def variant_bundle(preset: str, precision: str) -> Path:
     if precision == "fp32":
         return base
     out = CACHE / f"{preset}-{precision}"
-    if (out / "manifest.json").exists():
-        try:
-            Bundle(out)
-            return out
-        except BundleError:
-            pass
+    if cached_bundle(out) is not None:
+        return out
     from larp_rt.export import export_bundle
 
     from larp_rt import kernels

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import CACHE, build_bundle  # noqa: E402
+from conftest import CACHE, build_bundle, cached_bundle  # noqa: E402
 
 from larp_rt.bench import machine_name  # noqa: E402
 
@@ -39,18 +39,13 @@ def _bundle(preset: str, precision: str) -> Path:
     from larp_rt.export import export_bundle
 
     from larp_rt import GeneratorConfig, TokenizerConfig, save_pretrained
-    from larp_rt.bundle import Bundle, BundleError
     from larp_rt.models import LARPGenerator, LARPTokenizer
 
     if preset != "authors" and precision == "fp32":
         return build_bundle(preset)
     out = CACHE / f"{preset}-{precision}"
-    if (out / "manifest.json").exists():
-        try:
-            Bundle(out)
-            return out
-        except BundleError:
-            pass
+    if cached_bundle(out) is not None:
+        return out
     ck = CACHE / f"{preset}-ckpt"
     if not (ck / "generator" / "config.json").exists():
         if preset != "authors":

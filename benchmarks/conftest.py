@@ -16,22 +16,32 @@ from larp_rt.bench import machine_name  # noqa: E402
 CACHE = Path(__file__).resolve().parents[1] / ".benchmarks" / "bundles"
 
 
+def cached_bundle(out: Path) -> Path | None:
+    """``out`` when it holds a bundle this larp_rt reads; None when there is none or it is refused (an older format
+    version, altered files: it is rebuilt, never used)."""
+    from larp_rt.bundle import Bundle, BundleError
+
+    if not (out / "manifest.json").exists():
+        return None
+    try:
+        Bundle(out)
+        return out
+    except BundleError as e:
+        print(f"rebuilding the cached bundle {out}: {e}", file=sys.stderr)
+        return None
+
+
 def build_bundle(preset: str) -> Path:
     """Random-weight tokenizer + generator of a preset, exported once (output layers given weights) and reused
     while this larp_rt reads it (a cached bundle it refuses, e.g. of an older format version, is rebuilt)."""
     from larp_rt.export import export_bundle
 
     from larp_rt import GeneratorConfig, TokenizerConfig, save_pretrained
-    from larp_rt.bundle import Bundle, BundleError
     from larp_rt.models import LARPGenerator, LARPTokenizer
 
     out = CACHE / preset
-    if (out / "manifest.json").exists():
-        try:
-            Bundle(out)  # a bundle of an older format (or altered files) is rebuilt, never used
-            return out
-        except BundleError as e:
-            print(f"rebuilding the cached {preset} bundle: {e}", file=sys.stderr)
+    if cached_bundle(out) is not None:
+        return out
     torch.manual_seed(0)
     tok = LARPTokenizer(TokenizerConfig.from_name(preset))
     gen = LARPGenerator(GeneratorConfig.from_name(preset))

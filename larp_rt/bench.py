@@ -41,8 +41,8 @@ def machine_name() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
-def time_median(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+def time_runs(fn: Callable[[], object], repeats: int, warmup: int = 0) -> tuple[float, list[float]]:
+    """The median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and every run's seconds."""
     for _ in range(warmup):
         fn()
     times = []
@@ -50,7 +50,12 @@ def time_median(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), times
+
+
+def time_median(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    return time_runs(fn, repeats, warmup)[0]
 
 
 def bench_engine(bundle: str, backends=("onnxruntime", "torch"), batches=(1,), repeats: int = 3,

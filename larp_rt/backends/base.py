@@ -386,14 +386,7 @@ class Backend:
         null = dict(zip(guided.tolist(), range(B, B + len(guided)), strict=True))
         for i, s in enumerate(seqs):
             batch.admit(s, (i, null.get(i, -1)))
-        for k in range(N):
-            batch.step()
-            bad = [s for s in seqs if s.error]
-            if bad:
-                for s in seqs:
-                    batch.evict(s)
-                raise ValueError(bad[0].error)
-            yield StepEvent(k, N, np.fromiter((s.tokens[k] for s in seqs), np.int64, B))
+        yield from _run_admitted(batch, seqs, N)
 
     def predict_iter(self, prefix: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
         """Frame prediction: every prefix (B, cls_token_num) admitted at step 0 on the backend's runner (row i =
@@ -405,17 +398,23 @@ class Backend:
         seqs = [Sequence(0, params.select(slice(i, i + 1)), N, prefix=prefix[i]) for i in range(B)]
         for i, s in enumerate(seqs):
             batch.admit(s, (i, -1))
-        for k in range(N):
-            batch.step()
-            bad = [s for s in seqs if s.error]
-            if bad:
-                for s in seqs:
-                    batch.evict(s)
-                raise ValueError(bad[0].error)
-            yield StepEvent(k, N, np.fromiter((s.tokens[k] for s in seqs), np.int64, B))
+        yield from _run_admitted(batch, seqs, N)
 
     def close(self) -> None:
         """Release sessions and buffers."""
         if self._runner is not None:
             self._runner.close()
             self._runner = None
+
+
+def _run_admitted(batch: ContinuousBatch, seqs: list[Sequence], N: int) -> Iterator[StepEvent]:
+    """Step ``batch`` N times for ``seqs`` (all admitted at step 0), yielding every step's tokens; a sequence that
+    failed (non-finite logits) evicts them all and raises its error."""
+    for k in range(N):
+        batch.step()
+        bad = [s for s in seqs if s.error]
+        if bad:
+            for s in seqs:
+                batch.evict(s)
+            raise ValueError(bad[0].error)
+        yield StepEvent(k, N, np.fromiter((s.tokens[k] for s in seqs), np.int64, len(seqs)))

@@ -144,9 +144,6 @@ class TorchBackend(Backend):
     def prior_sampler(self):
         return self.sampler  # the host sampler of the shared loop (kernel or reference)
 
-    def predict_iter(self, prefix: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
-        yield from super().predict_iter(prefix, params)  # the shared loop over _TorchRunner (no fast path yet)
-
     def generate_iter(self, class_ids: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
         if not self.fast_path:
             yield from super().generate_iter(class_ids, params)  # the shared loop over _TorchRunner

@@ -219,15 +219,7 @@ class Scheduler:
         Raises ValueError (bad arguments, the Engine's message), QueueFull, SchedulerClosed."""
         if isinstance(class_id, (bool, np.bool_)) or not isinstance(class_id, (int, np.integer)):
             raise ValueError(f"class_id must be an int, got {type(class_id).__name__}")
-        if params is not None and not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams or None, got {type(params).__name__}")
-        if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or not 0 <= stream < 2**64:
-            raise ValueError(f"stream must be an int in [0, 2**64), got {stream!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-        if on_step is not None and not callable(on_step):
-            raise ValueError("on_step must be callable or None")
+        _check_request_args(params, stream, timeout, on_step)
         ids, rp, _ = self.engine._rows([int(class_id)], [params or self.engine.default_params])
         rp = dataclasses.replace(rp, stream=np.array([stream], np.uint64))
         p = dataclasses.replace(params or self.engine.default_params, seed=int(rp.seed[0]))
@@ -245,15 +237,7 @@ class Scheduler:
         uint8 or (1, C, t, H, W) float, as ``Engine.predict`` takes them (its conditioning is encoded here, on the
         caller's thread). Its prefix is prefilled in one run when it joins; ``result()`` holds the N generated
         tokens (decode them with ``engine.decode``). The other arguments as in ``submit``."""
-        if params is not None and not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams or None, got {type(params).__name__}")
-        if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or not 0 <= stream < 2**64:
-            raise ValueError(f"stream must be an int in [0, 2**64), got {stream!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-        if on_step is not None and not callable(on_step):
-            raise ValueError("on_step must be callable or None")
+        _check_request_args(params, stream, timeout, on_step)
         prefix = self.engine.cond_tokens(frames, num_cond_frames=num_cond_frames, stochastic_cond=stochastic_cond,
                                          seed=seed)
         if len(prefix) != 1:
@@ -386,3 +370,16 @@ class Scheduler:
                         else:
                             self._end(req, "ok", Generation(s.tokens[None].copy(), [req.seed], [req.params]))
         self.runner.close()
+
+
+def _check_request_args(params, stream, timeout, on_step) -> None:
+    """The arguments ``submit`` and ``submit_predict`` share, each with what was expected."""
+    if params is not None and not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams or None, got {type(params).__name__}")
+    if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or not 0 <= stream < 2**64:
+        raise ValueError(f"stream must be an int in [0, 2**64), got {stream!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    if on_step is not None and not callable(on_step):
+        raise ValueError("on_step must be callable or None")

@@ -3,6 +3,9 @@ config.json format, independently of larp_rt's modules (the tests compare our st
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 # a prelude for `python -c` that makes `import torch` fail, to prove torch-free paths
 NO_TORCH = (
     "import sys\n"
@@ -106,3 +109,26 @@ def generator_config_json(**overrides) -> dict:
     }
     d.update(overrides)
     return d
+
+
+def write_authors_folders(root: Path) -> tuple[object, object]:
+    """A small random tokenizer (with prior) and generator written to ``root/tok`` and ``root/gen`` in the authors'
+    hub layout (their config.json keys + model.safetensors); returns the two PyTorch models."""
+    import torch
+    from safetensors.torch import save_file
+
+    from larp_rt.config import GeneratorConfig, TokenizerConfig
+    from larp_rt.models import LARPGenerator, LARPTokenizer
+
+    torch.manual_seed(0)
+    tcfg = TokenizerConfig(num_tokens=16, frames=4, height=16, width=16, temporal_patch=2, patch=4, enc_dim=32,
+                           enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=2, dec_heads=2, codebook_size=64)
+    tok = LARPTokenizer(tcfg.with_prior("gptc-xxs", max_seq_len=16))
+    gen = LARPGenerator(GeneratorConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, max_seq_len=16, num_classes=5))
+    for name, model, cfg in (("tok", tok, tokenizer_config_json(prior_args={"max_seq_len": 16})),
+                             ("gen", gen, generator_config_json(dim=64, n_layer=2, n_head=2, vocab_size=64,
+                                                                max_seq_len=16, num_classes=5))):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(cfg))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / name / "model.safetensors")
+    return tok, gen

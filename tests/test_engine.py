@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from _authors import NO_TORCH, generator_config_json, tokenizer_config_json
+from _authors import NO_TORCH, write_authors_folders
 from larp_rt.export import ExportError, export_bundle, onnx_export
 
 from larp_rt import (
@@ -300,19 +300,7 @@ def test_fp16_bundle_runs(models_and_bundle, tmp_path):
 
 
 def test_authors_hub_folders_export_unchanged(tmp_path):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    tcfg = TokenizerConfig(num_tokens=16, frames=4, height=16, width=16, temporal_patch=2, patch=4, enc_dim=32,
-                           enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=2, dec_heads=2, codebook_size=64)
-    tok = LARPTokenizer(tcfg.with_prior("gptc-xxs", max_seq_len=16))
-    gen = LARPGenerator(GeneratorConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, max_seq_len=16, num_classes=5))
-    for name, model, cfg in (("tok", tok, tokenizer_config_json(prior_args={"max_seq_len": 16})),
-                             ("gen", gen, generator_config_json(dim=64, n_layer=2, n_head=2, vocab_size=64,
-                                                                max_seq_len=16, num_classes=5))):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / name / "model.safetensors")
+    write_authors_folders(tmp_path)
     bundle = export_bundle(tmp_path / "tok", tmp_path / "gen", tmp_path / "b", printer=lambda s: None)
     eng = Engine(bundle)
     assert eng.generate([4], SamplingParams(seed=1)).tokens.shape == (1, 16)

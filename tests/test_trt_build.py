@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _authors import generator_config_json, tokenizer_config_json
+from _authors import write_authors_folders
 from larp_rt.export import export_bundle, trt_build
 
 from larp_rt import Bundle, BundleError, GeneratorConfig, TokenizerConfig, save_pretrained
@@ -118,19 +118,7 @@ def test_fp16_plans_and_precision_must_match_the_graphs(bundles, tmp_path):
 
 
 def test_plans_for_a_bundle_from_the_authors_folder_layout(tmp_path):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    tcfg = TokenizerConfig(num_tokens=16, frames=4, height=16, width=16, temporal_patch=2, patch=4, enc_dim=32,
-                           enc_depth=2, enc_heads=2, dec_dim=32, dec_depth=2, dec_heads=2, codebook_size=64)
-    tok = LARPTokenizer(tcfg.with_prior("gptc-xxs", max_seq_len=16))
-    gen = LARPGenerator(GeneratorConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, max_seq_len=16, num_classes=5))
-    for name, model, cfg in (("tok", tok, tokenizer_config_json(prior_args={"max_seq_len": 16})),
-                             ("gen", gen, generator_config_json(dim=64, n_layer=2, n_head=2, vocab_size=64,
-                                                                max_seq_len=16, num_classes=5))):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / name / "model.safetensors")
+    write_authors_folders(tmp_path)
     bundle = export_bundle(tmp_path / "tok", tmp_path / "gen", tmp_path / "b", onnx_only=True, verify=False,
                            printer=_quiet)
     plans = trt_build.build_plans(bundle, batch="1", printer=_quiet)

@@ -1,46 +1,88 @@
-"""Weight-only int8 / int4 generators against float32 on ONNX Runtime (`small`, random weights, AMD EPYC Zen 4 here):
-whole videos at batch 1 and 8 with CFG, interleaved in one run, as ms per token and as ratios to the float32
-weight-read floor and to each variant's own weight bytes, with the read bandwidth probed around every video.
+"""Quantized generators against float32 on ONNX Runtime and against the authors' PyTorch loop (`small`, random
+weights), side by side in one run: weights fp32 / int8 / int4 x KV cache fp32 / fp16 / int8.
 
-    .venv/bin/python benchmarks/bench_quant.py [--videos 2] [--preset small] [--batches 1,8]
+    .venv/bin/python benchmarks/bench_quant.py --json benchmarks/results/quant_speed.json   # full run
+    .venv/bin/python benchmarks/bench_quant.py --quick --json /tmp/quant_speed.json         # smoke run
 
-Runtime: about 6 min on a quiet 2-core host (estimate: three exports of `small`, cached under
-.benchmarks/bundles, then 3 videos per variant and batch); the default run passed 15 min on the shared host.
-`--batches 1 --videos 1` is the quick one. Ends with one
-JSON line; --json PATH also writes it (benchmarks/results/quant_speed.json).
+Measured, every variant interleaved (round-robin, so the shared host's swings hit all alike):
+
+* one decode step at positions 1, 512 and 1023 (the cache filled to that position with random entries), batch 1
+  and 8 with CFG (2 and 16 rows), sampling included, as the engine runs it (the runner's ``run`` on the fused
+  decode_sample graph: one ONNX Runtime run per token); the median of repeated steps;
+* whole videos (``Engine.generate``, batch 1 and 8, CFG 2.0), ms per token;
+* the authors' loop (``authors_loop.py``, their eager PyTorch step / whole ``generate`` on the same float32
+  model) as the reference beside them.
+
+Ratios: to the float32 weight-read floor (float32 weight bytes / read bandwidth probed in the same run) and to the
+variant's own bytes' floor (its weight bytes + the K/V bytes a step at that position must read: ``pos`` slots of
+every layer, row and head, in the variant's KV dtype, int8 with its float32 per-(token, head) scales); for whole
+videos the floor is summed over every position of the video.
+
+Variants whose bundle cannot be built here (``export_bundle`` without ``kv_dtype``, no custom-op library) are
+listed with ``status: "skipped: ..."`` and no numbers. Bundles are exported once and cached under
+.benchmarks/bundles (the first run adds ~1 min per variant). Runtime once cached (AMD EPYC Zen 4, 2 cores,
+quiet): full about 11 min, --quick about 3 min. Ends with one JSON line; --json PATH also writes it.
 """
 
+from __future__ import annotations
+
 import argparse
+import gc
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 from conftest import CACHE, build_bundle, cached_bundle, measure_bandwidth
 
 from larp_rt import Engine, SamplingParams
+from larp_rt.backends.base import ContinuousBatch, Sequence, StepSample
+from larp_rt.bench import machine_name
 from larp_rt.bundle import Bundle
+from larp_rt.sampling import RowParams, resolve_params
 
 GATHERED = ("table", "abs_pe")  # embedding rows gathered per step: not read whole
+WEIGHTS = ("fp32", "int8", "int4")
+KVS = ("fp32", "fp16", "int8")
+KV_ELEM_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+KV_SCALE_BYTES = {"fp32": 0, "fp16": 0, "int8": 4}  # int8: one float32 scale per (token, head), K and V each
+AUTHORS = ("authors", "fp32", "fp32")  # (path, weights, kv)
+CFG = 2.0
+POSITIONS = (1, 512, 1023)
 
 
-def variant_bundle(preset: str, precision: str) -> Path:
-    base = build_bundle(preset)
-    if precision == "fp32":
-        return base
-    out = CACHE / f"{preset}-{precision}"
-    if cached_bundle(out) is not None:
-        return out
-    from larp_rt.export import export_bundle
+def variant_name(path: str, weights: str, kv: str) -> str:
+    return "authors' loop (torch, fp32)" if path == "authors" else f"w {weights} / kv {kv}"
 
+
+def variant_bundle(preset: str, weights: str, kv: str) -> Path | str:
+    """The cached bundle of a variant, exported on first use; a string saying why not when it cannot be built."""
     from larp_rt import kernels
 
-    ck = CACHE / f"{preset}-ckpt"
-    return export_bundle(ck / "tokenizer", ck / "generator", out, precision=precision, overwrite=True,
-                         onnx_only=True, printer=lambda s: None,
-                         fused_sampler=kernels.ort_custom_op_library() is not None)
+    base = build_bundle(preset)
+    if weights == "fp32" and kv == "fp32":
+        return base
+    out = CACHE / (f"{preset}-{weights}" + ("" if kv == "fp32" else f"-kv{kv}"))
+    if cached_bundle(out) is None:
+        from larp_rt.export import export_bundle
+
+        fused = kernels.ort_custom_op_library() is not None
+        kw = {} if kv == "fp32" else {"kv_dtype": kv}
+        if kv != "fp32" and not fused:
+            return "skipped: the narrow KV cache needs the ONNX Runtime custom-op library (pip install -e .)"
+        ck = CACHE / f"{preset}-ckpt"
+        try:
+            export_bundle(ck / "tokenizer", ck / "generator", out, precision=weights, overwrite=True, onnx_only=True,
+                          printer=lambda s: None, fused_sampler=fused, **kw)
+        except TypeError as e:
+            if "kv_dtype" in str(e):
+                return "skipped: kv_dtype not on this branch"
+            raise
+    got = Bundle(out).kv_cache.get("dtype", "fp32")
+    if got != kv:
+        raise RuntimeError(f"bundle {out} records KV dtype {got!r}, not {kv!r}: delete it and re-run")
+    return out
 
 
 def weight_bytes(bundle: Path) -> int:
@@ -53,52 +95,279 @@ def weight_bytes(bundle: Path) -> int:
                if not any(t.name == n or t.name.endswith("." + n) for n in GATHERED) and len(t.raw_data) > 4096)
 
 
+def kv_slot_bytes(cfg, kv: str, rows: int) -> int:
+    """K/V bytes of one cache slot (position) over every layer, row and head, scales included."""
+    return cfg.n_layer * 2 * rows * cfg.n_head * (cfg.head_dim * KV_ELEM_BYTES[kv] + KV_SCALE_BYTES[kv])
+
+
+def touch(runner) -> None:
+    """Write every buffer of a runner once, so that a step reads real pages (np.zeros maps untouched pages to the
+    kernel's one zero page, which a step would "read" from cache): float buffers get N(0, 0.25) entries, integer
+    caches small random codes, scales (any float buffer whose name says so) positive values."""
+    rng = np.random.default_rng(0)
+
+    def fill(a: np.ndarray, name: str) -> None:
+        if np.issubdtype(a.dtype, np.floating):
+            v = rng.standard_normal(a.size, dtype=np.float32).reshape(a.shape) * 0.5
+            a[...] = (np.abs(v) / 64 + 1e-3 if "scale" in name else v).astype(a.dtype)
+        elif a.dtype == np.int8:
+            a[...] = rng.integers(-127, 128, a.shape, dtype=np.int8)
+
+    for name, val in vars(runner).items():
+        if name in ("token", "pos", "sample_rows", "params", "sample_step", "tokens", "logprobs", "logits"):
+            continue  # inputs and outputs the step binds: not the cache
+        if isinstance(val, np.ndarray):
+            fill(val, name)
+        elif isinstance(val, list | tuple) and name not in ("views",):
+            for a in val:
+                if isinstance(a, np.ndarray):
+                    fill(a, name)
+
+
+def ort_step(eng: Engine, batch: int, pos: int):
+    """One ONNX Runtime step at ``pos`` for ``batch`` guided requests (2 * batch rows: the requests, then their
+    null-class rows, as ``Engine.generate`` lays them out), sampling included, on the engine's sampler (the fused
+    decode_sample graph: ``runner.run`` returns the tokens; else the decode graph + the backend's sampler)."""
+    be, cfg = eng.backend, eng.generator_config
+    params = resolve_params(SamplingParams(seed=0, cfg_scale=CFG), batch)
+    runner = be.runner(2 * batch)
+    cb = ContinuousBatch(be, runner)
+    fields = RowParams.__dataclass_fields__
+    for i in range(batch):
+        one = RowParams(**{f: getattr(params, f)[i:i + 1] for f in fields})
+        cb.admit(Sequence(i % cfg.num_classes, one, cfg.max_seq_len), (i, batch + i))
+    cb.step()  # prefill: binds the runner's rows and caches
+    touch(runner)
+    R = 2 * batch
+    tokens, positions = np.zeros(R, np.int64), np.full(R, pos, np.int64)
+    k = pos - cfg.cls_token_num + 1  # the sampling step whose token the step at position ``pos`` draws
+    steps = np.full(batch, k, np.int64)
+    if runner.samples:
+        sample = StepSample(np.arange(R, dtype=np.int64), params, steps, version=-1)
+        return lambda: runner.run(tokens, positions, sample)
+    from larp_rt.sampling import uniform_table
+
+    extra = {"u": uniform_table(params, k + 1)[:, k]} if be.sampler_takes_uniform else {}
+
+    def step():
+        logits = runner.run(tokens, positions)
+        return be.sampler(logits[:batch], logits[batch:R], params, steps, **extra)
+
+    return step
+
+
+def authors_step(gen, batch: int, pos: int):
+    """The authors' eager step (their CFG doubling, mix and sampling) on the torch model, caches random."""
+    import torch
+    from authors_loop import authors_decode_one_token
+
+    gen.setup_caches(2 * batch)
+    gen.prefill(torch.arange(2 * batch) % gen.config.num_classes)
+    g = torch.Generator().manual_seed(0)
+    for layer in gen.layers:
+        for buf in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache):
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.5)
+    x, p = torch.zeros(batch, 1, dtype=torch.int64), torch.tensor([pos])
+    return lambda: authors_decode_one_token(gen, x, p, CFG, temperature=1.0, top_k=0, top_p=1.0)
+
+
+def settle() -> None:
+    """A short idle gap between variants: ONNX Runtime's (and torch's) worker threads spin for a while after a
+    run and would steal the next variant's cores."""
+    time.sleep(0.03)
+
+
+def bench_steps(variants: dict, batches, positions, rounds: int, block: int, printer) -> list[dict]:
+    """Per-step times: for each (batch, position) every variant's step is built, then ``rounds`` rounds run a
+    block of ``block`` timed steps per variant in turn (one untimed step first), the bandwidth probed per round."""
+    import torch
+
+    out = []
+    for B in batches:
+        for pos in positions:
+            steps = {}
+            for key, v in variants.items():
+                steps[key] = authors_step(v["gen"], B, pos) if key == AUTHORS else ort_step(v["engine"], B, pos)
+                steps[key]()
+            times = {key: [] for key in steps}
+            bws = [measure_bandwidth()]
+            with torch.no_grad():
+                for _ in range(rounds):
+                    for key, fn in steps.items():
+                        settle()
+                        fn()
+                        for _ in range(block):
+                            t0 = time.perf_counter()
+                            fn()
+                            times[key].append(time.perf_counter() - t0)
+                    bws.append(measure_bandwidth())
+            del steps
+            gc.collect()
+            bw = statistics.median(bws) * 1e9
+            for key in variants:
+                out.append({"batch": B, "rows": 2 * B, "pos": pos, "times_ms": [1e3 * t for t in times[key]],
+                            "bandwidth_gbs": bw / 1e9, "bandwidth_range_gbs": [min(bws), max(bws)],
+                            **dict(zip(("path", "weights", "kv"), key, strict=True))})
+            printer(f"steps batch {B} pos {pos}: " + ", ".join(
+                f"{variant_name(*k)} {1e3 * statistics.median(t):.2f} ms" for k, t in times.items()))
+    return out
+
+
+def bench_videos(variants: dict, batches, videos: int, n: int, C: int, printer) -> list[dict]:
+    """Whole videos per variant, interleaved, the bandwidth probed around each; the authors' ``generate``."""
+    import torch
+    from authors_loop import authors_generate
+
+    out = []
+    for B in batches:
+        for key, v in variants.items():  # warm-up: sessions, this batch's runner, its pages
+            if key == AUTHORS:
+                authors_generate(v["gen"], torch.arange(B) % C, 8, cfg_scale=CFG)
+            else:
+                it = v["engine"].generate_iter(list(range(B)), SamplingParams(seed=0, cfg_scale=CFG))
+                for _ in range(8):
+                    next(it)
+                it.close()
+                touch(v["engine"].backend.runner(2 * B))
+        times = {key: [] for key in variants}
+        bws = []
+        for i in range(videos):
+            for key, v in variants.items():
+                ids = [(i + j) % C for j in range(B)]
+                b0 = measure_bandwidth()
+                t = time.perf_counter()
+                if key == AUTHORS:
+                    torch.manual_seed(i)
+                    authors_generate(v["gen"], torch.tensor(ids), n, cfg_scale=CFG)
+                else:
+                    v["engine"].generate(ids, SamplingParams(seed=i, cfg_scale=CFG))
+                times[key].append((time.perf_counter() - t) / n)
+                bws += [b0, measure_bandwidth()]
+        bw = statistics.median(bws) * 1e9
+        for key in variants:
+            out.append({"batch": B, "rows": 2 * B, "per_token_ms": [1e3 * t for t in times[key]],
+                        "bandwidth_gbs": bw / 1e9, "bandwidth_range_gbs": [min(bws), max(bws)],
+                        **dict(zip(("path", "weights", "kv"), key, strict=True))})
+        printer(f"videos batch {B}: " + ", ".join(
+            f"{variant_name(*k)} {1e3 * statistics.median(t):.2f} ms/token" for k, t in times.items()))
+    return out
+
+
+def ratios(row: dict, ms: float, w32: int, own_w: int, kv_bytes: float, ref: dict) -> dict:
+    """The row's ratios: ms against the fp32 ORT and the authors' figures of the same case and the two floors."""
+    bw = row["bandwidth_gbs"] * 1e9
+    f32, own = w32 / bw, (own_w + kv_bytes) / bw
+    return {"fp32_weight_floor_ms": 1e3 * f32, "own_bytes_floor_ms": 1e3 * own,
+            "x_fp32_weight_floor": ms / 1e3 / f32, "x_own_bytes_floor": ms / 1e3 / own,
+            "vs_fp32": ms / ref["fp32"] if ref.get("fp32") else None,
+            "vs_authors": ms / ref["authors"] if ref.get("authors") else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--videos", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="batch 1 only, fewer repeats (about 3 min once cached)")
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--batches", help="comma-separated batch sizes (default 1,8; --quick: 1)")
+    ap.add_argument("--videos", type=int, help="whole videos per variant and batch (default 1)")
+    ap.add_argument("--rounds", type=int, help="rounds of step blocks per variant (default 4; --quick: 2)")
+    ap.add_argument("--block", type=int, help="timed steps per block (default 8; --quick: 4)")
+    ap.add_argument("--no-authors", action="store_true", help="leave the authors' loop out")
     ap.add_argument("--json", help="also write the result to this file")
     ap.add_argument("--note", default="", help="how the machine was loaded while measuring (recorded in the JSON)")
     args = ap.parse_args()
-    variants = ("fp32", "int8", "int4")
-    paths = {v: variant_bundle(args.preset, v) for v in variants}
-    nbytes = {v: weight_bytes(paths[v]) for v in variants}
-    engines = {v: Engine(paths[v], backend="onnxruntime", device="cpu") for v in variants}
-    n = engines["fp32"].generator_config.max_seq_len
-    C = engines["fp32"].generator_config.num_classes
-    print(f"{args.preset}: {n} tokens per video; weights read per step: "
-          + ", ".join(f"{v} {nbytes[v] / 1e6:.1f} MB" for v in variants)
-          + "; samplers: " + ", ".join(f"{v} {e.sampler_name}" for v, e in engines.items()), flush=True)
+    batches = [int(x) for x in (args.batches or ("1" if args.quick else "1,8")).split(",")]
+    videos = args.videos or 1
+    rounds = args.rounds or (2 if args.quick else 4)
+    block = args.block or (4 if args.quick else 8)
+    t_start = time.perf_counter()
+
+    listed, variants = [], {}
+    for w in WEIGHTS:
+        for kv in KVS:
+            got = variant_bundle(args.preset, w, kv)
+            entry = {"path": "onnxruntime", "weights": w, "kv": kv}
+            if isinstance(got, str):
+                listed.append({**entry, "status": got})
+                print(f"{variant_name('onnxruntime', w, kv)}: {got}", flush=True)
+                continue
+            eng = Engine(got, backend="onnxruntime", device="cpu")
+            nb = weight_bytes(got)
+            variants[("onnxruntime", w, kv)] = {"engine": eng, "weight_bytes": nb}
+            listed.append({**entry, "status": "ok", "sampler": eng.sampler_name, "weight_bytes": nb,
+                           "bundle": str(got.relative_to(CACHE.parents[1]))})
+    base = variants[("onnxruntime", "fp32", "fp32")]
+    cfg = base["engine"].generator_config
+    if not args.no_authors:
+        import torch
+
+        from larp_rt import load_pretrained
+
+        torch.set_grad_enabled(False)
+        gen = load_pretrained(CACHE / f"{args.preset}-ckpt" / "generator").eval()
+        variants[AUTHORS] = {"gen": gen, "weight_bytes": base["weight_bytes"]}
+        listed.append({"path": "authors", "weights": "fp32", "kv": "fp32", "status": "ok", "sampler": "torch",
+                       "weight_bytes": base["weight_bytes"]})
+    w32 = base["weight_bytes"]
+    n, C = cfg.max_seq_len, cfg.num_classes
+    positions = [p for p in POSITIONS if p < n] or [1, n // 2, n - 1]
+    print(f"{args.preset}: {n} tokens per video; " + "; ".join(
+        f"{variant_name(*k)}: {v['weight_bytes'] / 1e6:.1f} MB weights/step" for k, v in variants.items()), flush=True)
+
+    step_rows = bench_steps(variants, batches, positions, rounds, block, lambda s: print(s, flush=True))
+    video_rows = bench_videos(variants, batches, videos, n, C, lambda s: print(s, flush=True))
+
+    def key(r):
+        return (r["path"], r["weights"], r["kv"])
+
+    steps = []
+    for r in step_rows:
+        ms = statistics.median(r["times_ms"])
+        same = [x for x in step_rows if x["batch"] == r["batch"] and x["pos"] == r["pos"]]
+        ref = {k: statistics.median(x["times_ms"]) for x in same
+               for k in (["fp32"] if key(x) == ("onnxruntime", "fp32", "fp32") else
+                         ["authors"] if x["path"] == "authors" else [])}
+        kv_b = r["pos"] * kv_slot_bytes(cfg, r["kv"], r["rows"])
+        own_w = variants[key(r)]["weight_bytes"]
+        steps.append({"preset": args.preset, "cfg_scale": CFG, **{k: r[k] for k in ("path", "weights", "kv")},
+                      "batch": r["batch"], "rows": r["rows"], "pos": r["pos"], "ms": ms,
+                      "ms_range": [min(r["times_ms"]), max(r["times_ms"])], "repeats": len(r["times_ms"]),
+                      "weight_bytes": own_w, "kv_bytes": kv_b, "bandwidth_gbs": r["bandwidth_gbs"],
+                      "bandwidth_range_gbs": r["bandwidth_range_gbs"], **ratios(r, ms, w32, own_w, kv_b, ref)})
     results = []
-    for B in (int(x) for x in args.batches.split(",")):
-        for e in engines.values():  # warm-up: sessions, buffers of this batch
-            e.generate(list(range(B)), SamplingParams(seed=0, cfg_scale=2.0))
-        times = {v: [] for v in variants}
-        bws = []
-        for i in range(args.videos):
-            for v in variants:  # interleaved: the host's swings hit every variant alike
-                b0 = measure_bandwidth()
-                t = time.perf_counter()
-                engines[v].generate([(i + j) % C for j in range(B)], SamplingParams(seed=i, cfg_scale=2.0))
-                times[v].append((time.perf_counter() - t) / n)
-                bws += [b0, measure_bandwidth()]
-        bw = statistics.median(bws) * 1e9
-        floor32 = nbytes["fp32"] / bw
-        for v in variants:
-            step = statistics.median(times[v])
-            r = {"preset": args.preset, "batch": B, "cfg_scale": 2.0, "weights": v, "kv": "fp32",
-                 "ms_per_step": 1e3 * step, "vs_fp32": step / statistics.median(times["fp32"]),
-                 "x_fp32_weight_floor": step / floor32, "x_own_weight_floor": step / (nbytes[v] / bw),
-                 "weight_bytes": nbytes[v], "bandwidth_gbs": bw / 1e9}
-            results.append(r)
-            print(f"batch {B} {v}: {r['ms_per_step']:.2f} ms/step (both CFG rows), x{r['vs_fp32']:.2f} fp32, "
-                  f"x{r['x_fp32_weight_floor']:.2f} the fp32 weight floor, x{r['x_own_weight_floor']:.2f} its own "
-                  f"bytes' floor (bandwidth {bw / 1e9:.1f} GB/s)", flush=True)
-    out = {"bench": "quant_speed", "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
-           "cores", "note": args.note, "results": results}
+    for r in video_rows:
+        ms = statistics.median(r["per_token_ms"])
+        same = [x for x in video_rows if x["batch"] == r["batch"]]
+        ref = {k: statistics.median(x["per_token_ms"]) for x in same
+               for k in (["fp32"] if key(x) == ("onnxruntime", "fp32", "fp32") else
+                         ["authors"] if x["path"] == "authors" else [])}
+        kv_b = kv_slot_bytes(cfg, r["kv"], r["rows"]) * (n - 1) / 2  # mean over positions 0..n-1 of pos slots
+        own_w = variants[key(r)]["weight_bytes"]
+        q = ratios(r, ms, w32, own_w, kv_b, ref)
+        results.append({"preset": args.preset, "batch": r["batch"], "rows": r["rows"], "cfg_scale": CFG,
+                        **{k: r[k] for k in ("path", "weights", "kv")}, "ms_per_token": ms, "ms_per_step": ms,
+                        "per_token_ms_all": r["per_token_ms"], "videos": len(r["per_token_ms"]),
+                        "weight_bytes": own_w, "kv_bytes_mean": kv_b, "bandwidth_gbs": r["bandwidth_gbs"],
+                        "bandwidth_range_gbs": r["bandwidth_range_gbs"], **q,
+                        "x_own_weight_floor": ms / 1e3 / (own_w / (r["bandwidth_gbs"] * 1e9))})
+    total = time.perf_counter() - t_start
+    for r in steps:
+        print(f"step b{r['batch']} pos {r['pos']:>4} {variant_name(r['path'], r['weights'], r['kv']):<28} "
+              f"{r['ms']:7.2f} ms  x{r['x_fp32_weight_floor']:.2f} fp32 floor  x{r['x_own_bytes_floor']:.2f} own "
+              f"bytes  ({r['bandwidth_gbs']:.1f} GB/s)")
+    for r in results:
+        print(f"video b{r['batch']} {variant_name(r['path'], r['weights'], r['kv']):<28} {r['ms_per_token']:7.2f} "
+              f"ms/token  x{r['x_fp32_weight_floor']:.2f} fp32 floor  x{r['x_own_bytes_floor']:.2f} own bytes")
+    out = {"bench": "quant_speed", "schema": 2, "machine": machine_name(), "note": args.note,
+           "mode": "quick" if args.quick else "full", "preset": args.preset, "cfg_scale": CFG,
+           "command": "benchmarks/bench_quant.py" + (" --quick" if args.quick else ""),
+           "duration_s": round(total, 1), "positions": positions, "batches": batches,
+           "floors": "fp32_weight_floor = fp32 decode weight bytes / probed read bandwidth; own_bytes_floor = "
+                     "(variant weight bytes + K/V bytes of pos slots in its KV dtype, int8 scales included) / "
+                     "bandwidth; whole videos: the mean over positions 0..n-1",
+           "variants": listed, "steps": steps, "results": results}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"total {total:.0f} s", flush=True)
     print(json.dumps(out))
 
 

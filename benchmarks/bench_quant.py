@@ -171,37 +171,104 @@ def authors_step(gen, batch: int, pos: int):
     return lambda: authors_decode_one_token(gen, x, p, CFG, temperature=1.0, top_k=0, top_p=1.0)
 
 
+def _authors_worker(conn, generator_dir: str) -> None:
+    """The authors' loop in a process of its own, as they run it (a torch process): in the benchmark's process,
+    ONNX Runtime's thread pools would hold the cores torch's threads need (torch steps there ran up to 5x
+    slower). Commands: ("step", B, pos) builds a step; ("block", k) times k of them after an untimed one;
+    ("video", ids, n, seed) times a whole ``authors_generate``; ("stop",)."""
+    import torch
+    from authors_loop import authors_generate
+
+    from larp_rt import load_pretrained
+
+    torch.set_grad_enabled(False)
+    gen = load_pretrained(generator_dir).eval()
+    step = None
+    conn.send("ready")
+    while True:
+        cmd, *a = conn.recv()
+        if cmd == "stop":
+            return
+        if cmd == "step":
+            step = authors_step(gen, *a)
+            step()
+            conn.send(None)
+        elif cmd == "block":
+            step()
+            times = []
+            for _ in range(a[0]):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+            conn.send(times)
+        elif cmd == "video":
+            ids, n, seed = a
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            authors_generate(gen, torch.tensor(ids), n, cfg_scale=CFG)
+            conn.send(time.perf_counter() - t0)
+
+
+class AuthorsProcess:
+    """Client of ``_authors_worker`` (spawned once; idle, blocked on its pipe, while the other variants run)."""
+
+    def __init__(self, generator_dir: Path):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_authors_worker, args=(child, str(generator_dir)), daemon=True)
+        self.proc.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError("the authors' worker did not start")
+
+    def call(self, *cmd):
+        self.conn.send(cmd)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(("stop",))
+        self.proc.join(30)
+
+
 def settle() -> None:
     """A short idle gap between variants: ONNX Runtime's (and torch's) worker threads spin for a while after a
     run and would steal the next variant's cores."""
-    time.sleep(0.03)
+    time.sleep(0.05)
+
+
+def _timed(fn, k: int) -> list[float]:
+    fn()  # untimed: the variant's buffers back in cache, its threads awake
+    times = []
+    for _ in range(k):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def bench_steps(variants: dict, batches, positions, rounds: int, block: int, printer) -> list[dict]:
     """Per-step times: for each (batch, position) every variant's step is built, then ``rounds`` rounds run a
     block of ``block`` timed steps per variant in turn (one untimed step first), the bandwidth probed per round."""
-    import torch
-
     out = []
     for B in batches:
         for pos in positions:
-            steps = {}
+            blocks = {}
             for key, v in variants.items():
-                steps[key] = authors_step(v["gen"], B, pos) if key == AUTHORS else ort_step(v["engine"], B, pos)
-                steps[key]()
-            times = {key: [] for key in steps}
+                if key == AUTHORS:
+                    v["proc"].call("step", B, pos)
+                    blocks[key] = lambda k, p=v["proc"]: p.call("block", k)
+                else:
+                    fn = ort_step(v["engine"], B, pos)
+                    blocks[key] = lambda k, fn=fn: _timed(fn, k)
+            times = {key: [] for key in blocks}
             bws = [measure_bandwidth()]
-            with torch.no_grad():
-                for _ in range(rounds):
-                    for key, fn in steps.items():
-                        settle()
-                        fn()
-                        for _ in range(block):
-                            t0 = time.perf_counter()
-                            fn()
-                            times[key].append(time.perf_counter() - t0)
-                    bws.append(measure_bandwidth())
-            del steps
+            for _ in range(rounds):
+                for key, run in blocks.items():
+                    settle()
+                    times[key] += run(block)
+                bws.append(measure_bandwidth())
+            del blocks
             gc.collect()
             bw = statistics.median(bws) * 1e9
             for key in variants:
@@ -215,14 +282,11 @@ def bench_steps(variants: dict, batches, positions, rounds: int, block: int, pri
 
 def bench_videos(variants: dict, batches, videos: int, n: int, C: int, printer) -> list[dict]:
     """Whole videos per variant, interleaved, the bandwidth probed around each; the authors' ``generate``."""
-    import torch
-    from authors_loop import authors_generate
-
     out = []
     for B in batches:
         for key, v in variants.items():  # warm-up: sessions, this batch's runner, its pages
             if key == AUTHORS:
-                authors_generate(v["gen"], torch.arange(B) % C, 8, cfg_scale=CFG)
+                v["proc"].call("video", list(range(B)), 8, 0)
             else:
                 it = v["engine"].generate_iter(list(range(B)), SamplingParams(seed=0, cfg_scale=CFG))
                 for _ in range(8):
@@ -235,13 +299,13 @@ def bench_videos(variants: dict, batches, videos: int, n: int, C: int, printer) 
             for key, v in variants.items():
                 ids = [(i + j) % C for j in range(B)]
                 b0 = measure_bandwidth()
-                t = time.perf_counter()
                 if key == AUTHORS:
-                    torch.manual_seed(i)
-                    authors_generate(v["gen"], torch.tensor(ids), n, cfg_scale=CFG)
+                    dt = v["proc"].call("video", ids, n, i)
                 else:
+                    t = time.perf_counter()
                     v["engine"].generate(ids, SamplingParams(seed=i, cfg_scale=CFG))
-                times[key].append((time.perf_counter() - t) / n)
+                    dt = time.perf_counter() - t
+                times[key].append(dt / n)
                 bws += [b0, measure_bandwidth()]
         bw = statistics.median(bws) * 1e9
         for key in variants:
@@ -251,6 +315,18 @@ def bench_videos(variants: dict, batches, videos: int, n: int, C: int, printer) 
         printer(f"videos batch {B}: " + ", ".join(
             f"{variant_name(*k)} {1e3 * statistics.median(t):.2f} ms/token" for k, t in times.items()))
     return out
+
+
+def references(rows: list[dict], field: str, **case) -> dict:
+    """The median ms of float32 ONNX Runtime ("fp32") and of the authors' loop ("authors") in the same case."""
+    ref = {}
+    for x in rows:
+        if all(x[k] == v for k, v in case.items()):
+            if (x["path"], x["weights"], x["kv"]) == ("onnxruntime", "fp32", "fp32"):
+                ref["fp32"] = statistics.median(x[field])
+            elif x["path"] == "authors":
+                ref["authors"] = statistics.median(x[field])
+    return ref
 
 
 def ratios(row: dict, ms: float, w32: int, own_w: int, kv_bytes: float, ref: dict) -> dict:
@@ -298,13 +374,8 @@ def main() -> None:
     base = variants[("onnxruntime", "fp32", "fp32")]
     cfg = base["engine"].generator_config
     if not args.no_authors:
-        import torch
-
-        from larp_rt import load_pretrained
-
-        torch.set_grad_enabled(False)
-        gen = load_pretrained(CACHE / f"{args.preset}-ckpt" / "generator").eval()
-        variants[AUTHORS] = {"gen": gen, "weight_bytes": base["weight_bytes"]}
+        proc = AuthorsProcess(CACHE / f"{args.preset}-ckpt" / "generator")
+        variants[AUTHORS] = {"proc": proc, "weight_bytes": base["weight_bytes"]}
         listed.append({"path": "authors", "weights": "fp32", "kv": "fp32", "status": "ok", "sampler": "torch",
                        "weight_bytes": base["weight_bytes"]})
     w32 = base["weight_bytes"]
@@ -322,10 +393,7 @@ def main() -> None:
     steps = []
     for r in step_rows:
         ms = statistics.median(r["times_ms"])
-        same = [x for x in step_rows if x["batch"] == r["batch"] and x["pos"] == r["pos"]]
-        ref = {k: statistics.median(x["times_ms"]) for x in same
-               for k in (["fp32"] if key(x) == ("onnxruntime", "fp32", "fp32") else
-                         ["authors"] if x["path"] == "authors" else [])}
+        ref = references(step_rows, "times_ms", batch=r["batch"], pos=r["pos"])
         kv_b = r["pos"] * kv_slot_bytes(cfg, r["kv"], r["rows"])
         own_w = variants[key(r)]["weight_bytes"]
         steps.append({"preset": args.preset, "cfg_scale": CFG, **{k: r[k] for k in ("path", "weights", "kv")},
@@ -336,10 +404,7 @@ def main() -> None:
     results = []
     for r in video_rows:
         ms = statistics.median(r["per_token_ms"])
-        same = [x for x in video_rows if x["batch"] == r["batch"]]
-        ref = {k: statistics.median(x["per_token_ms"]) for x in same
-               for k in (["fp32"] if key(x) == ("onnxruntime", "fp32", "fp32") else
-                         ["authors"] if x["path"] == "authors" else [])}
+        ref = references(video_rows, "per_token_ms", batch=r["batch"])
         kv_b = kv_slot_bytes(cfg, r["kv"], r["rows"]) * (n - 1) / 2  # mean over positions 0..n-1 of pos slots
         own_w = variants[key(r)]["weight_bytes"]
         q = ratios(r, ms, w32, own_w, kv_b, ref)
@@ -349,6 +414,8 @@ def main() -> None:
                         "weight_bytes": own_w, "kv_bytes_mean": kv_b, "bandwidth_gbs": r["bandwidth_gbs"],
                         "bandwidth_range_gbs": r["bandwidth_range_gbs"], **q,
                         "x_own_weight_floor": ms / 1e3 / (own_w / (r["bandwidth_gbs"] * 1e9))})
+    if AUTHORS in variants:
+        variants[AUTHORS]["proc"].close()
     total = time.perf_counter() - t_start
     for r in steps:
         print(f"step b{r['batch']} pos {r['pos']:>4} {variant_name(r['path'], r['weights'], r['kv']):<28} "

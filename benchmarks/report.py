@@ -1,11 +1,29 @@
-"""Turn a pytest-benchmark JSON of test_bench_engine.py into markdown tables and results/engine_cpu.json.
+"""Turn a pytest-benchmark JSON of test_bench_engine.py into markdown tables and results/engine_cpu.json; draw
+the quantization figures from bench_quant.py's (and the quality helper's) JSON.
 
     python benchmarks/report.py benchmarks/results/engine_cpu_raw.json
+    python benchmarks/report.py quant [--speed benchmarks/results/quant_speed.json]
+        [--quality benchmarks/results/quant_quality.json] [--out-dir benchmarks/results]
+
+``quant`` draws (matplotlib, pip install -e '.[bench]'):
+
+* quant_step_position.png: step time against position per variant (batch 1, CFG), the float32 weight-read floor
+  as a black line and each variant's own-bytes floor (its weights + the K/V it reads there) dashed in its colour;
+* quant_tradeoff.png: ms per token (whole videos, batch 1) against validation loss and class accuracy (CFG 2.0)
+  per variant, the variants that pass the quality bounds filled. Skipped, with a message, without the quality file.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WEIGHT_COLOURS = {"fp32": ("#08306b", "#2171b5", "#6baed6"), "int8": ("#67000d", "#cb181d", "#fb6a4a"),
+                  "int4": ("#00441b", "#238b45", "#74c476")}  # one hue per weight type, one shade per KV dtype
+KV_ORDER = ("fp32", "fp16", "int8")
+KV_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
+AUTHORS_COLOUR = "#6a3d9a"
 
 STEP_KEYS = ("pos", "max_seq", "sampler", "weight_read_bytes", "weights_kv_bytes", "param_bytes", "floor_ms",
              "floor_ratio", "floor_ratio_range", "weights_kv_bytes_ratio", "param_bytes_ratio", "bandwidth_gbs",
@@ -59,5 +77,131 @@ def main(raw_path: str) -> None:
     print(f"\nwrote {out}")
 
 
+def _label(r: dict) -> str:
+    return "authors' loop (torch fp32)" if r["path"] == "authors" else f"weights {r['weights']}, KV {r['kv']}"
+
+
+def _colour(r: dict) -> str:
+    if r["path"] == "authors":
+        return AUTHORS_COLOUR
+    return WEIGHT_COLOURS[r["weights"]][KV_ORDER.index(r["kv"])]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("report.py quant draws with matplotlib: pip install -e '.[bench]'")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_step_position(speed: dict, out: Path, batch: int = 1) -> Path:
+    """Step time against position per variant at ``batch`` (CFG rows), the floors as lines."""
+    plt = _pyplot()
+    steps = [r for r in speed["steps"] if r["batch"] == batch]
+    if not steps:
+        raise ValueError(f"{speed.get('command', 'the speed JSON')} has no step timings at batch {batch}")
+    keys = list(dict.fromkeys((r["path"], r["weights"], r["kv"]) for r in steps))
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    floor32 = sorted((r["pos"], r["fp32_weight_floor_ms"]) for r in steps if r["path"] == "onnxruntime"
+                     and (r["weights"], r["kv"]) == ("fp32", "fp32"))
+    for k in keys:
+        rows = sorted((r for r in steps if (r["path"], r["weights"], r["kv"]) == k), key=lambda r: r["pos"])
+        c, pos = _colour(rows[0]), [r["pos"] for r in rows]
+        ax.plot(pos, [r["ms"] for r in rows], color=c, marker=KV_MARKERS.get(k[2], "o"), lw=1.8,
+                label=_label(rows[0]))
+        ax.plot(pos, [r["own_bytes_floor_ms"] for r in rows], color=c, ls="--", lw=1, alpha=0.8)
+    if floor32:
+        ax.plot(*zip(*floor32, strict=True), color="black", lw=2.2, label="fp32 weight-read floor")
+    ax.plot([], [], color="grey", ls="--", lw=1, label="own-bytes floor (weights + KV read), dashed per variant")
+    ax.set_yscale("log")
+    ax.set_xlabel("position (cache slots filled)")
+    ax.set_ylabel("ms per step (log)")
+    bw = sorted(r["bandwidth_gbs"] for r in steps)
+    ax.set_title(f"{speed.get('preset', '')} decode step, batch {batch} with CFG ({2 * batch} rows), fused sampler\n"
+                 f"{speed.get('machine', '')}; read bandwidth {bw[0]:.0f}-{bw[-1]:.0f} GB/s", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_tradeoff(speed: dict, quality: dict, out: Path, batch: int = 1) -> Path:
+    """x: ms per token of whole videos at ``batch``; y: validation loss and class accuracy (CFG 2.0) of the same
+    variant; passing variants filled, failing hollow, skipped or unmeasured ones left out (named in the title)."""
+    plt = _pyplot()
+    ms = {(r["weights"], r["kv"]): r["ms_per_token"] for r in speed["results"]
+          if r.get("path", "onnxruntime") == "onnxruntime" and r["batch"] == batch}
+    points, missing = [], []
+    for q in quality.get("variants", []):
+        k = (q["weights"], q["kv"])
+        if q.get("status") != "ok" or k not in ms:
+            missing.append(f"{k[0]}/{k[1]}")
+            continue
+        points.append((q, ms[k]))
+    if not points:
+        raise ValueError("no variant has both a speed (whole videos, batch 1) and a quality result")
+    panels = [("val_loss", "validation loss (nats/token)"), ("class_accuracy_cfg2", "class accuracy, CFG 2.0")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, (field, name) in zip(axes, panels, strict=True):
+        for q, x in points:
+            if q.get(field) is None:
+                continue
+            r = {"path": "onnxruntime", **q}
+            c = _colour(r)
+            ax.scatter([x], [q[field]], s=70, marker=KV_MARKERS[q["kv"]], color=c if q.get("passes") else "white",
+                       edgecolors=c, linewidths=1.8, zorder=3, label=_label(r) + (" (passes)" if q.get("passes")
+                                                                              else ""))
+            ax.annotate(f"{q['weights']}/{q['kv']}", (x, q[field]), textcoords="offset points", xytext=(5, 4),
+                        fontsize=7)
+        ax.set_xlabel(f"ms per token (whole video, batch {batch}, CFG)")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    title = (f"speed ({speed.get('preset', '')}, {speed.get('machine', '')}) against quality; filled = passes the "
+             "bounds (accuracy within 1 point, val loss within 2% of fp32)")
+    if missing:
+        title += "\nnot plotted (skipped or not measured): " + ", ".join(missing)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def quant(argv: list[str]) -> list[Path]:
+    ap = argparse.ArgumentParser(prog="report.py quant", description="draw the quantization figures")
+    ap.add_argument("--speed", default=str(RESULTS / "quant_speed.json"))
+    ap.add_argument("--quality", default=str(RESULTS / "quant_quality.json"))
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    speed_path = Path(args.speed)
+    if not speed_path.exists():
+        sys.exit(f"no {speed_path}: run benchmarks/bench_quant.py --json {speed_path} first")
+    speed = json.loads(speed_path.read_text())
+    if "steps" not in speed:
+        sys.exit(f"{speed_path} has no per-step timings (written by an older bench_quant.py): re-run it")
+    drawn = [plot_step_position(speed, out_dir / "quant_step_position.png")]
+    print(f"wrote {drawn[-1]}")
+    quality_path = Path(args.quality)
+    if quality_path.exists():
+        drawn.append(plot_tradeoff(speed, json.loads(quality_path.read_text()), out_dir / "quant_tradeoff.png"))
+        print(f"wrote {drawn[-1]}")
+    else:
+        print(f"skipped the speed-quality plot: no {quality_path} (written by the quality benchmark)")
+    return drawn
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) > 1 and sys.argv[1] == "quant":
+        quant(sys.argv[2:])
+    elif len(sys.argv) == 2:
+        main(sys.argv[1])
+    else:
+        sys.exit(__doc__)

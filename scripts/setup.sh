@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtual environment in $VENV (default .venv) with larp_rt installed
 # editable, its PyTorch / training / dev extras, at the exact versions of constraints.txt.
-#   EXTRAS   extras to install (default: torch,train,export,video,serve,tensorrt,triton,hub,dev)
+#   EXTRAS   extras to install (default: torch,train,export,video,serve,tensorrt,triton,hub,bench,dev)
 #   TRITON   1 (default): also the tritonserver of nvidia-pytriton (tests/test_triton.py); 0: skip it
 #   PYTHON   interpreter that creates the venv (default: python3; needs >= 3.10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${EXTRAS:-torch,train,export,video,serve,tensorrt,triton,hub,dev}"
+EXTRAS="${EXTRAS:-torch,train,export,video,serve,tensorrt,triton,hub,bench,dev}"
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"

@@ -109,7 +109,8 @@ def touch(runner) -> None:
     def fill(a: np.ndarray, name: str) -> None:
         if np.issubdtype(a.dtype, np.floating):
             v = rng.standard_normal(a.size, dtype=np.float32).reshape(a.shape) * 0.5
-            a[...] = (np.abs(v) / 64 + 1e-3 if "scale" in name else v).astype(a.dtype)
+            scales = "scale" in name or name.endswith("_s")  # int8 caches' per-slot scales (flat_s, new_s)
+            a[...] = (np.abs(v) / 64 + 1e-3 if scales else v).astype(a.dtype)
         elif a.dtype == np.int8:
             a[...] = rng.integers(-127, 128, a.shape, dtype=np.int8)
 
@@ -118,7 +119,7 @@ def touch(runner) -> None:
             continue  # inputs and outputs the step binds: not the cache
         if isinstance(val, np.ndarray):
             fill(val, name)
-        elif isinstance(val, list | tuple) and name not in ("views",):
+        elif isinstance(val, list | tuple) and "views" not in name:  # views: of the flat buffers
             for a in val:
                 if isinstance(a, np.ndarray):
                     fill(a, name)

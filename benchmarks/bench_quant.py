@@ -20,8 +20,9 @@ videos the floor is summed over every position of the video.
 
 Variants whose bundle cannot be built here (``export_bundle`` without ``kv_dtype``, no custom-op library) are
 listed with ``status: "skipped: ..."`` and no numbers. Bundles are exported once and cached under
-.benchmarks/bundles (the first run adds ~1 min per variant). Runtime once cached (AMD EPYC Zen 4, 2 cores,
-quiet): full about 11 min, --quick about 3 min. Ends with one JSON line; --json PATH also writes it.
+.benchmarks/bundles (the first run adds 1-2 min per variant). Runtime once cached (AMD EPYC Zen 4, 2 cores):
+full 16 min and --quick 10 min measured on the shared, loaded host (a third of it loading the ten bundles under
+disk contention); estimated 10-12 min and 4-5 min quiet. Ends with one JSON line; --json PATH also writes it.
 """
 
 from __future__ import annotations

@@ -174,6 +174,37 @@ def plot_tradeoff(speed: dict, quality: dict, out: Path, batch: int = 1) -> Path
     return out
 
 
+def quant_tables(speed: dict) -> str:
+    """The README's markdown tables of a bench_quant.py JSON: whole videos, then steps per position."""
+    def name(r):
+        return ("authors' loop (torch, " + r["weights"] + ")" if r["path"] == "authors" else r["weights"]) + \
+            f" | {r['kv']}"
+
+    def x(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = [f"machine: {speed.get('machine', '?')}; {speed.get('note', '')}".rstrip("; "), "",
+             "| batch (rows) | weights | KV | ms / token | vs fp32 ORT | vs authors | x fp32 weight floor "
+             "| x own bytes' floor |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in speed["results"]:
+        lines.append(f"| {r['batch']} ({r.get('rows', 2 * r['batch'])}) | {name(r)} | {r['ms_per_token']:.2f} | "
+                     f"{x(r.get('vs_fp32'))} | {x(r.get('vs_authors'))} | {x(r.get('x_fp32_weight_floor'))} | "
+                     f"{x(r.get('x_own_bytes_floor'))} |")
+    pos = sorted({r["pos"] for r in speed["steps"]})
+    for B in sorted({r["batch"] for r in speed["steps"]}):
+        lines += ["", f"| step, batch {B} with CFG | " + " | ".join(f"pos {p}: ms (x fp32 floor, x own)" for p in pos)
+                  + " |", "| --- " * (len(pos) + 1) + "|"]
+        by = {}
+        for r in speed["steps"]:
+            if r["batch"] == B:
+                by.setdefault(name(r), {})[r["pos"]] = r
+        for n, cells in by.items():
+            lines.append(f"| {n.replace(' | ', ' / ')} | " + " | ".join(
+                f"{c['ms']:.2f} ({c['x_fp32_weight_floor']:.2f}, {c['x_own_bytes_floor']:.2f})" if c else "-"
+                for c in (cells.get(p) for p in pos)) + " |")
+    return "\n".join(lines)
+
+
 def quant(argv: list[str]) -> list[Path]:
     ap = argparse.ArgumentParser(prog="report.py quant", description="draw the quantization figures")
     ap.add_argument("--speed", default=str(RESULTS / "quant_speed.json"))
@@ -187,6 +218,7 @@ def quant(argv: list[str]) -> list[Path]:
     speed = json.loads(speed_path.read_text())
     if "steps" not in speed:
         sys.exit(f"{speed_path} has no per-step timings (written by an older bench_quant.py): re-run it")
+    print(quant_tables(speed) + "\n")
     drawn = [plot_step_position(speed, out_dir / "quant_step_position.png")]
     print(f"wrote {drawn[-1]}")
     quality_path = Path(args.quality)

@@ -27,7 +27,9 @@ def _speed() -> dict:
         for pos in (1, 512, 1023):
             steps.append({"path": path, "weights": w, "kv": kv, "batch": 1, "rows": 2, "pos": pos,
                           "ms": 3.0 + i + pos / 500, "fp32_weight_floor_ms": 4.5,
-                          "own_bytes_floor_ms": 1.0 + pos / 1000, "bandwidth_gbs": 28.0})
+                          "own_bytes_floor_ms": 1.0 + pos / 1000, "bandwidth_gbs": 28.0,
+                          "x_fp32_weight_floor": (3.0 + i + pos / 500) / 4.5,
+                          "x_own_bytes_floor": (3.0 + i + pos / 500) / (1.0 + pos / 1000)})
         results.append({"path": path, "weights": w, "kv": kv, "batch": 1, "ms_per_token": 4.0 + i})
     return {"bench": "quant_speed", "machine": "test machine", "preset": "small", "steps": steps,
             "results": results}
@@ -49,13 +51,18 @@ def _is_png(p: Path) -> bool:
     return p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
 
 
-def test_draws_both_figures(tmp_path):
+def test_draws_both_figures(tmp_path, capsys):
     (tmp_path / "s.json").write_text(json.dumps(_speed()))
     (tmp_path / "q.json").write_text(json.dumps(_quality()))
     drawn = _report().quant(["--speed", str(tmp_path / "s.json"), "--quality", str(tmp_path / "q.json"),
                              "--out-dir", str(tmp_path)])
     assert [p.name for p in drawn] == ["quant_step_position.png", "quant_tradeoff.png"]
     assert all(_is_png(p) for p in drawn)
+    out = capsys.readouterr().out  # the README's tables: every variant, the authors' row with all 8 columns
+    assert "| 1 (2) | int4 | int8 | 9.00 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| 1 (2) | authors' loop"))
+    assert row.count("|") == 9
+    assert "| int8 / fp32 | 5.00 (" in out
 
 
 def test_tradeoff_skipped_without_quality_file(tmp_path, capsys):

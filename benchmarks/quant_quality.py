@@ -239,13 +239,16 @@ class Scorer:
                 preds.append(self.clf.head(f).argmax(-1).numpy())
         return np.concatenate(feats), np.concatenate(preds)
 
-    def score(self, engine, tokens: np.ndarray, labels: np.ndarray, batch: int = 64) -> tuple[float, float]:
-        """Decode ``tokens`` with the engine's tokenizer decoder -> (class accuracy, Fréchet distance)."""
+    def score(self, engine, tokens: np.ndarray, labels: np.ndarray, batch: int = 64
+              ) -> tuple[float, float, np.ndarray]:
+        """Decode ``tokens`` with the engine's tokenizer decoder -> (class accuracy, Fréchet distance, per-clip
+        correctness (M,) bool)."""
         from larp_rt.training.evaluate import frechet_distance
 
         video = np.concatenate([engine.decode(tokens[s:s + batch]) for s in range(0, len(tokens), batch)])
         feats, pred = self.features(video)
-        return float((pred == labels).mean()), frechet_distance(self.real, feats)
+        correct = pred == labels
+        return float(correct.mean()), frechet_distance(self.real, feats), correct
 
 
 def generate_clips(engine, per_class: int, cfg_scale: float, seed: int, *, batch: int = 64
@@ -282,7 +285,7 @@ def measure_variant(bundle: Path, scorer: Scorer, val: tuple[np.ndarray, np.ndar
         r: dict = {"sampler": eng.sampler_name}
         for name, scale in (("cfg2", CFG), ("nocfg", 1.0)):
             toks, labels = generate_clips(eng, per_class, scale, seed)
-            r[f"class_accuracy_{name}"], r[f"fd_{name}"] = scorer.score(eng, toks, labels)
+            r[f"class_accuracy_{name}"], r[f"fd_{name}"], r[f"correct_{name}"] = scorer.score(eng, toks, labels)
         r["greedy"] = greedy_tokens(eng, greedy_repeats)
     finally:
         eng.close()
@@ -322,8 +325,17 @@ def variant_row(weights: str, kv: str, m: dict | None, ref: dict | None, status:
     return row
 
 
-def noise(ref: dict, second: dict | None, per_class_total: int, paired: dict[str, np.ndarray]) -> dict:
-    """The sampling noise next to the bounds (see the module docstring)."""
+def _paired_se_points(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error (points) of the accuracy difference of two classifications of the same clips (same class,
+    same seed streams): the spread of the per-clip differences in {-1, 0, 1} (0 when no clip flips)."""
+    d = a.astype(np.float64) - b.astype(np.float64)
+    return float(100 * d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
+def noise(ref: dict, second: dict | None, per_class_total: int, paired: dict[str, np.ndarray],
+          measured: dict | None = None) -> dict:
+    """The sampling noise next to the bounds (see the module docstring); ``measured``: "weights/kv" -> a
+    variant's measurements, for the paired standard errors of its accuracy differences to fp32."""
     n_tok = ref["tokens_per_clip"]
     per_clip = ref["nll"] / n_tok  # (M,) nats/token of each held-out clip
     mean = float(per_clip.mean())
@@ -334,10 +346,13 @@ def noise(ref: dict, second: dict | None, per_class_total: int, paired: dict[str
         "val_loss_se_rel": float(per_clip.std(ddof=1) / math.sqrt(len(per_clip)) / mean),
         "val_loss_paired_se_rel": {k: float(d.std(ddof=1) / math.sqrt(len(d)) / mean) for k, d in paired.items()},
         "val_clips": int(len(per_clip)),
+        "accuracy_paired_se_points": {k: {c: _paired_se_points(m[f"correct_{c}"], ref[f"correct_{c}"])
+                                          for c in ("cfg2", "nocfg")} for k, m in (measured or {}).items()},
         "method": ("class accuracy: fp32 x fp32 re-run with a second seed set (seed_set_delta_points) and the "
                    "Agresti-Coull binomial standard error of one accuracy (binomial_se_points; a difference of "
-                   "two independent runs has sqrt(2) times it; variants share seeds, so their differences are "
-                   "paired and noisier than zero only where their draws diverge); validation loss: deterministic "
+                   "two independent runs has sqrt(2) times it); variants share seeds and classes, so a variant's "
+                   "difference to fp32 is paired: accuracy_paired_se_points is the standard error of the mean "
+                   "per-clip difference (clips whose verdict flips); validation loss: deterministic "
                    "on a fixed set of held-out clips, its standard error over clips (val_loss_se_rel) and the "
                    "paired standard error of each variant's per-clip difference to fp32 (val_loss_paired_se_rel), "
                    "both relative to fp32's loss"),
@@ -395,15 +410,15 @@ def run(per_class: int = 32, *, ckpt: Path = CKPT, cache: Path = CACHE, weights=
             second = {}
             for name, scale in (("cfg2", CFG), ("nocfg", 1.0)):
                 toks, labels = generate_clips(eng, per_class, scale, SEED_SETS[1])
-                second[f"class_accuracy_{name}"], second[f"fd_{name}"] = scorer.score(eng, toks, labels)
+                second[f"class_accuracy_{name}"], second[f"fd_{name}"], _ = scorer.score(eng, toks, labels)
         finally:
             eng.close()
     rows = [variant_row(w, k, None, None, m) if isinstance(m, str) else variant_row(w, k, m, ref)
             for (w, k), m in measured.items()]
     onnx_loss = float(ref["nll"].sum() / ref["nll"].size / ref["tokens_per_clip"])
-    paired = {f"{w}/{k}": (m["nll"] - ref["nll"]) / m["tokens_per_clip"] for (w, k), m in measured.items()
-              if not isinstance(m, str) and (w, k) != ("fp32", "fp32")}
-    nz = noise(ref, second, nc * per_class, paired)
+    others = {f"{w}/{k}": m for (w, k), m in measured.items() if not isinstance(m, str) and (w, k) != ("fp32", "fp32")}
+    paired = {name: (m["nll"] - ref["nll"]) / m["tokens_per_clip"] for name, m in others.items()}
+    nz = noise(ref, second, nc * per_class, paired, others)
     nz["val_loss_torch_fp32"] = ref_torch
     nz["val_loss_onnx_fp32_minus_torch"] = onnx_loss - ref_torch
     samplers = {f"{w}/{k}": m["sampler"] for (w, k), m in measured.items() if not isinstance(m, str)}

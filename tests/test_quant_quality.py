@@ -99,3 +99,14 @@ def test_harness_runs_end_to_end(qq, cache, fp32_bundle):
     else:
         assert kv8["val_loss"] is None and kv8["passes"] is None
     assert "| fp32 | fp32 |" in qq.format_table(res)
+
+
+def test_noise_estimates(qq):
+    same = np.array([True] * 10)
+    assert qq._paired_se_points(same, same) == 0.0
+    one_flip = same.copy()
+    one_flip[3] = False  # d = (0,..,0,-1,0,..): std(ddof=1) = sqrt(0.1), / sqrt(10) -> 10 points
+    assert qq._paired_se_points(one_flip, same) == pytest.approx(10.0)
+    # Agresti-Coull: never 0, and for p = 0.5, n = 96: sqrt(0.25 / 100) = 5 points
+    assert qq._binomial_se_points(1.0, 256) > 0
+    assert qq._binomial_se_points(0.5, 96) == pytest.approx(5.0)

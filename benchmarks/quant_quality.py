@@ -24,8 +24,9 @@ errors of the accuracies; the validation loss's standard error over clips (alone
 KV variants need ``export_bundle(..., kv_dtype=...)``; where this checkout's export does not take it they are
 listed as "skipped: kv_dtype not on this branch". Bundles are exported once into .benchmarks/bundles
 (``tiny-trained-<weights>-kv<kv>``, rebuilt when the checkpoints change or larp_rt refuses them).
-Runtime: about 4 min on the shared 2-core host for the three weight variants (about 1 min per variant after
-its export). Ends with one JSON line; ``--json PATH`` also writes it.
+Runtime: about 2 min on the shared 2-core host for the three weight variants with fresh exports (20-30 s per
+variant, plus fp32's second seed set). Results do not depend on the host's load: a re-run gives the same figures.
+Ends with one JSON line; ``--json PATH`` also writes it.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ errors of the accuracies; the validation loss's standard error over clips (alone
 
 KV variants need ``export_bundle(..., kv_dtype=...)``; where this checkout's export does not take it they are
 listed as "skipped: kv_dtype not on this branch". Bundles are exported once into .benchmarks/bundles
-(``tiny-trained-<weights>-kv<kv>``, rebuilt when the checkpoints change or larp_rt refuses them).
+(``tiny-trained-<weights>-kv<kv>``, rebuilt when the checkpoints or the exporter change or larp_rt
+refuses them).
 Runtime: about 2 min on the shared 2-core host for the three weight variants with fresh exports (20-30 s per
 variant, plus fp32's second seed set). Results do not depend on the host's load: a re-run gives the same figures.
 Ends with one JSON line; ``--json PATH`` also writes it.
@@ -67,18 +68,28 @@ def _sha256(path: Path) -> str:
 
 
 def _source_key(ckpt: Path, weights: str, kv: str, fused: bool) -> dict:
-    import larp_rt
+    """What a cached bundle was made from: the checkpoints, the settings, and the exporter's code (its modules
+    and the custom-op library the fused graphs are verified with), so that a changed exporter rebuilds it."""
+    import larp_rt.export
 
+    import larp_rt
+    from larp_rt import kernels
+
+    code = hashlib.sha256()
+    for f in sorted(Path(larp_rt.export.__file__).parent.glob("*.py")):
+        code.update(f.name.encode() + f.read_bytes())
+    lib = kernels.ort_custom_op_library() if fused else None
     return {"tokenizer": _sha256(ckpt / "tokenizer" / "model.safetensors"),
             "generator": _sha256(ckpt / "generator" / "model.safetensors"),
-            "weights": weights, "kv": kv, "fused_sampler": fused, "larp_rt": larp_rt.__version__}
+            "weights": weights, "kv": kv, "fused_sampler": fused, "larp_rt": larp_rt.__version__,
+            "export_code": code.hexdigest(), "custom_op_library": _sha256(Path(lib)) if lib else None}
 
 
 def variant_bundle(weights: str, kv: str, *, ckpt: Path = CKPT, cache: Path = CACHE) -> Path | str:
     """The exported bundle of one variant (cached), or a "skipped: <why>" string when it cannot be exported here.
 
     The cache entry ``<cache>/tiny-trained-<weights>-kv<kv>`` is reused while its sidecar ``.source.json``
-    matches the checkpoints' sha256 and the export settings and larp_rt still reads it."""
+    matches the checkpoints' sha256, the export settings and the exporter's code, and larp_rt still reads it."""
     from larp_rt.export import export_bundle
 
     from larp_rt import kernels

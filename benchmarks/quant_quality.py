@@ -25,7 +25,7 @@ KV variants need ``export_bundle(..., kv_dtype=...)``; where this checkout's exp
 listed as "skipped: kv_dtype not on this branch". Bundles are exported once into .benchmarks/bundles
 (``tiny-trained-<weights>-kv<kv>``, rebuilt when the checkpoints or the exporter change or larp_rt
 refuses them).
-Runtime: about 2 min on the shared 2-core host for the three weight variants with fresh exports (20-30 s per
+Runtime: 4-7 min on the shared 2-core host for the nine variants with fresh exports (20-45 s per
 variant, plus fp32's second seed set). Results do not depend on the host's load: a re-run gives the same figures.
 Ends with one JSON line; ``--json PATH`` also writes it.
 """

@@ -10,7 +10,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     export_bundle(args.tokenizer, args.generator, args.bundle_dir, precision=args.precision, opset=args.opset,
                   onnx_only=args.onnx_only, verify=not args.no_verify, overwrite=args.force,
-                  fused_sampler=args.fused_sampler, revision=args.revision)
+                  fused_sampler=args.fused_sampler, revision=args.revision,
+                  tokenizer_precision=args.tokenizer_precision)
     return 0
 
 
@@ -27,6 +28,10 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
                    help="int8/int4: weight-only quantized generator (ONNX Runtime MatMulNBits, block 32, "
                         "int8 compute); the tokenizer and the KV cache stay float32")
+    p.add_argument("--tokenizer-precision", choices=["fp32", "fp16", "int8"], default=None,
+                   help="the tokenizer's encoder/decoder: int8 = ONNX Runtime quantize_dynamic (int8 weight MatMuls, "
+                        "fused attention; ~2x faster on AVX-512 VNNI CPUs); default: fp16 with --precision fp16, "
+                        "else fp32")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 14..20 (default 17: TensorRT-friendly)")
     p.add_argument("--onnx-only", action="store_true", help="leave out the PyTorch checkpoints (small edge bundles)")
     p.add_argument("--fused-sampler", action="store_true",

@@ -65,11 +65,10 @@ def variant_graphs(bundles: dict[str, Path], tok_dir: Path, names: list[str], ca
     """{variant: {"encoder": path, "decoder": path}}: the shipped fp32/int8 graphs and each explored variant
     (built from the fp32 bundle's graphs, cached beside it, rebuilt when the fp32 graphs change)."""
     import onnx
-
-    from larp_rt.bundle import Bundle
     from larp_rt.export import quantize_tokenizer as QT
 
     from larp_rt import load_pretrained
+    from larp_rt.bundle import Bundle
 
     b32 = Bundle(bundles["fp32"])
     out = {p: {g: Bundle(bundles[p]).graph_path(g) for g in ("encoder", "decoder")} for p in ("fp32", "int8")}
@@ -177,8 +176,9 @@ def quality(graphs: dict[str, dict], variants: list[str], n: int) -> list[dict]:
 
 
 def main() -> None:
-    from larp_rt.bundle import Bundle
     from larp_rt.export.quantize_tokenizer import VARIANTS
+
+    from larp_rt.bundle import Bundle
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per variant and graph at batch 1")

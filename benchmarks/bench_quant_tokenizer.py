@@ -98,6 +98,16 @@ def variant_graphs(bundles: dict[str, Path], tok_dir: Path, names: list[str], ca
     return out
 
 
+def cpu_flags() -> list[str]:
+    """The CPU features the int8/bf16 choice depends on (from /proc/cpuinfo)."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+            if f in flags]
+
+
 def session(path: Path):
     so = ort.SessionOptions()  # as the ONNX Runtime backend: all graph optimisations, every core
     so.log_severity_level = 3
@@ -222,7 +232,8 @@ def main() -> None:
     qual = quality(tgraphs, names, args.clips)
     b1 = {(r["graph"], r["variant"]): r for r in rows if r["batch"] == 1}
     goal = {g: b1[(g, "int8")]["speedup_vs_fp32"] >= 2.0 for g in ("encoder", "decoder")}
-    out = {"bench": "quant_tokenizer", "machine": machine_name(), "onnxruntime": ort.__version__,
+    out = {"bench": "quant_tokenizer", "machine": machine_name(), "cpu_flags": cpu_flags(),
+           "onnxruntime": ort.__version__,
            "torch_threads": torch.get_num_threads(), "note": args.note,
            "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
            "preset": PRESET, "shipped": "int8 = fused+dyn-pc", "variants": {"fp32": "as exported", "int8": "shipped",

@@ -239,7 +239,13 @@ def build_variant(name: str, plain, fused, code_dim: int, calibration: list[dict
                                            quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=8)
         q = MatMulNBitsQuantizer(copy.deepcopy(src), bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
                                  nodes_to_exclude=keep, op_types_to_quantize=("MatMul",), algo_config=cfg)
-        q.process()
+        nlog = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+        level = nlog.level
+        nlog.setLevel(logging.WARNING)  # it logs every node it visits at INFO
+        try:
+            q.process()
+        finally:
+            nlog.setLevel(level)
         return q.model.model
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"

@@ -172,3 +172,29 @@ def test_cli_flag(tmp_path, capsys):
         main(["export", str(tmp_path / "b"), "--tokenizer", str(TOK), "--tokenizer-precision", "bf16"])
     assert "invalid choice: 'bf16'" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_tensorrt_build_refuses_int8_tokenizer_graphs(bundles):
+    from larp_rt.export.trt_build import build_plans
+
+    with pytest.raises(ValueError, match="int8 tokenizer"):  # before any TensorRT import
+        build_plans(bundles["int8"], graphs=["encoder"], printer=lambda *a: None)
+
+
+def test_with_an_int8_generator(tmp_path):
+    """Both quantized in one bundle: the manifest says so, Engine generates and decodes."""
+    from larp_rt.export import export_bundle
+
+    from larp_rt import SamplingParams
+
+    gen = ROOT / "checkpoints/tiny/generator"
+    if not gen.is_dir():
+        pytest.skip("checkpoints/tiny is missing")
+    path = export_bundle(TOK, gen, tmp_path / "b", precision="int8", tokenizer_precision="int8", onnx_only=True,
+                         verify=False, printer=lambda *a: None)
+    b = Bundle(path)
+    assert (b.precision, b.tokenizer_precision, b.manifest["quantization"]["tokenizer"]) == ("int8", "int8", "int8")
+    eng = Engine(path, backend="onnxruntime")
+    out = eng.generate([1, 5], SamplingParams(temperature=1.0, cfg_scale=2.0, seed=0))
+    video = eng.decode(np.asarray(out.tokens))
+    assert video.shape == (2, *b.tokenizer_config.video_shape) and np.isfinite(video).all()

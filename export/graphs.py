@@ -53,11 +53,15 @@ class DecoderGraph(nn.Module):
 class _CacheAttention(torch.autograd.Function):
     """One-token attention over [the first ``pos`` cache slots | the token's own entry], exported as the custom
     op ``larp_rt::DecodeAttention`` (cpp_ext attention_cpu.h); the forward is the same math in torch (used when
-    tracing and for verification). q (pre-scaled), k, v, y: (B, h, 1, hd); past_k/v: (B, h, S, hd); pos (B,)."""
+    tracing and for verification). q (pre-scaled), k, v, y: (B, h, 1, hd) float32; past_k/v: (B, h, S, hd) float32,
+    float16 or int8 (then ``scales`` = k_scale, v_scale (B, h, S) float32: slot j holds scale_j * int8 row); pos (B,).
+    The cache is read in its own type (the op widens each element as it reads it)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, past_k, past_v, pos):  # noqa: ARG004
+    def forward(ctx, q, k, v, past_k, past_v, pos, *scales):  # noqa: ARG004
         S = past_k.shape[2]
+        past_k, past_v = dequantize_cache(past_k, scales[0] if scales else None), \
+            dequantize_cache(past_v, scales[1] if scales else None)
         bias = _slot_bias(pos, S)  # (B, 1, 1, S)
         s_past = (past_k @ q.transpose(-1, -2)).transpose(-1, -2).float() + bias  # (B, h, 1, S)
         s_self = (q * k).sum(-1, keepdim=True).float()
@@ -65,8 +69,27 @@ class _CacheAttention(torch.autograd.Function):
         return att[..., :S] @ past_v + att[..., S:] * v
 
     @staticmethod
-    def symbolic(g, q, k, v, past_k, past_v, pos):
-        return g.op("larp_rt::DecodeAttention", q, k, v, past_k, past_v, pos).setType(q.type())
+    def symbolic(g, q, k, v, past_k, past_v, pos, *scales):
+        return g.op("larp_rt::DecodeAttention", q, k, v, past_k, past_v, pos, *scales).setType(q.type())
+
+
+KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
+
+
+def dequantize_cache(c: Tensor, scale: Tensor | None) -> Tensor:
+    """A narrow cache (float16, or int8 with per-slot scales (..., S)) as float32; a float32 cache as it is."""
+    if c.dtype == torch.int8:
+        return c.float() * scale.unsqueeze(-1)
+    return c.float() if c.dtype != torch.float32 else c
+
+
+def quantize_entry(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 of new cache entries (B, h, 1, hd) with one float32 scale per (row, head): scale = max|x| /
+    127 (1 for an all-zero entry), q = round_half_even(x / scale) in [-127, 127] -> (q int8, scale (B, h, 1)).
+    ``larp_rt.kernels.quantize_kv`` is the same arithmetic in numpy (host-written entries: the prefix prefill)."""
+    amax = x.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(x / scale.unsqueeze(-1)).clamp(-127.0, 127.0).to(torch.int8), scale
 
 
 def _slot_bias(pos: Tensor, S: int) -> Tensor:
@@ -90,10 +113,15 @@ class DecodeGraph(nn.Module):
     (one MatMul reads both). Weights are stored (in, out) so that every projection is a plain MatMul.
     """
 
-    def __init__(self, gen: LARPGenerator, *, fused_attention: bool = False):
+    def __init__(self, gen: LARPGenerator, *, fused_attention: bool = False, kv_dtype: str = "fp32"):
         super().__init__()
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {sorted(KV_DTYPES)}, got {kv_dtype!r}")
+        if kv_dtype != "fp32" and not fused_attention:
+            raise ValueError("a narrow KV cache is read by the fused attention op: pass fused_attention=True")
         self.gen = gen
-        self.fused_attention = fused_attention  # one larp_rt::DecodeAttention node per layer (float32 only)
+        self.fused_attention = fused_attention  # one larp_rt::DecodeAttention node per layer (float32 activations)
+        self.kv_dtype = kv_dtype  # the cache's element type: "fp32", "fp16", "int8" (+ per-slot float32 scales)
         cfg = gen.config
         D, scale = cfg.dim, cfg.head_dim**-0.5
         # (V + C, D); frame prediction: the token table (V + 1 rows, the separator last), no classes
@@ -112,8 +140,14 @@ class DecodeGraph(nn.Module):
         self.register_buffer("w_out", gen.output.weight.detach().t().contiguous())  # (D, V)
 
     def forward(self, token: Tensor, pos: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
-        """token (B, 1) int64, pos (B,) int64, past_k_0, past_v_0, ... (B, h, S, hd) -> logits, present_k_0, ..."""
+        """token (B, 1) int64, pos (B,) int64, past_k_0, past_v_0, ... (B, h, S, hd) -> logits, present_k_0, ...
+
+        kv_dtype "int8": past_k_0, past_v_0, ..., then past_k_scale_0, past_v_scale_0, ... (B, h, S) ->
+        logits, present_k_0, ... (B, h, 1, hd) int8, then present_k_scale_0, ... (B, h, 1) float32."""
         gen, cfg = self.gen, self.gen.config
+        n_cache = 2 * cfg.n_layer
+        scales = past[n_cache:] if self.kv_dtype == "int8" else ()
+        past = past[:n_cache]
         H, hd, D, Fh = cfg.n_head, cfg.head_dim, cfg.dim, cfg.ffn_hidden  # batch stays symbolic: reshapes use -1
         h = F.embedding(token, self.table) + F.embedding(pos.view(-1, 1), gen.abs_pe[0])  # (B, 1, D): own positions
         S = past[0].shape[2]
@@ -124,7 +158,7 @@ class DecodeGraph(nn.Module):
             qkv = layer.attention_norm(h) @ getattr(self, f"wqkv_{i}")  # (B, 1, 3D), q pre-scaled
             q, k, v = (t.reshape(-1, H, 1, hd) for t in qkv.split(D, dim=-1))  # (B, h, 1, hd) each
             if self.fused_attention:
-                y = _CacheAttention.apply(q, k, v, past_k, past_v, pos)
+                y = _CacheAttention.apply(q, k, v, past_k, past_v, pos, *scales[2 * i:2 * i + 2])
             else:
                 # (B, h, S, hd) @ (B, h, hd, 1): the query as a column, never a transposed cache (a copy)
                 s_past = (past_k @ q.reshape(-1, H, hd, 1)).reshape(-1, H, 1, S).float() + bias  # (B, h, 1, S)
@@ -137,8 +171,14 @@ class DecodeGraph(nn.Module):
             h = h + (F.silu(g) * u) @ getattr(self, f"w2_{i}")
             presents += [k, v]
         logits = (gen.norm(h[:, -1]) @ self.w_out).float()
+        if self.kv_dtype == "fp16":
+            return (logits, *(p.half() for p in presents))
+        if self.kv_dtype == "int8":
+            q8 = [quantize_entry(p) for p in presents]
+            return (logits, *(q for q, _ in q8), *(sc for _, sc in q8))
         return (logits, *presents)
 
 
-def kv_names(prefix: str, n_layer: int) -> list[str]:
-    return [f"{prefix}_{kv}_{i}" for i in range(n_layer) for kv in ("k", "v")]
+def kv_names(prefix: str, n_layer: int, suffix: str = "") -> list[str]:
+    """past_k_0, past_v_0, past_k_1, ... (``suffix`` "_scale": past_k_scale_0, ...: an int8 cache's scales)."""
+    return [f"{prefix}_{kv}{suffix}_{i}" for i in range(n_layer) for kv in ("k", "v")]

@@ -87,11 +87,11 @@ def _trace(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: lis
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            dynamic: dict[str, dict[int, str]], opset: int) -> list[str]:
+            dynamic: dict[str, dict[int, str]], opset: int, custom_opsets: dict[str, int] | None = None) -> list[str]:
     """Trace ``module`` to ``path``; returns the files written (graph [+ external data])."""
     import onnx
 
-    model = _trace(module, args, inputs, outputs, dynamic, opset)
+    model = _trace(module, args, inputs, outputs, dynamic, opset, custom_opsets)
     onnx.checker.check_model(model, full_check=False)
     weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
     if weight_bytes > EXTERNAL_DATA_BYTES:
@@ -103,12 +103,59 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
     return [path.name]
 
 
-def _ort_session(path: Path):
+def _ort_session(path: Path, custom_ops: bool = False):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if custom_ops:  # graphs with larp_rt::DecodeAttention / Sample nodes
+        from .. import kernels
+
+        so.register_custom_ops_library(kernels.ort_custom_op_library())
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+KV_DTYPES = ("fp32", "fp16", "int8")  # the decode graphs' KV cache element type (--kv-dtype)
+_KV_NP = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+
+
+def _scale_name(cache_name: str) -> str:
+    """past_k_3 -> past_k_scale_3 (the per-slot scales of an int8 cache)."""
+    base, i = cache_name.rsplit("_", 1)
+    return f"{base}_scale_{i}"
+
+
+def cache_feeds(inputs: list[dict], rows: int, slots: int, rng: np.random.Generator, *, zeros: bool = False,
+                ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """Random (or zero) cache feeds for a decode graph's ``past_*`` inputs (the manifest's io list), in each
+    input's dtype (int8 caches come with their ``past_*_scale_*`` inputs), and the same caches as float32 (the
+    dequantized values, in input order) for a float reference."""
+    from .. import kernels
+
+    feeds, floats = {}, []
+    for io in inputs:
+        name = io["name"]
+        if not name.startswith("past_") or "_scale_" in name:
+            continue
+        _, H, _, hd = io["shape"]
+        x = np.zeros((rows, H, slots, hd), np.float32) if zeros else rng.standard_normal((rows, H, slots, hd))
+        x = x.astype(np.float32)
+        if io["dtype"] == "int8":
+            q, sc = kernels.quantize_kv(x)
+            feeds[name], feeds[_scale_name(name)] = q, sc
+            floats.append(q.astype(np.float32) * sc[..., None])
+        else:
+            feeds[name] = x.astype(_KV_NP[io["dtype"]])
+            floats.append(feeds[name].astype(np.float32))
+    return feeds, floats
+
+
+def dequantized_presents(names: list[str], values: list[np.ndarray]) -> np.ndarray:
+    """(2L, B, h, 1, hd) float32 of a decode graph's ``present_*`` outputs (int8 entries times their scales)."""
+    out = dict(zip(names, values, strict=True))
+    cache = [n for n in names if "_scale_" not in n]
+    return np.stack([out[n].astype(np.float32) * out[_scale_name(n)][..., None] if out[n].dtype == np.int8
+                     else out[n].astype(np.float32) for n in cache])
 
 
 def _compare(graph: str, output: str, ours: np.ndarray, ref: np.ndarray, tol: float) -> GraphCheck:
@@ -145,12 +192,18 @@ def export_bundle(
     fused_sampler: bool = False,
     printer=print,
     revision: str | None = None,
+    kv_dtype: str | None = None,
     tokenizer_precision: str | None = None,
 ) -> Path:
     """Export a tokenizer and/or a generator checkpoint folder (ours or the authors') to a verified bundle.
 
     A generator brings ``decode.onnx`` and the standard-ops sampler ``sample.onnx``; ``fused_sampler`` adds
     ``decode_sample.onnx`` (decode + the custom ``larp_rt::Sample`` op; needs the built kernels).
+
+    ``kv_dtype`` ("fp32", "fp16" or "int8"; default: the weights' float type) is the KV cache's element type. A
+    narrow cache under float32 activations (fp32 / int8 / int4 weights) is read by the custom
+    ``larp_rt::DecodeAttention`` op in every decode graph (needs the built kernels; ONNX Runtime CPU); int8
+    caches carry one float32 scale per (row, head, slot) for keys and for values.
     ``tokenizer_precision`` "int8" quantizes the tokenizer's encoder/decoder (export/quantize_tokenizer.py); None
     keeps them at ``precision``'s float type.
     """
@@ -170,6 +223,7 @@ def export_bundle(
         if _is_frame_prediction(generator_dir, revision):  # prefix_prefill.onnx reads decode.onnx's weight file
             raise ValueError(f"precision {precision!r} is for class-conditional generators so far: a frame-prediction "
                              "generator's prefill graph shares decode.onnx's float weights; export it as fp32 or fp16")
+    kv_dtype = _check_kv_dtype(kv_dtype, precision, generator_dir)
     if fused_sampler and generator_dir is None:
         raise ValueError("fused_sampler needs a generator")
     if fused_sampler and _is_frame_prediction(generator_dir, revision):
@@ -217,20 +271,25 @@ def export_bundle(
                 w.add_file("torch/tokenizer/config.json")
                 w.add_file("torch/tokenizer/model.safetensors")
         if gen is not None:
-            checks += _export_generator(w, gen, dtype, opset, batch, gen_rng, tol, verify)
-            checks += _export_samplers(w, gen, fused_sampler, opset, batch, gen_rng, verify)
+            checks += _export_generator(w, gen, dtype, opset, batch, gen_rng, tol, verify, kv_dtype)
+            checks += _export_samplers(w, gen, fused_sampler, opset, batch, gen_rng, verify, kv_dtype)
             if precision in ("int8", "int4"):
                 from .quantize import quantize_bundle_graphs
 
                 m["quantization"] = quantize_bundle_graphs(w, precision, verify=verify, batch=batch, seed=seed,
-                                                           printer=printer)
+                                                           printer=printer, kv_dtype=kv_dtype)
             cfg = gen.config
             m["generator"] = {
                 "config": cfg.to_dict(),
                 "kv_cache": {"layers": cfg.n_layer, "heads": cfg.n_head, "head_dim": cfg.head_dim,
-                             "max_seq": find_multiple(cfg.num_positions, 8),
-                             "dtype": "fp16" if precision == "fp16" else "fp32"},
+                             "max_seq": find_multiple(cfg.num_positions, 8), "dtype": kv_dtype,
+                             "attention": ("larp_rt::DecodeAttention" if _narrow_kv(kv_dtype, precision)
+                                           else "standard")},
             }
+            if kv_dtype == "int8":
+                m["generator"]["kv_cache"]["scales"] = {"granularity": "per (row, head, slot)", "dtype": "float32",
+                                                        "symmetric": True, "qmax": 127,
+                                                        "inputs": "past_{k,v}_scale_{layer}: (B, h, S)"}
             attention = ("larp_rt::DecodeAttention" if precision != "fp16" else "standard") if fused_sampler else None
             if cfg.frame_prediction:  # the prefix (cond tokens + separator) runs through one multi-token graph
                 m["generator"]["prefill"] = {"graph": PREFILL_GRAPH, "prefix_tokens": cfg.cls_token_num,
@@ -269,6 +328,34 @@ def export_bundle(
         out = w.commit()
     printer(f"bundle written to {out}")
     return out
+
+
+def _narrow_kv(kv_dtype: str, precision: str) -> bool:
+    """A cache narrower than the activations: read by the fused attention op in decode.onnx itself."""
+    return kv_dtype != ("fp16" if precision == "fp16" else "fp32")
+
+
+def _check_kv_dtype(kv_dtype: str | None, precision: str, generator_dir) -> str:
+    """The cache type to export (default: the weights' float type), or ValueError saying what is accepted."""
+    default = "fp16" if precision == "fp16" else "fp32"
+    if kv_dtype is None:
+        return default
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    if generator_dir is None and kv_dtype != default:
+        raise ValueError(f"kv_dtype {kv_dtype!r} is the generator's KV cache: give a generator")
+    if precision == "fp16" and kv_dtype != "fp16":
+        raise ValueError(f"an fp16 bundle keeps an fp16 KV cache; kv_dtype {kv_dtype!r} goes with float32 "
+                         "activations: export with --precision fp32, int8 or int4")
+    if _narrow_kv(kv_dtype, precision):
+        from .. import kernels
+
+        if kernels.ort_custom_op_library() is None:
+            raise ValueError(f"kv_dtype {kv_dtype!r} is read by the larp_rt::DecodeAttention op of the ONNX Runtime "
+                             "custom-op library (liblarp_rt_ort.so), which this install has not built: "
+                             + kernels.available()["errors"].get("liblarp_rt_ort.so", "")
+                             + ". Reinstall with `pip install -e .`, or export without --kv-dtype")
+    return kv_dtype
 
 
 def _is_frame_prediction(generator_dir, revision=None) -> bool:
@@ -314,52 +401,85 @@ def _export_tokenizer(w: BundleWriter, tok: LARPTokenizer, dtype, opset, batch, 
     return checks
 
 
-def _decode_names(n_layer: int) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
-    """Input names, output names and dynamic axes of the decode step (decode.onnx and the fused graph's trace)."""
+def _decode_names(n_layer: int, kv_dtype: str = "fp32") -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+    """Input names, output names and dynamic axes of the decode step (decode.onnx and the fused graph's trace);
+    an int8 cache adds its scales (past_k_scale_0, ... after the caches; present_k_scale_0, ... likewise)."""
     past, present = kv_names("past", n_layer), kv_names("present", n_layer)
+    if kv_dtype == "int8":
+        past, present = past + kv_names("past", n_layer, "_scale"), present + kv_names("present", n_layer, "_scale")
     dynamic = {"token": {0: "B"}, "pos": {0: "B"}, "logits": {0: "B"}, **{n: {0: "B", 2: "S"} for n in past},
                **{n: {0: "B"} for n in present}}
     return ["token", "pos", *past], ["logits", *present], dynamic
 
 
-def _export_generator(w: BundleWriter, gen: LARPGenerator, dtype, opset, batch, rng, tol, verify) -> list[GraphCheck]:
+def _decode_io(cfg, kv_dtype: str, float_dtype: str) -> tuple[list[dict], list[dict]]:
+    """The manifest's input and output lists of decode.onnx."""
+    H, hd, L, V = cfg.n_head, cfg.head_dim, cfg.n_layer, cfg.vocab_size
+    cache = {"fp32": "float32", "fp16": "float16", "int8": "int8"}[kv_dtype] if kv_dtype != "fp32" else float_dtype
+    inputs = ([_io("token", "int64", ["B", 1]), _io("pos", "int64", ["B"])]
+              + [_io(n, cache, ["B", H, "S", hd]) for n in kv_names("past", L)])
+    outputs = [_io("logits", "float32", ["B", V])] + [_io(n, cache, ["B", H, 1, hd]) for n in kv_names("present", L)]
+    if kv_dtype == "int8":
+        inputs += [_io(n, "float32", ["B", H, "S"]) for n in kv_names("past", L, "_scale")]
+        outputs += [_io(n, "float32", ["B", H, 1]) for n in kv_names("present", L, "_scale")]
+    return inputs, outputs
+
+
+def _export_generator(w: BundleWriter, gen: LARPGenerator, dtype, opset, batch, rng, tol, verify,
+                      kv_dtype: str = "fp32") -> list[GraphCheck]:
     cfg = gen.config
     gen = gen.to(dtype).eval()
     H, hd, L, V = cfg.n_head, cfg.head_dim, cfg.n_layer, cfg.vocab_size
     S = find_multiple(cfg.num_positions, 8)
-    kv_dtype = "float16" if dtype == torch.float16 else "float32"
+    float_dtype = "float16" if dtype == torch.float16 else "float32"
+    narrow = _narrow_kv(kv_dtype, "fp16" if dtype == torch.float16 else "fp32")
     past, present = kv_names("past", L), kv_names("present", L)
     token = torch.randint(0, V, (batch, 1), generator=rng)
     pos = torch.randint(1, cfg.num_positions, (batch,), generator=rng)  # a position per row
     caches = [torch.randn(batch, H, S, hd, generator=rng).to(dtype) for _ in past]
-    dec = DecodeGraph(gen)
-    files = _export(dec, (token, pos, *caches), w.path("decode.onnx"), *_decode_names(L), opset)
-    w.add_graph("decode", files[0],
-                [_io("token", "int64", ["B", 1]), _io("pos", "int64", ["B"])]
-                + [_io(n, kv_dtype, ["B", H, "S", hd]) for n in past],
-                [_io("logits", "float32", ["B", V])] + [_io(n, kv_dtype, ["B", H, 1, hd]) for n in present],
-                files[1:])
+    inputs, outputs = _decode_io(cfg, kv_dtype, float_dtype)
+    if narrow:  # the cache in its own type (int8: + scales), read by the fused attention op
+        feeds_c, floats = cache_feeds(inputs, batch, S, np.random.default_rng(int(torch.randint(0, 2**31, (1,),
+                                                                                                generator=rng))))
+        trace_caches = [torch.from_numpy(feeds_c[io["name"]]) for io in inputs[2:]]
+        caches = [torch.from_numpy(f) for f in floats]  # the reference's (dequantized) caches
+        dec = DecodeGraph(gen, fused_attention=True, kv_dtype=kv_dtype)
+        files = _export(dec, (token, pos, *trace_caches), w.path("decode.onnx"), *_decode_names(L, kv_dtype), opset,
+                        custom_opsets={"larp_rt": 1})
+    else:
+        feeds_c = {n: c.numpy() for n, c in zip(past, caches, strict=True)}
+        dec = DecodeGraph(gen)
+        files = _export(dec, (token, pos, *caches), w.path("decode.onnx"), *_decode_names(L), opset)
+    w.add_graph("decode", files[0], inputs, outputs, files[1:])
+    present = [o["name"] for o in outputs[1:]]
     fp_checks = []
     if cfg.frame_prediction:  # the multi-token prefill of the prefix (prefill_graph.py)
         _, fp_checks = export_prefill(w, gen, dtype, opset, batch, rng, tol, verify)
     if not verify:
         return []
-    sess = _ort_session(w.path("decode.onnx"))
+    sess = _ort_session(w.path("decode.onnx"), custom_ops=narrow)
     checks = []
+
+    def kv_tol(ref_kv: np.ndarray) -> float:  # + the rounding of the narrow entry (int8: up to 1.5 steps)
+        if kv_dtype == "int8":
+            return tol["kv"] + 1.5 * float(np.abs(ref_kv).max(-1).max()) / 127
+        return tol["kv"] + (float(np.abs(ref_kv).max()) * 2.0**-11 if narrow else 0.0)
+
+    def check(graph: str, out, ref_logits, ref_kv):
+        checks.append(_compare(graph, "logits", out[0], ref_logits.float().numpy(), tol["logits"]))
+        checks.append(_compare(graph, "present", dequantized_presents(present, out[1:]), ref_kv, kv_tol(ref_kv)))
+
     # a step mid-sequence with every row at its own position, against the model's own cached step (SDPA over a
-    # cache holding the same past)
-    feeds = {"token": token.numpy(), "pos": pos.numpy(), **{n: c.numpy() for n, c in zip(past, caches, strict=True)}}
+    # cache holding the same past; a narrow cache's dequantized values)
+    feeds = {"token": token.numpy(), "pos": pos.numpy(), **feeds_c}
     out = sess.run(None, feeds)
-    ref_logits, ref_kv = _model_step(gen, token.view(-1), pos, caches)
-    checks.append(_compare("decode", "logits", out[0], ref_logits.float().numpy(), tol["logits"]))
-    checks.append(_compare("decode", "present", np.stack(out[1:]).astype(np.float32), ref_kv, tol["kv"]))
+    check("decode", out, *_model_step(gen, token.view(-1), pos, caches))
     if cfg.frame_prediction:  # no class tokens: the prefix runs through prefix_prefill.onnx (checked there)
         return checks + fp_checks
     # the prefill: class tokens at position 0, against the model's prefill
     hi = cfg.num_classes + int(gen.has_null_class)
     class_ids = torch.randint(0, hi, (batch,), generator=rng)
-    feeds = {"token": (V + class_ids).view(-1, 1).numpy(), "pos": np.zeros(batch, np.int64),
-             **{n: c.numpy() for n, c in zip(past, caches, strict=True)}}
+    feeds = {"token": (V + class_ids).view(-1, 1).numpy(), "pos": np.zeros(batch, np.int64), **feeds_c}
     out = sess.run(None, feeds)
     gen.setup_caches(batch, S, dtype=caches[0].dtype)
     try:
@@ -367,17 +487,13 @@ def _export_generator(w: BundleWriter, gen: LARPGenerator, dtype, opset, batch, 
         ref_kv = _cache_slot(gen, torch.zeros(batch, dtype=torch.int64))
     finally:
         gen.clear_caches()
-    checks.append(_compare("prefill", "logits", out[0], ref.float().numpy(), tol["logits"]))
-    checks.append(_compare("prefill", "present", np.stack(out[1:]).astype(np.float32), ref_kv, tol["kv"]))
+    check("prefill", out, ref, ref_kv)
     # a joining request: row 0 prefills (class token at position 0) in the same step as rows mid-sequence
     mixed_tok, mixed_pos = token.view(-1).clone(), pos.clone()
     mixed_tok[0], mixed_pos[0] = V + int(class_ids[0]), 0
-    feeds = {"token": mixed_tok.view(-1, 1).numpy(), "pos": mixed_pos.numpy(),
-             **{n: c.numpy() for n, c in zip(past, caches, strict=True)}}
+    feeds = {"token": mixed_tok.view(-1, 1).numpy(), "pos": mixed_pos.numpy(), **feeds_c}
     out = sess.run(None, feeds)
-    ref_logits, ref_kv = _model_step(gen, mixed_tok, mixed_pos, caches)
-    checks.append(_compare("join", "logits", out[0], ref_logits.float().numpy(), tol["logits"]))
-    checks.append(_compare("join", "present", np.stack(out[1:]).astype(np.float32), ref_kv, tol["kv"]))
+    check("join", out, *_model_step(gen, mixed_tok, mixed_pos, caches))
     return checks
 
 
@@ -406,7 +522,7 @@ def _model_step(gen: LARPGenerator, tokens, pos, caches) -> tuple[torch.Tensor, 
 
 
 def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: int, batch: int, rng,
-                     verify: bool) -> list[GraphCheck]:
+                     verify: bool, kv_dtype: str = "fp32") -> list[GraphCheck]:
     """``sample.onnx`` always; ``decode_sample.onnx`` with ``fused``. Both verified against the reference sampler:
     token ids must be equal, logprobs within 1e-9.
 
@@ -433,7 +549,9 @@ def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: in
     decode_info = w.manifest["graphs"]["decode"]
     if fused:
         fp32 = gen.tok_embeddings.weight.dtype == torch.float32
-        if fp32:  # trace again with the fused attention op
+        if fp32 and kv_dtype != "fp32":  # decode.onnx already reads its narrow cache through the fused op
+            dec = onnx.load(str(w.path("decode.onnx")), load_external_data=False)
+        elif fp32:  # trace again with the fused attention op
             S_ = find_multiple(cfg.num_positions, 8)
             args = (torch.zeros(batch, 1, dtype=torch.int64), torch.ones(batch, dtype=torch.int64),
                     *[torch.zeros(batch, cfg.n_head, S_, cfg.head_dim) for _ in range(2 * cfg.n_layer)])
@@ -442,7 +560,7 @@ def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: in
         else:  # fp16: the standard attention (the custom op is float32); initializers stay external
             dec = onnx.load(str(w.path("decode.onnx")), load_external_data=False)
         fused_model = fuse_decode_sample(dec)
-        if fp32 and decode_info.get("data"):
+        if fp32 and kv_dtype == "fp32" and decode_info.get("data"):
             share_external_data(fused_model, w.path("decode.onnx"))
         onnx.save_model(fused_model, str(w.path("decode_sample.onnx")))
         w.add_graph("decode_sample", "decode_sample.onnx",
@@ -494,7 +612,7 @@ def _verify_fused(w: BundleWriter, cfg, params, batch: int, rng, tol: dict) -> l
     so.log_severity_level = 3
     so.register_custom_ops_library(kernels.ort_custom_op_library())
     fused = ort.InferenceSession(str(w.path("decode_sample.onnx")), so, providers=["CPUExecutionProvider"])
-    plain = _ort_session(w.path("decode.onnx"))
+    plain = _ort_session(w.path("decode.onnx"), custom_ops=True)
     present = [o["name"] for o in info["outputs"][1:]]
     checks = []
     R = 2 * batch
@@ -510,11 +628,8 @@ def _verify_fused(w: BundleWriter, cfg, params, batch: int, rng, tol: dict) -> l
             token[0], pos[0] = cfg.vocab_size + int(rng.integers(0, cfg.num_classes)), 0  # a joining request
             rows = rng.permutation(R)
             steps = rng.integers(0, 1000, batch)
-        feeds = {"token": token.astype(np.int64).reshape(-1, 1), "pos": pos.astype(np.int64)}
-        for io in info["inputs"][2:]:
-            _, H, _, hd = io["shape"]
-            c = rng.standard_normal((R, H, 8, hd)) if name != "fused" else np.zeros((R, H, 8, hd))
-            feeds[io["name"]] = c.astype(np.float16 if io["dtype"] == "float16" else np.float32)
+        feeds = {"token": token.astype(np.int64).reshape(-1, 1), "pos": pos.astype(np.int64),
+                 **cache_feeds(info["inputs"], R, 8, rng, zeros=name == "fused")[0]}
         logits, *kv = plain.run(["logits", *present], feeds)
         extra = {"sample_rows": rows.astype(np.int64), "cfg_scale": params.cfg_scale,
                  "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
@@ -527,6 +642,6 @@ def _verify_fused(w: BundleWriter, cfg, params, batch: int, rng, tol: dict) -> l
                               f"reference sampler draw {want_t.tolist()}")
         checks.append(_compare(name, "logprobs", logp, want_l, 1e-9 if name == "fused" else tol["logits"]))
         if name != "fused":
-            checks.append(_compare(name, "present", np.stack(kv_f).astype(np.float32), np.stack(kv).astype(np.float32),
-                                   tol["kv"]))
+            checks.append(_compare(name, "present", dequantized_presents(present, kv_f),
+                                   dequantized_presents(present, kv), tol["kv"]))
     return checks

@@ -8,7 +8,8 @@ exported and verified in float32 as usual; then every weight MatMul is rewritten
 node: symmetric, one float scale per block of ``BLOCK_SIZE`` input rows of each output column, and
 ``accuracy_level=4`` (int8 activations with VNNI dot products; the quantizer's default level dequantizes
 to float32 in every step and made int8 6x slower than float32 here). The embedding tables (Gathers read one
-row per step) and the norms stay float32; so does the tokenizer. The KV cache is float32.
+row per step) and the norms stay float32; so does the tokenizer. The KV cache is the bundle's ``kv_dtype``
+(float32 unless ``--kv-dtype fp16|int8``; export/graphs.py).
 
 The manifest records ``precision`` ("int8" | "int4") and a ``quantization`` entry (method, bits, block size,
 accuracy level, the graphs rewritten, the measured logit error against float32). ``Bundle`` refuses a bundle
@@ -64,7 +65,7 @@ def quantize_model(model, precision: str):
 
 
 def quantize_bundle_graphs(w, precision: str, *, verify: bool = True, batch: int = 2, seed: int = 0,
-                           printer=print) -> dict[str, Any]:
+                           printer=print, kv_dtype: str = "fp32") -> dict[str, Any]:
     """Rewrite the generator graphs of an open ``BundleWriter`` (already exported in float32) to ``precision``;
     returns the manifest's ``quantization`` entry. Raises ValueError when nothing could be quantized."""
     import onnx
@@ -78,12 +79,12 @@ def quantize_bundle_graphs(w, precision: str, *, verify: bool = True, batch: int
     done: list[str] = []
     ref_path = None
     n_quantized = 0
-    for name in GRAPHS:
-        if name not in graphs:
-            continue
+    # every graph in memory first: decode_sample may read decode.onnx's external weight file, removed below
+    models = {name: onnx.load(str(w.path(graphs[name]["file"])), load_external_data=True)
+              for name in GRAPHS if name in graphs}
+    for name, model in models.items():
         info = graphs[name]
         path: Path = w.path(info["file"])
-        model = onnx.load(str(path), load_external_data=True)
         if name == "decode" and verify:
             ref_path = path.with_name(".decode_fp32.onnx")
             onnx.save_model(model, str(ref_path))
@@ -110,7 +111,7 @@ def quantize_bundle_graphs(w, precision: str, *, verify: bool = True, batch: int
     entry: dict[str, Any] = {"method": "onnxruntime.MatMulNBitsQuantizer", "weights": precision,
                              "bits": BITS[precision], "block_size": BLOCK_SIZE, "symmetric": True,
                              "accuracy_level": ACCURACY_LEVEL, "graphs": done, "matmuls": n_quantized,
-                             "kv_cache": "fp32", "tokenizer": "fp32"}
+                             "kv_cache": kv_dtype, "tokenizer": "fp32"}
     if verify and ref_path is not None:
         try:
             entry["verification"] = _compare_logits(ref_path, w.path(graphs["decode"]["file"]), graphs["decode"],
@@ -127,20 +128,15 @@ def quantize_bundle_graphs(w, precision: str, *, verify: bool = True, batch: int
 
 def _compare_logits(ref_path: Path, q_path: Path, info: dict, batch: int, seed: int) -> dict[str, float]:
     """The quantized decode step against the float32 one on the same random mid-sequence feeds."""
-    import onnxruntime as ort
+    from .onnx_export import _ort_session, cache_feeds
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ref = ort.InferenceSession(str(ref_path), so, providers=["CPUExecutionProvider"])
-    q = ort.InferenceSession(str(q_path), so, providers=["CPUExecutionProvider"])
+    custom = any(io["dtype"] != "float32" for io in info["inputs"][2:])  # a narrow cache: the fused attention op
+    ref, q = _ort_session(ref_path, custom_ops=custom), _ort_session(q_path, custom_ops=custom)
     rng = np.random.default_rng(seed)
     V = info["outputs"][0]["shape"][1]
     S = 8
     feeds = {"token": rng.integers(0, V, (batch, 1)).astype(np.int64),
-             "pos": rng.integers(1, S, batch).astype(np.int64)}
-    for io in info["inputs"][2:]:
-        _, H, _, hd = io["shape"]
-        feeds[io["name"]] = rng.standard_normal((batch, H, S, hd)).astype(np.float32)
+             "pos": rng.integers(1, S, batch).astype(np.int64), **cache_feeds(info["inputs"], batch, S, rng)[0]}
     a = ref.run(["logits"], feeds)[0].astype(np.float64)
     b = q.run(["logits"], feeds)[0].astype(np.float64)
     return {"logits_max_abs": float(np.abs(a - b).max()), "logits_scale": float(np.abs(a).max()),

@@ -365,6 +365,10 @@ def build_plans(
             f"are {bundle.precision}. For {precision} plans export a {precision} bundle (`larp-rt export --precision "
             f"{precision} ...`; bf16 export is not available yet), or omit --precision")
     kv = bundle.kv_cache
+    if kv.get("attention") == "larp_rt::DecodeAttention":
+        raise ValueError(f"this bundle's decode graphs read a {kv.get('dtype')} KV cache through the custom op "
+                         "larp_rt::DecodeAttention (ONNX Runtime CPU), which TensorRT cannot parse: build plans from "
+                         "a bundle exported without --kv-dtype (fp16 plans keep an fp16 cache)")
     gen_max = int(kv.get("max_seq", 0) or 0)
     prior = bundle.prior or {}
     prior_max = int((prior.get("kv_cache") or {}).get("max_seq", 0) or 0)

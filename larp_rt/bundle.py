@@ -115,7 +115,8 @@ class Bundle:
             self.verify()
         why = check_graph_precision(self)
         if why is not None:
-            raise BundleError(f"{str(mpath)!r}: {why}; re-export the bundle (larp-rt export --precision ...)")
+            raise BundleError(f"{str(mpath)!r}: {why}; re-export the bundle "
+                              "(larp-rt export --precision ... --kv-dtype ...)")
 
     def verify(self) -> None:
         """Check every listed file exists and has its recorded sha256."""
@@ -198,6 +199,8 @@ def check_graph_precision(bundle: Bundle) -> str | None:
                         + ("has no MatMulNBits node" if want else "holds MatMulNBits (quantized) weights"))
             continue
         graph = onnx.load(str(path), load_external_data=False).graph
+        if (why := _check_kv_graph(bundle, info.file, graph)) is not None:
+            return why
         bits = [next((a.i for a in n.attribute if a.name == "bits"), None) for n in graph.node
                 if n.op_type == "MatMulNBits"]
         if want is None and bits:
@@ -247,6 +250,35 @@ def check_tokenizer_precision(bundle: Bundle) -> str | None:
         if not want_int8 and (n_int8 or n_nbits):
             return (f"the manifest claims tokenizer precision {claim!r} but {info.file} holds {n_int8 + n_nbits} "
                     "quantized (int8) MatMul nodes")
+    return None
+
+
+_KV_ONNX_TYPES = {"fp32": 1, "fp16": 10, "int8": 3}  # onnx.TensorProto FLOAT, FLOAT16, INT8
+
+
+def _check_kv_graph(bundle: Bundle, file: str, graph) -> str | None:
+    """None when a decode graph's cache inputs have the manifest's ``kv_cache.dtype`` (int8: with their
+    ``past_*_scale_*`` inputs; a narrow cache under float32 activations: read by larp_rt::DecodeAttention)."""
+    kv = bundle.kv_cache
+    claim = kv.get("dtype") or ("fp16" if bundle.precision == "fp16" else "fp32")
+    if claim not in _KV_ONNX_TYPES:
+        return f"unknown kv_cache dtype {claim!r} (known: {', '.join(_KV_ONNX_TYPES)})"
+    inputs = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    have = inputs.get("past_k_0")
+    if have is None:
+        return None  # not a cache-reading graph
+    if have != _KV_ONNX_TYPES[claim]:
+        names = {v: k for k, v in _KV_ONNX_TYPES.items()}
+        return (f"the manifest claims a {claim} KV cache but {file} reads a "
+                f"{names.get(have, f'onnx type {have}')} cache")
+    if (claim == "int8") != ("past_k_scale_0" in inputs):
+        return (f"the manifest claims a {claim} KV cache but {file} "
+                + ("has no per-slot scale inputs (past_k_scale_0, ...)" if claim == "int8" else
+                   "has int8 scale inputs"))
+    if kv.get("attention") == "larp_rt::DecodeAttention" and not any(
+            n.op_type == "DecodeAttention" and n.domain == "larp_rt" for n in graph.node):
+        return (f"the manifest says {file} reads its {claim} cache with larp_rt::DecodeAttention, but it has no "
+                "such node")
     return None
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "ENV_DISABLE", "ENV_LIB_DIR", "SampleArgs", "available", "disabled", "set_disabled", "force_fallback",
     "library_dir", "cpu_library", "cuda_library", "ort_custom_op_library", "sample_numpy", "register_torch_op",
     "sample_torch", "launch_cuda", "set_num_threads", "DTYPE_CODES", "decode_attention", "attention_isa",
+    "quantize_kv", "KV_DTYPE_CODES",
 ]
 
 ENV_DISABLE = "LARP_RT_DISABLE_KERNELS"
@@ -255,21 +256,41 @@ def _raise(lib: ctypes.CDLL, rc: int = 1, cuda: bool = False) -> None:
 # --------------------------------------------------------------------------------------------
 # the one-token cache attention of the fused decode graph (larp_rt::DecodeAttention), on numpy arrays
 # --------------------------------------------------------------------------------------------
-def decode_attention(q, k, v, past_k, past_v, pos, num_threads: int = 1) -> np.ndarray:
+KV_DTYPE_CODES = {"float32": 0, "float16": 1, "int8": 2}  # larp_decode_attention_kv_* kv_dtype
+
+
+def decode_attention(q, k, v, past_k, past_v, pos, num_threads: int = 1, k_scale=None, v_scale=None) -> np.ndarray:
     """Softmax attention of q over [the first ``pos`` slots of past_k/v | k/v]: q, k, v (B, H, 1, hd) float32
     (q pre-scaled), past_k/v (B, H, S, hd) -> y (B, H, 1, hd). ``pos``: an int (every row) or (B,) integers, one
-    per row (row b reads its first min(pos[b], S) slots). The CPU kernel the fused decode graph runs."""
+    per row (row b reads its first min(pos[b], S) slots). The CPU kernel the fused decode graph runs.
+
+    The cache may be float32, float16 or int8; an int8 cache needs ``k_scale`` and ``v_scale`` (B, H, S) float32
+    (slot j holds ``scale_j * past[..., j, :]``, see ``quantize_kv``); the cache is read as it is, never widened."""
     lib = cpu_library()
     if lib is None:
         raise RuntimeError(f"the CPU kernels are not built: {_errors.get(CPU_LIB)}")
-    arrs = [np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v, past_k, past_v)]
-    q, k, v, pk, pv = arrs
+    q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
+    pk, pv = np.asarray(past_k), np.asarray(past_v)
+    if pk.dtype.name not in KV_DTYPE_CODES or pv.dtype != pk.dtype:
+        raise ValueError(f"past_k/past_v must both be float32, float16 or int8, got {pk.dtype} and {pv.dtype}")
+    pk, pv = np.ascontiguousarray(pk), np.ascontiguousarray(pv)
     if q.ndim != 4 or q.shape[2] != 1 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share a (B, H, 1, hd) shape, got {q.shape}, {k.shape}, {v.shape}")
     B, H, _, hd = q.shape
     if pk.ndim != 4 or pk.shape[:2] != (B, H) or pk.shape[3] != hd or pv.shape != pk.shape:
         raise ValueError(f"past_k/past_v must have shape ({B}, {H}, S, {hd}), got {pk.shape}, {pv.shape}")
     S = pk.shape[2]
+    code = KV_DTYPE_CODES[pk.dtype.name]
+    scales = [None, None]
+    if code == 2:
+        if k_scale is None or v_scale is None:
+            raise ValueError("an int8 cache needs k_scale and v_scale, (B, H, S) float32 (see kernels.quantize_kv)")
+        scales = [np.ascontiguousarray(a, dtype=np.float32) for a in (k_scale, v_scale)]
+        if any(a.shape != (B, H, S) for a in scales):
+            raise ValueError(f"k_scale/v_scale must have shape ({B}, {H}, {S}), got {scales[0].shape}, "
+                             f"{scales[1].shape}")
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"k_scale/v_scale are for int8 caches; this cache is {pk.dtype}")
     p = np.asarray(pos)
     if p.dtype == np.bool_ or not np.issubdtype(p.dtype, np.integer) or p.shape not in ((), (B,)):
         raise ValueError(f"pos must be an int >= 0 or a ({B},) integer array (one position per row), got {pos!r}")
@@ -278,12 +299,25 @@ def decode_attention(q, k, v, past_k, past_v, pos, num_threads: int = 1) -> np.n
     # clamped to S here (also in the kernel): int64 for any integer input, uint64 beyond 2**63 included
     rows = np.ascontiguousarray(np.broadcast_to(np.minimum(p, S).astype(np.int64), (B,)))
     y = np.empty_like(q)
-    fn = lib.larp_decode_attention_cpu
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int32]
-    rc = fn(*(a.ctypes.data for a in (q, k, v, pk, pv, y)), B, H, S, hd, rows.ctypes.data, int(num_threads))
+    fn = lib.larp_decode_attention_kv_cpu
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+    ptr = [None if a is None else a.ctypes.data for a in scales]
+    rc = fn(q.ctypes.data, k.ctypes.data, v.ctypes.data, pk.ctypes.data, pv.ctypes.data, *ptr, y.ctypes.data,
+            B, H, S, hd, rows.ctypes.data, code, int(num_threads))
     if rc:
-        raise ValueError("larp_decode_attention_cpu refused its arguments")
+        raise ValueError("larp_decode_attention_kv_cpu refused its arguments")
     return y
+
+
+def quantize_kv(x) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of cache entries (..., hd) with one float32 scale per entry (per token and head): scale =
+    max|x| / 127 (1 for an all-zero entry), q = round_half_even(x / scale) in [-127, 127]. The same arithmetic as
+    the exported graph (export/graphs.py ``quantize_entry``). Returns (q int8 (..., hd), scale float32 (...))."""
+    x = np.asarray(x, np.float32)
+    amax = np.abs(x).max(-1)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(x / scale[..., None]), -127, 127).astype(np.int8)
+    return q, scale
 
 
 def attention_isa() -> str | None:

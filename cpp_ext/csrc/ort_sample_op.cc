@@ -9,7 +9,8 @@
 //   outputs  0 tokens      [B] int64        1 logprobs    [B] double (optional)
 //
 // Semantics: larp_rt/sampling.py. Register with SessionOptions.register_custom_ops_library(path).
-// Also op "DecodeAttention" (CPU, float32): the one-token cache attention of the fused decode graph (below).
+// Also op "DecodeAttention" (CPU): the one-token cache attention of the fused decode graph over a float32, float16
+// or int8 (+ per-slot scales) cache (below).
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -147,22 +148,27 @@ struct SampleOp : Ort::CustomOpBase<SampleOp, SampleKernel> {
 
 // ---- DecodeAttention: one-token attention against the static cache (include/larp_rt/attention_cpu.h) ----
 //   inputs   0 q [B, H, 1, hd] float (pre-scaled)   1 k [B, H, 1, hd]   2 v [B, H, 1, hd]
-//            3 past_k [B, H, S, hd]   4 past_v [B, H, S, hd]
+//            3 past_k [B, H, S, hd]   4 past_v [B, H, S, hd]: float, float16, or int8 (then inputs 6 and 7)
 //            5 pos [1] int64 (one position for every row) or [B] int64 (one per row): row b reads its slots
 //              < pos[b] (clamped to [0, S])
+//            6 k_scale [B, H, S] float, 7 v_scale [B, H, S] float: int8 caches only (slot j = scale_j * int8 row)
 //   outputs  0 y [B, H, 1, hd] float
 struct AttentionWork {
-  const float *q, *k, *v, *pk, *pv;
+  const float *q, *k, *v;
+  const void *pk, *pv;
+  const float *ks, *vs;
   float* y;
   const int64_t* pos;  // [B]
   int64_t H, S, hd, tasks;
+  int32_t kv;  // 0 float, 1 float16, 2 int8
 };
 
 // One unit of ParallelFor = two (row, head) tasks, read side by side (see attention_cpu.h).
 void attention_unit(void* data, size_t unit) {
   const AttentionWork* w = static_cast<const AttentionWork*>(data);
   const int64_t t0 = 2 * (int64_t)unit, t1 = std::min(t0 + 2, w->tasks);
-  larp_decode_attention_tasks(w->q, w->k, w->v, w->pk, w->pv, w->y, w->H, w->S, w->hd, w->pos, t0, t1);
+  larp_decode_attention_kv_tasks(w->q, w->k, w->v, w->pk, w->pv, w->ks, w->vs, w->y, w->H, w->S, w->hd, w->pos,
+                                 w->kv, t0, t1);
 }
 
 [[noreturn]] void bad_attn(const std::string& msg) {
@@ -172,18 +178,42 @@ void attention_unit(void* data, size_t unit) {
 struct AttentionKernel {
   void Compute(OrtKernelContext* raw) {
     Ort::KernelContext ctx(raw);
-    if (ctx.GetInputCount() != 6) bad_attn("expects 6 inputs, got " + std::to_string(ctx.GetInputCount()));
+    const size_t n_in = ctx.GetInputCount();
+    if (n_in != 6 && n_in != 8) bad_attn("expects 6 inputs (8 with an int8 cache), got " + std::to_string(n_in));
     Ort::ConstValue q = ctx.GetInput(0), k = ctx.GetInput(1), v = ctx.GetInput(2);
     Ort::ConstValue pk = ctx.GetInput(3), pv = ctx.GetInput(4), pos = ctx.GetInput(5);
     const std::vector<int64_t> qs = q.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> cs = pk.GetTensorTypeAndShapeInfo().GetShape();
+    const auto ci = pk.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> cs = ci.GetShape();
     if (qs.size() != 4 || qs[2] != 1) bad_attn("q must have shape [B, H, 1, hd], got " + shape_str(qs));
     if (k.GetTensorTypeAndShapeInfo().GetShape() != qs || v.GetTensorTypeAndShapeInfo().GetShape() != qs)
       bad_attn("k and v must have q's shape " + shape_str(qs));
     if (cs.size() != 4 || cs[0] != qs[0] || cs[1] != qs[1] || cs[3] != qs[3])
       bad_attn("past_k must have shape [B, H, S, hd] = [" + std::to_string(qs[0]) + ", " + std::to_string(qs[1]) +
                ", S, " + std::to_string(qs[3]) + "], got " + shape_str(cs));
-    if (pv.GetTensorTypeAndShapeInfo().GetShape() != cs) bad_attn("past_v must have past_k's shape " + shape_str(cs));
+    const auto vi = pv.GetTensorTypeAndShapeInfo();
+    if (vi.GetShape() != cs) bad_attn("past_v must have past_k's shape " + shape_str(cs));
+    int32_t kv;
+    switch (ci.GetElementType()) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: kv = 0; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: kv = 1; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: kv = 2; break;
+      default: bad_attn("past_k must be float, float16 or int8");
+    }
+    if (vi.GetElementType() != ci.GetElementType()) bad_attn("past_v must have past_k's element type");
+    if ((kv == 2) != (n_in == 8))
+      bad_attn(kv == 2 ? "an int8 cache needs k_scale and v_scale [B, H, S] (inputs 6 and 7)"
+                       : "k_scale and v_scale are for int8 caches; this cache is " +
+                             std::string(kv == 0 ? "float" : "float16"));
+    const float *ks = nullptr, *vs = nullptr;
+    if (kv == 2) {
+      Ort::ConstValue kq = ctx.GetInput(6), vq = ctx.GetInput(7);
+      const std::vector<int64_t> want{cs[0], cs[1], cs[2]};
+      if (kq.GetTensorTypeAndShapeInfo().GetShape() != want || vq.GetTensorTypeAndShapeInfo().GetShape() != want)
+        bad_attn("k_scale and v_scale must have shape [B, H, S] = " + shape_str(want));
+      ks = kq.GetTensorData<float>();
+      vs = vq.GetTensorData<float>();
+    }
     const std::vector<int64_t> ps = pos.GetTensorTypeAndShapeInfo().GetShape();
     const int64_t B = qs[0];
     if (ps.size() != 1 || (ps[0] != 1 && ps[0] != B))
@@ -196,7 +226,8 @@ struct AttentionKernel {
       p = shared.data();
     }
     AttentionWork w{q.GetTensorData<float>(), k.GetTensorData<float>(), v.GetTensorData<float>(),
-                    pk.GetTensorData<float>(), pv.GetTensorData<float>(), nullptr, p, qs[1], cs[2], qs[3], B * qs[1]};
+                    pk.GetTensorRawData(), pv.GetTensorRawData(), ks, vs, nullptr, p, qs[1], cs[2], qs[3],
+                    B * qs[1], kv};
     w.y = ctx.GetOutput(0, qs).GetTensorMutableData<float>();
     if (w.tasks == 0) return;
     ctx.ParallelFor(attention_unit, (size_t)(w.tasks + 1) / 2, 0, &w);  // ONNX Runtime's intra-op threads
@@ -207,9 +238,17 @@ struct AttentionOp : Ort::CustomOpBase<AttentionOp, AttentionKernel> {
   void* CreateKernel(const OrtApi& /*api*/, const OrtKernelInfo* /*info*/) const { return new AttentionKernel(); }
   const char* GetName() const { return "DecodeAttention"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 6; }
+  size_t GetInputTypeCount() const { return 8; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    switch (i) {
+      case 3: case 4: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float / float16 / int8, checked at run time
+      case 5: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < 6 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+                 : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t /*i*/) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }

@@ -47,6 +47,7 @@ def _providers(device: str) -> list[str]:
 
 
 SAMPLERS = ("auto", "fused", "kernel", "graph", "reference")
+KV_NUMPY = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}  # the manifest's kv_cache dtype
 
 
 class OnnxRuntimeBackend(Backend):
@@ -77,9 +78,31 @@ class OnnxRuntimeBackend(Backend):
         self._so = so
         self._sessions: dict[str, object] = {}
         self._session_lock = threading.Lock()
-        self.kv_dtype = np.float16 if bundle.precision == "fp16" else np.float32
+        self._custom_ops = False
+        kv = bundle.kv_cache
+        self.kv_dtype = KV_NUMPY[kv.get("dtype") or ("fp16" if bundle.precision == "fp16" else "fp32")]
+        self.kv_scaled = self.kv_dtype == np.int8  # per-slot float32 scales beside the int8 cache
         if bundle.generator_config is not None:
+            if kv.get("attention") == "larp_rt::DecodeAttention":  # a narrow cache read by the fused op
+                self._need_custom_ops(f"the bundle's {kv['dtype']} KV cache")
             self._choose_sampler(sampler)
+
+    def _need_custom_ops(self, what: str) -> None:
+        """Register the custom-op library (once), or say why this install cannot run ``what``."""
+        from .. import kernels
+
+        if self.on_gpu:
+            raise ValueError(f"{what} is read by larp_rt::DecodeAttention, a CPU op (ONNX Runtime would copy the "
+                             "cache to the host every step): use device='cpu', or export without --kv-dtype for "
+                             "GPU providers")
+        if kernels.ort_custom_op_library() is None or kernels.disabled():
+            why = "disabled (LARP_RT_DISABLE_KERNELS)" if kernels.disabled() else "not built"
+            raise ValueError(f"{what} needs the ONNX Runtime custom-op library (liblarp_rt_ort.so), which is {why} "
+                             "here: reinstall with `pip install -e .` (see cpp_ext/README.md) or re-export the "
+                             "bundle without --kv-dtype")
+        if not self._custom_ops:
+            self._so.register_custom_ops_library(kernels.ort_custom_op_library())
+            self._custom_ops = True
 
     def _choose_sampler(self, want: str) -> None:
         from .. import kernels
@@ -108,7 +131,7 @@ class OnnxRuntimeBackend(Backend):
                 want = "reference"
         self.sampler_name = want
         if want == "fused":
-            self._so.register_custom_ops_library(kernels.ort_custom_op_library())
+            self._need_custom_ops("sampler='fused'")
         elif want == "kernel":
             self.sampler, self.sampler_takes_uniform = kernels.sample_numpy, False
         elif want == "graph":
@@ -213,9 +236,13 @@ class _OrtRunner(StepRunner):
         self.window = max(16, self.S // 8)
         self.samples = be.sampler_name == "fused"
         self.sess = be.session("decode_sample" if self.samples else "decode")
-        # the fused graph of a float32 bundle reads the cache through its own op (only the valid slots)
+        # the fused graph of a float32 bundle reads the cache through its own op (only the valid slots); so does
+        # every decode graph of a narrow-cache bundle
         attention = (be.bundle.manifest.get("sampler") or {}).get("fused_attention")
-        self.windowed = not (self.samples and attention == "larp_rt::DecodeAttention") and not be.on_gpu
+        op_reads = kv.get("attention") == "larp_rt::DecodeAttention" or (
+            self.samples and attention == "larp_rt::DecodeAttention")
+        self.windowed = not op_reads and not be.on_gpu
+        self.scaled = be.kv_scaled
         dt = be.kv_dtype
         cap = self.capacity
         self.token = np.zeros((cap, 1), np.int64)
@@ -237,6 +264,9 @@ class _OrtRunner(StepRunner):
             size = cap * self.H * self.S * self.hd
             self.flat = [np.zeros(size, dt) for _ in range(2 * self.L)]  # k_0, v_0, k_1, ...
             self.new = [np.zeros((cap, self.H, 1, self.hd), dt) for _ in range(2 * self.L)]
+            if self.scaled:  # int8: one float32 scale per (row, head, slot), bound at the full S like the cache
+                self.flat_s = [np.zeros(cap * self.H * self.S, np.float32) for _ in range(2 * self.L)]
+                self.new_s = [np.zeros((cap, self.H, 1), np.float32) for _ in range(2 * self.L)]
         self.binding = self.sess.io_binding()
         self.rows = 0  # rows bound
         self.width = 0  # current window S_w (bound cache length)
@@ -260,6 +290,9 @@ class _OrtRunner(StepRunner):
         if self.dev is None:
             for j, buf in enumerate(self.new):
                 self._out(f"present_{'kv'[j % 2]}_{j // 2}", buf[:rows])
+            if self.scaled:
+                for j, buf in enumerate(self.new_s):
+                    self._out(f"present_{'kv'[j % 2]}_scale_{j // 2}", buf[:rows])
             self.rows = rows
             self._bind_cache(self.width or (self.window if self.windowed else self.S))
         else:
@@ -270,6 +303,11 @@ class _OrtRunner(StepRunner):
         self.views = self._views(self.rows, width)
         for j, v in enumerate(self.views):
             self._in(f"past_{'kv'[j % 2]}_{j // 2}", v)
+        if self.scaled:  # never windowed (the op reads the valid slots): width is S
+            n = self.rows * self.H * width
+            self.scale_views = [f[:n].reshape(self.rows, self.H, width) for f in self.flat_s]
+            for j, v in enumerate(self.scale_views):
+                self._in(f"past_{'kv'[j % 2]}_scale_{j // 2}", v)
         self.width = width
 
     def _rewidth(self, width: int, keep: int) -> None:
@@ -329,12 +367,15 @@ class _OrtRunner(StepRunner):
             self.sess.run_with_iobinding(self.binding)
         p = self.pos[:rows]
         if self.dev is None:
+            pairs = list(zip(self.views, self.new, strict=True))
+            if self.scaled:
+                pairs += zip(self.scale_views, self.new_s, strict=True)
             if (p == p[0]).all():  # every row at one position (a batch that started together): a strided copy
-                for cache, new in zip(self.views, self.new, strict=True):
+                for cache, new in pairs:
                     cache[:, :, p[0]] = new[:rows, :, 0]
             else:
                 r = np.arange(rows)
-                for cache, new in zip(self.views, self.new, strict=True):
+                for cache, new in pairs:
                     cache[r, :, p] = new[:rows, :, 0]
         else:
             self.dev.write_slots(rows, p)
@@ -364,13 +405,20 @@ class _OrtRunner(StepRunner):
             need = min(self.S, -(-(P + 1) // self.window) * self.window)  # the next step sits at position P
             if need > self.width:
                 self._rewidth(need, self.width)
-        for cache, n in zip(self.views, new, strict=True):
-            cache[rows, :, :P] = n
+        if self.scaled:  # the graph's float32 entries -> int8 + scales, as the decode graph quantizes its own
+            from .. import kernels
+
+            for cache, sc, n in zip(self.views, self.scale_views, new, strict=True):
+                cache[rows, :, :P], sc[rows, :, :P] = kernels.quantize_kv(n)
+        else:  # float16 caches: numpy rounds to nearest even, as the graph's Cast
+            for cache, n in zip(self.views, new, strict=True):
+                cache[rows, :, :P] = n
         return logits
 
     def close(self) -> None:
         self.binding = None
         self.flat = self.new = self.views = []
+        self.flat_s = self.new_s = self.scale_views = []
 
 
 class _OrtPriorRunner(_OrtRunner):
@@ -391,6 +439,7 @@ class _OrtPriorRunner(_OrtRunner):
         self.samples = False
         self.sess = be.session(prior["graph"])
         self.windowed = not be.on_gpu
+        self.scaled = False
         dt = np.float16 if kv.get("dtype") == "fp16" else np.float32
         cap = self.capacity
         self.token = np.zeros((cap, 1), np.int64)

@@ -11,6 +11,14 @@
 // concurrent streams, ~20-21 GB/s (more misses in flight). A group's arithmetic is attention_task's, bit for bit;
 // a group whose tasks see different n (rows at different positions) runs them one by one instead.
 //
+// Narrow caches (the bundle's kv_dtype): the same kernel over a cache of float16 (F16: each element widened to
+// float32 as it is read) or int8 with one float32 scale per (row, head, slot) for keys and for values (I8: a slot's
+// key row is x_j = k_scale_j * kq_j, its value row v_scale_j * vq_j). The int8 scales never touch the elements: a
+// score is k_scale_j * <kq_j, q> and a value row enters with weight e_j * v_scale_j, so the cache is read once at
+// 1 (int8) or 2 (float16) bytes per element. The token's own k, v stay float32 (they are this step's values; the
+// cache holds their narrow copies for the next steps). Cache element types are policies (F32, F16Avx2/F16Scalar,
+// I8Avx2/I8Scalar): the AVX2 launcher instantiates the ones with F16C / AVX2 conversions.
+//
 // Arithmetic: float32 throughout, dot products and sums in 8-lane partial sums (GCC vector extensions: AVX2 + FMA
 // contraction in the target("avx2,fma") instantiation, SSE pairs otherwise), exp by a degree-6 polynomial of 2^f (relative
 // error ~1e-7 on [-87, 0]). The result differs from the standard-ops graph only by float32 rounding.
@@ -85,11 +93,62 @@ struct Args {
   const float* q;
   const float* k;
   const float* v;
-  const float* past_k;
-  const float* past_v;
+  const void* past_k;  // [B, H, S, hd] of the policy's element type
+  const void* past_v;
   float* y;
   const int64_t* pos;  // [B]: row b's position (its written slots, before clamping to [0, S])
   int64_t heads, slots, head_dim;  // H, S, hd
+  const float* k_scale = nullptr;  // I8 only: [B, H, S] per-slot scales of keys and values
+  const float* v_scale = nullptr;
+};
+
+// Cache element policies: T, load(p) = 8 elements widened to float32, get(p) = one, scaled = has per-slot scales.
+struct F32 {
+  typedef float T;
+  static constexpr bool scaled = false;
+  static LARP_ATTN_INLINE v8f load(const T* p) { return load8(p); }
+  static LARP_ATTN_INLINE float get(const T* p) { return *p; }
+};
+
+LARP_ATTN_INLINE float half_to_float(uint16_t h) {  // IEEE binary16 -> float32, exact (subnormals, inf, nan)
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: man * 2^-24
+    float f = (float)man * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+struct F16Scalar {
+  typedef uint16_t T;
+  static constexpr bool scaled = false;
+  static LARP_ATTN_INLINE v8f load(const T* p) {
+    v8f v;
+    for (int i = 0; i < 8; ++i) v[i] = half_to_float(p[i]);
+    return v;
+  }
+  static LARP_ATTN_INLINE float get(const T* p) { return half_to_float(*p); }
+};
+
+struct I8Scalar {
+  typedef int8_t T;
+  static constexpr bool scaled = true;
+  static LARP_ATTN_INLINE v8f load(const T* p) {
+    v8f v;
+    for (int i = 0; i < 8; ++i) v[i] = (float)p[i];
+    return v;
+  }
+  static LARP_ATTN_INLINE float get(const T* p) { return (float)*p; }
 };
 
 // n of task = b * H + h: the written slots of row b, clamp(pos[b], 0, S)
@@ -98,18 +157,53 @@ LARP_ATTN_INLINE int64_t valid_slots(const Args& a, int64_t task) {
   return p < 0 ? 0 : (p > a.slots ? a.slots : p);
 }
 
+template <class C>
+LARP_ATTN_INLINE const typename C::T* cache_k(const Args& a) { return static_cast<const typename C::T*>(a.past_k); }
+template <class C>
+LARP_ATTN_INLINE const typename C::T* cache_v(const Args& a) { return static_cast<const typename C::T*>(a.past_v); }
+
+// <q, row> over hd elements of a cache row
+template <class C>
+LARP_ATTN_INLINE float dot_row(const typename C::T* row, const float* q, int64_t d) {
+  v8f acc = splat(0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) acc += C::load(row + i) * load8(q + i);
+  float s = hsum(acc);
+  for (; i < d; ++i) s += C::get(row + i) * q[i];
+  return s;
+}
+
+// I8: scores times the keys' scales (s_j = k_scale_j <kq_j, q>); a no-op for the float caches
+template <class C>
+LARP_ATTN_INLINE void scale_scores(const Args& a, int64_t task, float* s, int64_t n) {
+  if constexpr (C::scaled) {
+    const float* ks = a.k_scale + task * a.slots;
+    for (int64_t j = 0; j < n; ++j) s[j] *= ks[j];
+  }
+}
+
+// I8: softmax weights times the values' scales (the value rows enter as e_j v_scale_j vq_j); the normaliser 1/sum
+// was taken before, over the unscaled e_j
+template <class C>
+LARP_ATTN_INLINE void scale_weights(const Args& a, int64_t task, float* w, int64_t n) {
+  if constexpr (C::scaled) {
+    const float* vs = a.v_scale + task * a.slots;
+    for (int64_t j = 0; j < n; ++j) w[j] *= vs[j];
+  }
+}
+
 // y[d, d + 8K) = (sum_r w_r v_r + e_self v) * inv: K 8-lane accumulators, one pass over the value rows.
-template <int K>
+template <class C, int K>
 LARP_ATTN_INLINE void weighted_values(const Args& a, int64_t task, const float* w, int64_t n, float e_self,
                                       float inv, int64_t d) {
   const int64_t hd = a.head_dim;
-  const float* vp = a.past_v + task * a.slots * hd + d;
+  const typename C::T* vp = cache_v<C>(a) + task * a.slots * hd + d;
   v8f acc[K];
   for (int i = 0; i < K; ++i) acc[i] = splat(0.0f);
   for (int64_t r = 0; r < n; ++r) {
-    const float* row = vp + r * hd;
+    const typename C::T* row = vp + r * hd;
     const v8f wr = splat(w[r]);
-    for (int i = 0; i < K; ++i) acc[i] += wr * load8(row + 8 * i);
+    for (int i = 0; i < K; ++i) acc[i] += wr * C::load(row + 8 * i);
   }
   const float* vs = a.v + task * hd + d;
   float* y = a.y + task * hd + d;
@@ -143,13 +237,14 @@ LARP_ATTN_INLINE float softmax_in_place(float* s, int64_t n, float s_self, float
 }
 
 // y[d] for the columns weighted_values<K> leaves (hd not a multiple of 32), one at a time.
+template <class C>
 LARP_ATTN_INLINE void weighted_values_tail(const Args& a, int64_t task, const float* w, int64_t n, float e_self,
                                            float inv, int64_t d) {
   const int64_t hd = a.head_dim;
-  const float* vp = a.past_v + task * a.slots * hd;
+  const typename C::T* vp = cache_v<C>(a) + task * a.slots * hd;
   for (; d < hd; ++d) {
     float acc = 0.0f;
-    for (int64_t r = 0; r < n; ++r) acc += w[r] * vp[r * hd + d];
+    for (int64_t r = 0; r < n; ++r) acc += w[r] * C::get(vp + r * hd + d);
     a.y[task * hd + d] = (acc + e_self * a.v[task * hd + d]) * inv;
   }
 }
@@ -161,56 +256,59 @@ LARP_ATTN_INLINE float* score_buffer(int64_t floats) {
 }
 
 // One (row, head) task: task = b * H + h.
+template <class C>
 LARP_ATTN_INLINE void attention_task(const Args& a, int64_t task) {
   const int64_t hd = a.head_dim, n = valid_slots(a, task);
   const float* q = a.q + task * hd;
-  const float* kp = a.past_k + task * a.slots * hd;
+  const typename C::T* kp = cache_k<C>(a) + task * a.slots * hd;
   float* s = score_buffer(n + 8);
   if (hd % 8 == 0) {  // four slots per pass: four independent accumulators, one combined reduction
     int64_t j4 = 0;
     for (; j4 + 4 <= n; j4 += 4) {
-      const float* r0 = kp + j4 * hd;
+      const typename C::T* r0 = kp + j4 * hd;
       v8f a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t i = 0; i < hd; i += 8) {
         const v8f qv = load8(q + i);
-        a0 += load8(r0 + i) * qv;
-        a1 += load8(r0 + hd + i) * qv;
-        a2 += load8(r0 + 2 * hd + i) * qv;
-        a3 += load8(r0 + 3 * hd + i) * qv;
+        a0 += C::load(r0 + i) * qv;
+        a1 += C::load(r0 + hd + i) * qv;
+        a2 += C::load(r0 + 2 * hd + i) * qv;
+        a3 += C::load(r0 + 3 * hd + i) * qv;
       }
       s[j4] = hsum(a0);
       s[j4 + 1] = hsum(a1);
       s[j4 + 2] = hsum(a2);
       s[j4 + 3] = hsum(a3);
     }
-    for (; j4 < n; ++j4) s[j4] = dot(kp + j4 * hd, q, hd);
+    for (; j4 < n; ++j4) s[j4] = dot_row<C>(kp + j4 * hd, q, hd);
   } else {
-    for (int64_t j = 0; j < n; ++j) s[j] = dot(kp + j * hd, q, hd);
+    for (int64_t j = 0; j < n; ++j) s[j] = dot_row<C>(kp + j * hd, q, hd);
   }
+  scale_scores<C>(a, task, s, n);
   float inv;
   const float e_self = softmax_in_place(s, n, dot(a.k + task * hd, q, hd), &inv);
+  scale_weights<C>(a, task, s, n);
   // weighted values: y = (sum_j e_j v_j + e_self v) / sum
   int64_t d = 0;
-  for (; d + 64 <= hd; d += 64) weighted_values<8>(a, task, s, n, e_self, inv, d);  // one pass over 64 columns
-  for (; d + 32 <= hd; d += 32) weighted_values<4>(a, task, s, n, e_self, inv, d);
-  weighted_values_tail(a, task, s, n, e_self, inv, d);
+  for (; d + 64 <= hd; d += 64) weighted_values<C, 8>(a, task, s, n, e_self, inv, d);  // one pass over 64 columns
+  for (; d + 32 <= hd; d += 32) weighted_values<C, 4>(a, task, s, n, e_self, inv, d);
+  weighted_values_tail<C>(a, task, s, n, e_self, inv, d);
 }
 
 // weighted_values<K> for tasks [t, t + G) in one pass: their value rows as G concurrent streams.
-template <int G, int K>
+template <class C, int G, int K>
 LARP_ATTN_INLINE void weighted_values_group(const Args& a, int64_t t, float* const* w, int64_t n,
                                             const float* e_self, const float* inv, int64_t d) {
   const int64_t hd = a.head_dim;
-  const float* vp[G];
+  const typename C::T* vp[G];
   v8f acc[G][K];
   for (int g = 0; g < G; ++g) {
-    vp[g] = a.past_v + (t + g) * a.slots * hd + d;
+    vp[g] = cache_v<C>(a) + (t + g) * a.slots * hd + d;
     for (int i = 0; i < K; ++i) acc[g][i] = splat(0.0f);
   }
   for (int64_t r = 0; r < n; ++r) {
     for (int g = 0; g < G; ++g) {
       const v8f x = splat(w[g][r]);
-      for (int i = 0; i < K; ++i) acc[g][i] += x * load8(vp[g] + r * hd + 8 * i);
+      for (int i = 0; i < K; ++i) acc[g][i] += x * C::load(vp[g] + r * hd + 8 * i);
     }
   }
   for (int g = 0; g < G; ++g) {
@@ -223,45 +321,50 @@ LARP_ATTN_INLINE void weighted_values_group(const Args& a, int64_t t, float* con
 
 // Tasks [t, t + G) at once (hd a multiple of 8, one n for all): same results as attention_task on each, bit for
 // bit. Otherwise (tasks of rows at different positions, e.g. a pair across two rows) one task at a time.
-template <int G>
+template <class C, int G>
 LARP_ATTN_INLINE void attention_group(const Args& a, int64_t t) {
   const int64_t hd = a.head_dim, n = valid_slots(a, t);
   bool same = hd % 8 == 0;
   for (int g = 1; g < G; ++g) same = same && valid_slots(a, t + g) == n;
   if (!same) {
-    for (int g = 0; g < G; ++g) attention_task(a, t + g);
+    for (int g = 0; g < G; ++g) attention_task<C>(a, t + g);
     return;
   }
   const float* q[G];
-  const float* kp[G];
+  const typename C::T* kp[G];
   float* s[G];
   float* buf = score_buffer(G * (n + 8));
   for (int g = 0; g < G; ++g) {
     q[g] = a.q + (t + g) * hd;
-    kp[g] = a.past_k + (t + g) * a.slots * hd;
+    kp[g] = cache_k<C>(a) + (t + g) * a.slots * hd;
     s[g] = buf + g * (n + 8);
   }
   for (int64_t j = 0; j < n; ++j) {  // slot j of every task per pass: G key streams side by side
     v8f acc[G];
     for (int g = 0; g < G; ++g) acc[g] = splat(0.0f);
     for (int64_t i = 0; i < hd; i += 8)
-      for (int g = 0; g < G; ++g) acc[g] += load8(kp[g] + j * hd + i) * load8(q[g] + i);
+      for (int g = 0; g < G; ++g) acc[g] += C::load(kp[g] + j * hd + i) * load8(q[g] + i);
     for (int g = 0; g < G; ++g) s[g][j] = hsum(acc[g]);
   }
   float inv[G], e_self[G];
-  for (int g = 0; g < G; ++g) e_self[g] = softmax_in_place(s[g], n, dot(a.k + (t + g) * hd, q[g], hd), &inv[g]);
+  for (int g = 0; g < G; ++g) {
+    scale_scores<C>(a, t + g, s[g], n);
+    e_self[g] = softmax_in_place(s[g], n, dot(a.k + (t + g) * hd, q[g], hd), &inv[g]);
+    scale_weights<C>(a, t + g, s[g], n);
+  }
   int64_t d = 0;
-  for (; d + 64 <= hd; d += 64) weighted_values_group<G, 8>(a, t, s, n, e_self, inv, d);
-  for (; d + 32 <= hd; d += 32) weighted_values_group<G, 4>(a, t, s, n, e_self, inv, d);
-  for (int g = 0; g < G; ++g) weighted_values_tail(a, t + g, s[g], n, e_self[g], inv[g], d);
+  for (; d + 64 <= hd; d += 64) weighted_values_group<C, G, 8>(a, t, s, n, e_self, inv, d);
+  for (; d + 32 <= hd; d += 32) weighted_values_group<C, G, 4>(a, t, s, n, e_self, inv, d);
+  for (int g = 0; g < G; ++g) weighted_values_tail<C>(a, t + g, s[g], n, e_self[g], inv[g], d);
 }
 
 // Tasks [t0, t1): in pairs, the odd one out alone. (Groups of 4 read no faster than pairs here: ~20 GB/s on one
 // core either way, against ~15 for one task at a time; 8 spill registers and are slower.)
+template <class C>
 LARP_ATTN_INLINE void attention_tasks(const Args& a, int64_t t0, int64_t t1) {
   int64_t t = t0;
-  for (; t + 2 <= t1; t += 2) attention_group<2>(a, t);
-  if (t < t1) attention_task(a, t);
+  for (; t + 2 <= t1; t += 2) attention_group<C, 2>(a, t);
+  if (t < t1) attention_task<C>(a, t);
 }
 
 }  // namespace attn

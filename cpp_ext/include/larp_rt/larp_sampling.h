@@ -49,6 +49,16 @@ LARP_API int larp_decode_attention_cpu(const float* q, const float* k, const flo
                                        const float* past_v, float* y, int64_t batch, int64_t heads, int64_t slots,
                                        int64_t head_dim, const int64_t* pos, int32_t num_threads);
 LARP_API int larp_attention_isa(void);
+/* The same over a narrow cache: kv_dtype 0 = float32, 1 = float16 (past_k/past_v uint16 bit patterns), 2 = int8
+ * with k_scale, v_scale [B, H, S] float32 (slot j of (row, head) holds scale_j * int8 row; see attention_cpu.h). */
+LARP_API int larp_decode_attention_kv_tasks(const float* q, const float* k, const float* v, const void* past_k,
+                                            const void* past_v, const float* k_scale, const float* v_scale, float* y,
+                                            int64_t heads, int64_t slots, int64_t head_dim, const int64_t* pos,
+                                            int32_t kv_dtype, int64_t t0, int64_t t1);
+LARP_API int larp_decode_attention_kv_cpu(const float* q, const float* k, const float* v, const void* past_k,
+                                          const void* past_v, const float* k_scale, const float* v_scale, float* y,
+                                          int64_t batch, int64_t heads, int64_t slots, int64_t head_dim,
+                                          const int64_t* pos, int32_t kv_dtype, int32_t num_threads);
 
 /* ---- CUDA (liblarp_sampling_cuda.so, which also holds the CPU functions above; also inside the ORT custom-op library when built with CUDA) ---- */
 /* Host-side checks only (pointers, shapes, dtype); the per-row parameters live in device memory and are

@@ -182,18 +182,21 @@ def test_tensorrt_build_refuses_int8_tokenizer_graphs(bundles):
 
 
 def test_with_an_int8_generator(tmp_path):
-    """Both quantized in one bundle: the manifest says so, Engine generates and decodes."""
+    """Everything narrow in one bundle (int8 weights, int8 KV cache where the kernels are built, int8 tokenizer):
+    the manifest says so, Engine generates and decodes."""
     from larp_rt.export import export_bundle
 
-    from larp_rt import SamplingParams
+    from larp_rt import SamplingParams, kernels
 
     gen = ROOT / "checkpoints/tiny/generator"
     if not gen.is_dir():
         pytest.skip("checkpoints/tiny is missing")
+    kv = "int8" if kernels.ort_custom_op_library() is not None else "fp32"
     path = export_bundle(TOK, gen, tmp_path / "b", precision="int8", tokenizer_precision="int8", onnx_only=True,
-                         verify=False, printer=lambda *a: None)
+                         kv_dtype=kv, verify=False, printer=lambda *a: None)
     b = Bundle(path)
     assert (b.precision, b.tokenizer_precision, b.manifest["quantization"]["tokenizer"]) == ("int8", "int8", "int8")
+    assert b.kv_cache["dtype"] == kv
     eng = Engine(path, backend="onnxruntime")
     out = eng.generate([1, 5], SamplingParams(temperature=1.0, cfg_scale=2.0, seed=0))
     video = eng.decode(np.asarray(out.tokens))

@@ -6,8 +6,9 @@ reconstruction, encoder index agreement with float32).
     .venv/bin/python benchmarks/bench_quant_tokenizer.py [--repeats 5] [--batch4-repeats 3] [--variants all]
         [--json benchmarks/results/quant_tokenizer.json] [--note "quiet machine"]
 
-Runtime: about 9 min on the shared 2-core host (the first run also exports LARP-S in float32 and int8, ~1.5 min,
-cached under .benchmarks/bundles); `--variants fp32,int8 --batch4-repeats 0` is the quick one (~2 min).
+Runtime: about 3 min on the near-idle 2-core host, 6.5 min when it is loaded (the first run also exports LARP-S in
+float32 and int8, ~3 min more, cached under .benchmarks/bundles); `--variants fp32,int8 --batch4-repeats 0` is the
+quick one (~1 min).
 Ends with one JSON line.
 """
 

@@ -146,25 +146,27 @@ def plot_tradeoff(speed: dict, quality: dict, out: Path, batch: int = 1) -> Path
         points.append((q, ms[k]))
     if not points:
         raise ValueError("no variant has both a speed (whole videos, batch 1) and a quality result")
-    panels = [("val_loss", "validation loss (nats/token)"), ("class_accuracy_cfg2", "class accuracy, CFG 2.0")]
+    rel = all(q.get("val_loss_rel") is not None for q, _ in points)  # relative to fp32, in %: readable
+    panels = [("val_loss_rel", "validation loss vs fp32 (%)", 100.0) if rel else
+              ("val_loss", "validation loss (nats/token)", 1.0),
+              ("class_accuracy_cfg2", "class accuracy, CFG 2.0 (%)", 100.0)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-    for ax, (field, name) in zip(axes, panels, strict=True):
+    for ax, (field, name, scale) in zip(axes, panels, strict=True):
         for q, x in points:
             if q.get(field) is None:
                 continue
             r = {"path": "onnxruntime", **q}
             c = _colour(r)
-            ax.scatter([x], [q[field]], s=70, marker=KV_MARKERS[q["kv"]], color=c if q.get("passes") else "white",
-                       edgecolors=c, linewidths=1.8, zorder=3, label=_label(r) + (" (passes)" if q.get("passes")
-                                                                              else ""))
-            ax.annotate(f"{q['weights']}/{q['kv']}", (x, q[field]), textcoords="offset points", xytext=(5, 4),
-                        fontsize=7)
+            ax.scatter([x], [scale * q[field]], s=70, marker=KV_MARKERS[q["kv"]], zorder=3, edgecolors=c,
+                       color=c if q.get("passes") else "white", linewidths=1.8,
+                       label=_label(r) + (" (passes)" if q.get("passes") else " (fails)"))
         ax.set_xlabel(f"ms per token (whole video, batch {batch}, CFG)")
         ax.set_ylabel(name)
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    title = (f"speed ({speed.get('preset', '')}, {speed.get('machine', '')}) against quality; filled = passes the "
-             "bounds (accuracy within 1 point, val loss within 2% of fp32)")
+    title = (f"speed ({speed.get('preset', '')}, random weights, {speed.get('machine', '')}) against quality "
+             f"({quality.get('preset', '?')}); filled = passes the bounds (accuracy within 1 point, val loss within "
+             "2% of fp32)")
     if missing:
         title += "\nnot plotted (skipped or not measured): " + ", ".join(missing)
     fig.suptitle(title, fontsize=8)

@@ -193,6 +193,7 @@ def export_bundle(
     printer=print,
     revision: str | None = None,
     kv_dtype: str | None = None,
+    tokenizer_precision: str | None = None,
 ) -> Path:
     """Export a tokenizer and/or a generator checkpoint folder (ours or the authors') to a verified bundle.
 
@@ -203,6 +204,8 @@ def export_bundle(
     narrow cache under float32 activations (fp32 / int8 / int4 weights) is read by the custom
     ``larp_rt::DecodeAttention`` op in every decode graph (needs the built kernels; ONNX Runtime CPU); int8
     caches carry one float32 scale per (row, head, slot) for keys and for values.
+    ``tokenizer_precision`` "int8" quantizes the tokenizer's encoder/decoder (export/quantize_tokenizer.py); None
+    keeps them at ``precision``'s float type.
     """
     if tokenizer_dir is None and generator_dir is None:
         raise ValueError("give a tokenizer and/or a generator checkpoint folder")
@@ -233,6 +236,9 @@ def export_bundle(
             raise ValueError("fused_sampler needs the ONNX Runtime custom-op library (liblarp_rt_ort.so), which this "
                              "install has not built: " + kernels.available()["errors"].get("liblarp_rt_ort.so", "")
                              + ". Reinstall with `pip install -e .`, or export without --fused-sampler")
+    from .quantize_tokenizer import resolve_precision
+
+    tokenizer_precision = resolve_precision(tokenizer_precision, precision, tokenizer_dir is not None)
     dtype = torch.float16 if precision == "fp16" else torch.float32
     tol = TOLERANCES[precision]
     hub = {"revision": revision} if revision is not None else {}  # folders, or hub repo ids at this revision
@@ -298,6 +304,15 @@ def export_bundle(
                 m["checkpoints"]["generator"] = "torch/generator"
                 w.add_file("torch/generator/config.json")
                 w.add_file("torch/generator/model.safetensors")
+        if tok is not None:  # the tokenizer's precision; int8: its graphs quantized (export/quantize_tokenizer.py)
+            m["tokenizer"]["precision"] = tokenizer_precision
+            if tokenizer_precision == "int8":
+                from .quantize_tokenizer import quantize_tokenizer_graphs
+
+                m["tokenizer"]["quantization"] = quantize_tokenizer_graphs(
+                    w, tok, tokenizer_precision, opset=opset, verify=verify, batch=batch, seed=seed, printer=printer)
+            if isinstance(m.get("quantization"), dict):
+                m["quantization"]["tokenizer"] = tokenizer_precision
         if verify:
             printer(f"verification against PyTorch ({precision}, ONNX Runtime CPU):")
             for c in checks:

@@ -400,6 +400,13 @@ def build_plans(
             bundle.graph(n)
             if n not in PROFILES:
                 raise PlanBuildError(f"graph {n!r} has no entry in export/trt_build.py PROFILES")
+    if bundle.tokenizer_precision == "int8" and {"encoder", "decoder"} & set(names):  # export/quantize_tokenizer.py
+        why = ("the int8 tokenizer's graphs (MatMulInteger, com.microsoft::MultiHeadAttention) are ONNX Runtime CPU "
+               "graphs TensorRT does not parse; export the tokenizer as fp32/fp16 for its plans")
+        if graphs is not None:
+            raise ValueError(why)
+        printer(f"skipping encoder/decoder: {why}")
+        names = [n for n in names if n not in ("encoder", "decoder")]
     if not names:
         raise PlanBuildError(f"bundle {str(bundle.path)!r} has no graph to build a plan for")
     trtmod = import_trt(flavour)

@@ -135,6 +135,14 @@ class Bundle:
         return self.manifest.get("precision", "fp32")
 
     @property
+    def tokenizer_precision(self) -> str | None:
+        """The tokenizer graphs' precision ("fp32" | "fp16" | "int8"), None without a tokenizer."""
+        tok = self.manifest.get("tokenizer")
+        if not tok:
+            return None
+        return tok.get("precision", "fp16" if self.precision == "fp16" else "fp32")
+
+    @property
     def default_sampling(self) -> dict[str, Any]:
         return dict(self.manifest.get("default_sampling") or {})
 
@@ -204,6 +212,44 @@ def check_graph_precision(bundle: Bundle) -> str | None:
             if set(bits) != {want}:
                 return (f"the manifest claims precision {precision!r} ({want}-bit) but {info.file}'s MatMulNBits "
                         f"nodes are {sorted(set(bits))}-bit")
+    return check_tokenizer_precision(bundle)
+
+
+TOKENIZER_PRECISIONS = ("fp32", "fp16", "int8")  # int8: quantize_dynamic MatMulInteger (export/quantize_tokenizer.py)
+_TOKENIZER_INT8_OPS = ("MatMulInteger", "DynamicQuantizeMatMul")
+
+
+def check_tokenizer_precision(bundle: Bundle) -> str | None:
+    """None when encoder.onnx / decoder.onnx hold what ``manifest["tokenizer"]["precision"]`` claims (absent: the
+    bundle's float precision), else what is wrong: int8 graphs must have int8 MatMuls (MatMulInteger), float ones
+    none (and no MatMulNBits). Reads the graphs with ``onnx`` when installed, else scans the files for the op names."""
+    tok = bundle.manifest.get("tokenizer")
+    if not isinstance(tok, dict):
+        return None
+    claim = tok.get("precision", "fp16" if bundle.precision == "fp16" else "fp32")
+    if claim not in TOKENIZER_PRECISIONS:
+        return f"unknown tokenizer precision {claim!r} (known: {', '.join(TOKENIZER_PRECISIONS)})"
+    want_int8 = claim == "int8"
+    for name in ("encoder", "decoder"):
+        info = bundle.graphs.get(name)
+        if info is None or not (bundle.path / info.file).is_file():
+            continue  # verify() names missing files
+        path = bundle.path / info.file
+        try:
+            import onnx
+        except ImportError:
+            raw = path.read_bytes()
+            n_int8 = sum(raw.count(op.encode()) for op in _TOKENIZER_INT8_OPS)
+            n_nbits = raw.count(b"MatMulNBits")
+        else:
+            ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+            n_int8 = sum(op in _TOKENIZER_INT8_OPS for op in ops)
+            n_nbits = ops.count("MatMulNBits")
+        if want_int8 and not n_int8:
+            return f"the manifest claims tokenizer precision 'int8' but {info.file} has no int8 (MatMulInteger) MatMul"
+        if not want_int8 and (n_int8 or n_nbits):
+            return (f"the manifest claims tokenizer precision {claim!r} but {info.file} holds {n_int8 + n_nbits} "
+                    "quantized (int8) MatMul nodes")
     return None
 
 

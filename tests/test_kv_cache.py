@@ -23,17 +23,29 @@ CLASSES = list(range(8)) * 2
 MIN_AGREEMENT = {"fp16": 0.95, "int8": 0.85, "int8+int8": 0.70}
 
 
-def reference(q, k, v, pk, pv, pos):
-    """float64: softmax over [q.past_k[:pos] | q.k] then the weighted values (pk, pv: the dequantized cache)."""
+def reference(q, k, v, pk, pv, pos, q_keys=None):
+    """float64: softmax over [q_keys.past_k[:pos] | q.k] then the weighted values (pk, pv: the dequantized cache;
+    q_keys: the query the cache's keys are scored with, default q)."""
+    qk = q if q_keys is None else q_keys
     if np.ndim(pos):
-        return np.concatenate([reference(*(a[b:b + 1] for a in (q, k, v, pk, pv)), int(p)) for b, p in enumerate(pos)])
+        return np.concatenate([reference(*(a[b:b + 1] for a in (q, k, v, pk, pv)), int(p), qk[b:b + 1])
+                               for b, p in enumerate(pos)])
     n = min(pos, pk.shape[2])
     q64, k64, v64 = (a[:, :, 0].astype(np.float64) for a in (q, k, v))
-    s = np.concatenate([np.einsum("bhsd,bhd->bhs", pk[:, :, :n].astype(np.float64), q64),
+    s = np.concatenate([np.einsum("bhsd,bhd->bhs", pk[:, :, :n].astype(np.float64), qk[:, :, 0].astype(np.float64)),
                         np.einsum("bhd,bhd->bh", k64, q64)[..., None]], -1)
     a = np.exp(s - s.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
     return (np.einsum("bhs,bhsd->bhd", a[..., :n], pv[:, :, :n].astype(np.float64)) + a[..., n:] * v64)[:, :, None]
+
+
+def int16_grid(q: np.ndarray) -> np.ndarray:
+    """q (B, H, 1, hd) rounded as the int8 kernel's key scoring rounds it: per (row, head) qscale = max|q| / 32767
+    in float32, qi = round_half_even(q * float32(1 / qscale)), back as qi * qscale (float64)."""
+    amax = np.abs(q).max(-1, keepdims=True).astype(np.float32)
+    qscale = np.where(amax > 0, amax / np.float32(32767), np.float32(1)).astype(np.float32)
+    inv = (np.float32(1) / qscale).astype(np.float32)
+    return np.rint((q * inv).astype(np.float32)).astype(np.float64) * qscale.astype(np.float64)
 
 
 def narrow(kv: str, x: np.ndarray):
@@ -70,8 +82,14 @@ def test_narrow_cache_matches_float64_reference_of_the_dequantized_cache(kv, sha
         for b in range(B):
             ck[b, :, (int(pos[b]) if np.ndim(pos) else pos):] = np.nan
     y = K.decode_attention(q, k, v, ck, cv, pos, num_threads=threads, k_scale=sk, v_scale=sv)
-    want = reference(q, k, v, dk, dv, pos)
-    np.testing.assert_allclose(y, want, rtol=0, atol=2e-5 * max(1.0, float(np.abs(want).max())))
+    exact = reference(q, k, v, dk, dv, pos)
+    scale = max(1.0, float(np.abs(exact).max()))
+    # int8 keys on AVX2 are scored in integers: q on an int16 grid per (row, head) (attention_cpu.cc score_keys);
+    # the reference takes the same rounded q for the keys (the self score and the values use q, v as they are)
+    qk = int16_grid(q) if kv == "int8" and K.attention_isa() == "avx2" and hd % 16 == 0 and hd <= 256 else q
+    want = reference(q, k, v, dk, dv, pos, q_keys=qk)
+    np.testing.assert_allclose(y, want, rtol=0, atol=2e-5 * scale)
+    np.testing.assert_allclose(y, exact, rtol=0, atol=3e-3 * scale)  # the int16 grid costs at most this here
     # every split of the (row, head) tasks gives the same bits
     np.testing.assert_array_equal(K.decode_attention(q, k, v, ck, cv, pos, num_threads=1, k_scale=sk, v_scale=sv), y)
 
@@ -297,3 +315,37 @@ def test_frame_prediction_over_an_int8_cache(tmp_path):
     got = np.asarray(Engine(out["int8"]).predict(video, greedy)[1].tokens)
     assert got.shape == ref.shape
     assert float((got == ref).mean()) >= 0.8
+
+
+def test_portable_code_reads_narrow_caches_too(tmp_path):
+    """LARP_RT_ATTENTION_PORTABLE=1 runs the code of CPUs without AVX2/F16C (scalar half conversion, float key
+    scores): same float64 reference, in a process of its own (the choice is made once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(9)
+    B, H, S, hd, pos = 2, 3, 40, 48, np.array([40, 17])
+    arrs = {n: rng.standard_normal(sh).astype(np.float32) for n, sh in
+            (("q", (B, H, 1, hd)), ("k", (B, H, 1, hd)), ("v", (B, H, 1, hd)), ("pk", (B, H, S, hd)),
+             ("pv", (B, H, S, hd)))}
+    np.savez(tmp_path / "in.npz", pos=pos, **arrs)
+    code = f"""
+import numpy as np
+from larp_rt import kernels as K
+d = np.load({str(tmp_path / 'in.npz')!r})
+assert K.attention_isa() == "portable"
+out = {{}}
+h = [d[n].astype(np.float16) for n in ("pk", "pv")]
+out["fp16"] = K.decode_attention(d["q"], d["k"], d["v"], *h, d["pos"])
+kq, ks = K.quantize_kv(d["pk"]); vq, vs = K.quantize_kv(d["pv"])
+out["int8"] = K.decode_attention(d["q"], d["k"], d["v"], kq, vq, d["pos"], k_scale=ks, v_scale=vs)
+np.savez({str(tmp_path / 'out.npz')!r}, **out)
+"""
+    env = dict(os.environ, LARP_RT_ATTENTION_PORTABLE="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    out = np.load(tmp_path / "out.npz")
+    for kv in ("fp16", "int8"):
+        (_, _, dk), (_, _, dv) = narrow(kv, arrs["pk"]), narrow(kv, arrs["pv"])
+        want = reference(arrs["q"], arrs["k"], arrs["v"], dk, dv, pos)
+        np.testing.assert_allclose(out[kv], want, rtol=0, atol=2e-5 * max(1.0, float(np.abs(want).max())))

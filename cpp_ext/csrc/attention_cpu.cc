@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -30,6 +31,7 @@ LARP_AVX2 inline v8f from_m256(__m256 r) {
 struct F16Avx2 {
   typedef uint16_t T;
   static constexpr bool scaled = false;
+  static constexpr bool int_keys = false;
   static LARP_AVX2 inline v8f load(const T* p) {
     return from_m256(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
@@ -39,6 +41,53 @@ struct F16Avx2 {
 struct I8Avx2 {
   typedef int8_t T;
   static constexpr bool scaled = true;
+  static constexpr bool int_keys = true;
+
+  // s[j] = qscale * sum_d qi[d] kq[j, d] for the n slots at kp (rows of hd int8), qi = round(q / qscale) int16,
+  // qscale = max|q| / 32767; exact int32 sums (|qi kq| <= 32767 * 127, hd <= 256 terms). False (nothing written)
+  // when hd is not a multiple of 16 or above 256: the float path scores those.
+  static LARP_AVX2 inline bool score_keys(const T* kp, const float* q, int64_t n, int64_t hd, float* s) {
+    if (hd % 16 != 0 || hd > 256) return false;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < hd; ++i) amax = std::max(amax, std::fabs(q[i]));
+    alignas(32) int16_t qi[256];
+    const float qscale = amax > 0.0f ? amax / 32767.0f : 1.0f;
+    const __m256 inv = _mm256_set1_ps(1.0f / qscale);
+    for (int64_t i = 0; i < hd; i += 8) {  // round half to even, then saturating pack (|x| <= 32767 + rounding)
+      const __m256i w = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(q + i), inv));
+      const __m128i p = _mm_packs_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+      _mm_store_si128(reinterpret_cast<__m128i*>(qi + i), p);
+    }
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {  // four slots per pass, one horizontal reduction of the four
+      const T* r = kp + j * hd;
+      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t i = 0; i < hd; i += 16) {
+        const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(qi + i));
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(row16(r + i), qv));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(row16(r + hd + i), qv));
+        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(row16(r + 2 * hd + i), qv));
+        a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(row16(r + 3 * hd + i), qv));
+      }
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+      const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));  // slots j..j+3
+      _mm_storeu_ps(s + j, _mm_mul_ps(_mm_cvtepi32_ps(t), _mm_set1_ps(qscale)));
+    }
+    for (; j < n; ++j) {
+      const T* r = kp + j * hd;
+      __m256i a = _mm256_setzero_si256();
+      for (int64_t i = 0; i < hd; i += 16)
+        a = _mm256_add_epi32(a, _mm256_madd_epi16(row16(r + i),
+                                                  _mm256_load_si256(reinterpret_cast<const __m256i*>(qi + i))));
+      const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+      const __m128i u = _mm_hadd_epi32(_mm_hadd_epi32(t, t), _mm_hadd_epi32(t, t));
+      s[j] = (float)_mm_cvtsi128_si32(u) * qscale;
+    }
+    return true;
+  }
+  static LARP_AVX2 inline __m256i row16(const T* r) {  // 16 int8 -> 16 int16
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)));
+  }
   static LARP_AVX2 inline v8f load(const T* p) {
     return from_m256(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
   }

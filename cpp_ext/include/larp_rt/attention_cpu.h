@@ -17,7 +17,10 @@
 // score is k_scale_j * <kq_j, q> and a value row enters with weight e_j * v_scale_j, so the cache is read once at
 // 1 (int8) or 2 (float16) bytes per element. The token's own k, v stay float32 (they are this step's values; the
 // cache holds their narrow copies for the next steps). Cache element types are policies (F32, F16Avx2/F16Scalar,
-// I8Avx2/I8Scalar): the AVX2 launcher instantiates the ones with F16C / AVX2 conversions.
+// I8Avx2/I8Scalar): the AVX2 launcher instantiates the ones with F16C / AVX2 conversions. I8Avx2 scores the
+// keys in integers (its score_keys): q rounded to int16 with one scale per task (relative error <= 2^-16 of
+// max|q|), int8 x int16 products summed exactly in int32 (vpmaddwd: 16 elements per instruction, twice the float
+// path's rate; hd a multiple of 16 up to 256, so no sum can overflow), then one float multiply per slot.
 //
 // Arithmetic: float32 throughout, dot products and sums in 8-lane partial sums (GCC vector extensions: AVX2 + FMA
 // contraction in the target("avx2,fma") instantiation, SSE pairs otherwise), exp by a degree-6 polynomial of 2^f (relative
@@ -106,6 +109,7 @@ struct Args {
 struct F32 {
   typedef float T;
   static constexpr bool scaled = false;
+  static constexpr bool int_keys = false;  // true: C::score_keys(kp, q, n, hd, s) scores the keys in integers
   static LARP_ATTN_INLINE v8f load(const T* p) { return load8(p); }
   static LARP_ATTN_INLINE float get(const T* p) { return *p; }
 };
@@ -132,6 +136,7 @@ LARP_ATTN_INLINE float half_to_float(uint16_t h) {  // IEEE binary16 -> float32,
 struct F16Scalar {
   typedef uint16_t T;
   static constexpr bool scaled = false;
+  static constexpr bool int_keys = false;  // true: C::score_keys(kp, q, n, hd, s) scores the keys in integers
   static LARP_ATTN_INLINE v8f load(const T* p) {
     v8f v;
     for (int i = 0; i < 8; ++i) v[i] = half_to_float(p[i]);
@@ -143,6 +148,7 @@ struct F16Scalar {
 struct I8Scalar {
   typedef int8_t T;
   static constexpr bool scaled = true;
+  static constexpr bool int_keys = false;
   static LARP_ATTN_INLINE v8f load(const T* p) {
     v8f v;
     for (int i = 0; i < 8; ++i) v[i] = (float)p[i];
@@ -262,7 +268,10 @@ LARP_ATTN_INLINE void attention_task(const Args& a, int64_t task) {
   const float* q = a.q + task * hd;
   const typename C::T* kp = cache_k<C>(a) + task * a.slots * hd;
   float* s = score_buffer(n + 8);
-  if (hd % 8 == 0) {  // four slots per pass: four independent accumulators, one combined reduction
+  bool scored = false;
+  if constexpr (C::int_keys) scored = C::score_keys(kp, q, n, hd, s);  // false: this hd takes the float path
+  if (scored) {
+  } else if (hd % 8 == 0) {  // four slots per pass: four independent accumulators, one combined reduction
     int64_t j4 = 0;
     for (; j4 + 4 <= n; j4 += 4) {
       const typename C::T* r0 = kp + j4 * hd;
@@ -339,7 +348,12 @@ LARP_ATTN_INLINE void attention_group(const Args& a, int64_t t) {
     kp[g] = cache_k<C>(a) + (t + g) * a.slots * hd;
     s[g] = buf + g * (n + 8);
   }
-  for (int64_t j = 0; j < n; ++j) {  // slot j of every task per pass: G key streams side by side
+  bool scored = false;
+  if constexpr (C::int_keys) {
+    scored = true;
+    for (int g = 0; g < G; ++g) scored = C::score_keys(kp[g], q[g], n, hd, s[g]) && scored;
+  }
+  for (int64_t j = 0; j < n && !scored; ++j) {  // slot j of every task per pass: G key streams side by side
     v8f acc[G];
     for (int g = 0; g < G; ++g) acc[g] = splat(0.0f);
     for (int64_t i = 0; i < hd; i += 8)

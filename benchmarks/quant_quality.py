@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from larp_rt.bundle import sha256_file
+
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "tiny"
 CACHE = ROOT / ".benchmarks" / "bundles"
@@ -59,14 +61,6 @@ NOT_ON_BRANCH = "skipped: kv_dtype not on this branch"
 # --------------------------------------------------------------------------------------------
 # bundles
 # --------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_key(ckpt: Path, weights: str, kv: str, fused: bool) -> dict:
     """What a cached bundle was made from: the checkpoints, the settings, and the exporter's code (its modules
     and the custom-op library the fused graphs are verified with), so that a changed exporter rebuilds it."""
@@ -79,10 +73,10 @@ def _source_key(ckpt: Path, weights: str, kv: str, fused: bool) -> dict:
     for f in sorted(Path(larp_rt.export.__file__).parent.glob("*.py")):
         code.update(f.name.encode() + f.read_bytes())
     lib = kernels.ort_custom_op_library() if fused else None
-    return {"tokenizer": _sha256(ckpt / "tokenizer" / "model.safetensors"),
-            "generator": _sha256(ckpt / "generator" / "model.safetensors"),
+    return {"tokenizer": sha256_file(ckpt / "tokenizer" / "model.safetensors"),
+            "generator": sha256_file(ckpt / "generator" / "model.safetensors"),
             "weights": weights, "kv": kv, "fused_sampler": fused, "larp_rt": larp_rt.__version__,
-            "export_code": code.hexdigest(), "custom_op_library": _sha256(Path(lib)) if lib else None}
+            "export_code": code.hexdigest(), "custom_op_library": sha256_file(Path(lib)) if lib else None}
 
 
 def variant_bundle(weights: str, kv: str, *, ckpt: Path = CKPT, cache: Path = CACHE) -> Path | str:
@@ -144,7 +138,7 @@ def held_out_tokens(ckpt: Path = CKPT, n: int | None = None, *, cache: Path | No
         raise ValueError(f"{ckpt / 'generator'} was trained on {meta.get('data')!r} data; this harness rebuilds the "
                          "synthetic validation clips only")
     size = int(meta.get("val_size", 512)) if n is None else int(n)
-    key = {"tokenizer": _sha256(ckpt / "tokenizer" / "model.safetensors"), "clips": size,
+    key = {"tokenizer": sha256_file(ckpt / "tokenizer" / "model.safetensors"), "clips": size,
            "data_seed": int(meta.get("data_seed", 0)), "num_classes": int(meta.get("num_classes", 8))}
     path = None if cache is None else cache / f"tiny-trained-val-tokens-{size}.npz"
     if path is not None and path.is_file():

@@ -39,8 +39,9 @@ def quantizer_available() -> str | None:
     return None
 
 
-def quantize_model(model, precision: str):
-    """An ``onnx.ModelProto`` with its weight MatMuls (constant B) as MatMulNBits of ``precision``'s bits."""
+def quantize_model(model, precision: str, nodes_to_exclude=()):
+    """An ``onnx.ModelProto`` with its weight MatMuls (constant B) as MatMulNBits of ``precision``'s bits, but for
+    the nodes named in ``nodes_to_exclude``."""
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -51,7 +52,8 @@ def quantize_model(model, precision: str):
                                        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
                                        bits=bits)
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
-                             accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=("MatMul",), algo_config=cfg)
+                             accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=("MatMul",), algo_config=cfg,
+                             nodes_to_exclude=list(nodes_to_exclude))
     import logging
 
     qlog = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")

@@ -225,7 +225,6 @@ def build_variant(name: str, plain, fused, code_dim: int, calibration: list[dict
         quantize_dynamic,
         quantize_static,
     )
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     if name not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {name!r}")
@@ -239,18 +238,9 @@ def build_variant(name: str, plain, fused, code_dim: int, calibration: list[dict
         return quantize_int8(src, code_dim, per_channel=False)[0]
     keep = kept_float(src, code_dim)
     if method == "nbits8":
-        cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4,
-                                           quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=8)
-        q = MatMulNBitsQuantizer(copy.deepcopy(src), bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
-                                 nodes_to_exclude=keep, op_types_to_quantize=("MatMul",), algo_config=cfg)
-        nlog = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-        level = nlog.level
-        nlog.setLevel(logging.WARNING)  # it logs every node it visits at INFO
-        try:
-            q.process()
-        finally:
-            nlog.setLevel(level)
-        return q.model.model
+        from .quantize import quantize_model  # the generator's 8-bit MatMulNBits (block 32, accuracy_level 4)
+
+        return quantize_model(copy.deepcopy(src), "int8", nodes_to_exclude=keep)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         qlog = logging.getLogger()

@@ -29,6 +29,7 @@ from ..config import find_multiple
 from ..models import LARPGenerator, LARPTokenizer
 from .graphs import DecodeGraph, DecoderGraph, EncoderGraph, kv_names
 from .prefill_graph import PREFILL_GRAPH, export_codebook, export_prefill
+from .presets import resolve_preset
 from .prior_export import export_prior
 
 log = logging.getLogger(__name__)
@@ -182,23 +183,29 @@ def export_bundle(
     generator_dir: str | os.PathLike | None,
     bundle_dir: str | os.PathLike,
     *,
-    precision: str = "fp32",
+    precision: str | None = None,
     opset: int = DEFAULT_OPSET,
     onnx_only: bool = False,
     verify: bool = True,
     overwrite: bool = False,
     batch: int = 2,
     seed: int = 0,
-    fused_sampler: bool = False,
+    fused_sampler: bool | None = None,
     printer=print,
     revision: str | None = None,
     kv_dtype: str | None = None,
     tokenizer_precision: str | None = None,
+    preset: str | None = None,
 ) -> Path:
     """Export a tokenizer and/or a generator checkpoint folder (ours or the authors') to a verified bundle.
 
-    A generator brings ``decode.onnx`` and the standard-ops sampler ``sample.onnx``; ``fused_sampler`` adds
-    ``decode_sample.onnx`` (decode + the custom ``larp_rt::Sample`` op; needs the built kernels).
+    A generator brings ``decode.onnx`` (standard ONNX ops: the portable graph, for GPU providers, TensorRT and
+    machines without the kernels) and the standard-ops sampler ``sample.onnx``; ``fused_sampler`` adds
+    ``decode_sample.onnx``: the decode step with the custom ops ``larp_rt::DecodeAttention`` (float32 caches: it
+    reads only each row's written slots) and ``larp_rt::Sample``, the fastest CPU path, which the Engine picks
+    whenever the bundle has it and the kernels are built where it runs. ``fused_sampler=None`` (the default)
+    writes it whenever it can: a class-conditional generator and this install's custom-op library built (else it
+    says why it was left out); True requires it, False leaves it out.
 
     ``kv_dtype`` ("fp32", "fp16" or "int8"; default: the weights' float type) is the KV cache's element type. A
     narrow cache under float32 activations (fp32 / int8 / int4 weights) is read by the custom
@@ -206,9 +213,15 @@ def export_bundle(
     caches carry one float32 scale per (row, head, slot) for keys and for values.
     ``tokenizer_precision`` "int8" quantizes the tokenizer's encoder/decoder (export/quantize_tokenizer.py); None
     keeps them at ``precision``'s float type.
+    ``preset`` ("exact", the default, or "fast": export/presets.py) fills the precision, KV and tokenizer options
+    that are left None; ``precision`` None means the preset's ("fp32" for "exact").
     """
     if tokenizer_dir is None and generator_dir is None:
         raise ValueError("give a tokenizer and/or a generator checkpoint folder")
+    precision, kv_dtype, tokenizer_precision = resolve_preset(
+        preset, precision=precision, kv_dtype=kv_dtype, tokenizer_precision=tokenizer_precision,
+        has_generator=generator_dir is not None, has_tokenizer=tokenizer_dir is not None,
+        frame_prediction=generator_dir is not None and _is_frame_prediction(generator_dir, revision), printer=printer)
     if precision not in TOLERANCES:
         raise ValueError(f"precision must be one of {sorted(TOLERANCES)}, got {precision!r}")
     if opset not in OPSETS:
@@ -224,6 +237,7 @@ def export_bundle(
             raise ValueError(f"precision {precision!r} is for class-conditional generators so far: a frame-prediction "
                              "generator's prefill graph shares decode.onnx's float weights; export it as fp32 or fp16")
     kv_dtype = _check_kv_dtype(kv_dtype, precision, generator_dir)
+    fused_sampler = _resolve_fused(fused_sampler, generator_dir, revision, printer)
     if fused_sampler and generator_dir is None:
         raise ValueError("fused_sampler needs a generator")
     if fused_sampler and _is_frame_prediction(generator_dir, revision):
@@ -356,6 +370,23 @@ def _check_kv_dtype(kv_dtype: str | None, precision: str, generator_dir) -> str:
                              + kernels.available()["errors"].get("liblarp_rt_ort.so", "")
                              + ". Reinstall with `pip install -e .`, or export without --kv-dtype")
     return kv_dtype
+
+
+def _resolve_fused(fused_sampler: bool | None, generator_dir, revision, printer) -> bool:
+    """The default (None): write the fused graph when it can run here; True / False as asked (checked later)."""
+    if fused_sampler is not None:
+        return bool(fused_sampler)
+    if generator_dir is None or _is_frame_prediction(generator_dir, revision):
+        return False
+    from .. import kernels
+
+    if kernels.ort_custom_op_library() is None:
+        printer("note: decode_sample.onnx (the fused DecodeAttention + Sample step, the fastest CPU path) is left out: "
+                "this install has not built the ONNX Runtime custom-op library ("
+                + kernels.available()["errors"].get("liblarp_rt_ort.so", "liblarp_rt_ort.so missing")
+                + "); reinstall with `pip install -e .` to get it")
+        return False
+    return True
 
 
 def _is_frame_prediction(generator_dir, revision=None) -> bool:
@@ -631,6 +662,9 @@ def _verify_fused(w: BundleWriter, cfg, params, batch: int, rng, tol: dict) -> l
         feeds = {"token": token.astype(np.int64).reshape(-1, 1), "pos": pos.astype(np.int64),
                  **cache_feeds(info["inputs"], R, 8, rng, zeros=name == "fused")[0]}
         logits, *kv = plain.run(["logits", *present], feeds)
+        if not np.isfinite(logits).all():  # decode.onnx's own checks fail already; the sampler cannot be compared
+            checks.append(GraphCheck(name, "logits", float("inf"), float("inf"), tol["logits"]))
+            return checks
         extra = {"sample_rows": rows.astype(np.int64), "cfg_scale": params.cfg_scale,
                  "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
                  "seed": params.seed.view(np.int64), "stream": params.stream.view(np.int64),

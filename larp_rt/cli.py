@@ -77,11 +77,11 @@ def _params(args: argparse.Namespace):
                           top_p=args.top_p, seed=args.seed)
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace, **kw):
     from .engine import Engine
 
     return Engine(args.bundle, backend=args.backend, device=args.device, threads=args.threads,
-                  sampler=getattr(args, "sampler", "auto"))
+                  sampler=getattr(args, "sampler", "auto"), **kw)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -100,6 +100,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     params = _params(args)
     if args.cfg_scale is None:
         params = dataclasses.replace(params, cfg_scale=eng.default_params.cfg_scale)
+    print(f"{eng.backend_name}, sampler {eng.sampler_name}: {eng.sampler_reason or 'the backend default'}")
     step = max(1, eng.generator_config.max_seq_len // 10)
     result = eng.generate(classes, params, progress=lambda k, n: print(f"\r  token {k}/{n}", end="", flush=True)
                           if k % step == 0 or k == n else None)
@@ -322,7 +323,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not loopback and api_key is None:
         print(f"note: listening on {args.host} without an API key: anyone who reaches port {args.port} can use "
               "the server (set --api-key or LARP_RT_API_KEY)", file=sys.stderr)
-    eng = _engine(args)
+    eng = _engine(args, preallocate=0)  # the scheduler owns (and pre-faults) the caches it serves from
     server = build_server(eng, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                           request_timeout=args.request_timeout, max_body_bytes=int(args.max_body_mb * 2**20),
                           api_key=api_key, log_level=args.log_level)

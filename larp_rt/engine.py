@@ -60,6 +60,7 @@ class Engine:
         threads: int | None = None,
         verify: bool = True,
         sampler: str = "auto",
+        preallocate: int | None = None,
     ):
         """Load a bundle. backend: "auto" (ONNX Runtime if installed, else torch), "onnxruntime", "torch",
         "tensorrt" (the bundle's plans from `larp-rt build` on an NVIDIA GPU; never picked by "auto").
@@ -68,7 +69,13 @@ class Engine:
         sampler: "auto" (the fastest available), "fused" (ONNX Runtime: the bundle's decode_sample graph),
         "kernel" (the C++/CUDA kernel), "graph" (ONNX Runtime: the bundle's standard-ops sample graph) or
         "reference" (numpy / torch); every one draws the same tokens for the same seeds.
-        ``engine.sampler_name`` says which one runs."""
+        ``engine.sampler_name`` says which one runs and ``engine.sampler_reason`` why (logged at INFO).
+        preallocate: rows of the generator's KV cache allocated and pre-faulted now, at start-up, so that the first
+        request does not pay for it (default: the rows of one request, 2 with guidance; 0: on first use). Larger
+        batches grow it on first use."""
+        if preallocate is not None and (not isinstance(preallocate, int) or isinstance(preallocate, bool)
+                                        or preallocate < 0):
+            raise ValueError(f"preallocate must be a non-negative int (rows) or None, got {preallocate!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if device not in ("auto", "cpu", "cuda"):
@@ -103,6 +110,14 @@ class Engine:
         self.default_params = SamplingParams(**{k: defaults[k] for k in ("cfg_scale", "temperature", "top_k", "top_p")
                                                 if k in defaults})
         self._gen_lock = threading.Lock()  # one generation at a time on the backend's own runner
+        if self.generator_config is not None:
+            log.info("larp_rt Engine: %s backend, sampler %s (%s)", self.backend_name, self.sampler_name,
+                     self.sampler_reason or "the backend's")
+            cfg = self.generator_config
+            rows = (2 if self._has_null_class() and not cfg.frame_prediction else 1) if preallocate is None \
+                else preallocate
+            if rows:
+                self.backend.runner(rows)  # the caches of the first request(s), pages touched now
 
     @property
     def backend_name(self) -> str:
@@ -112,6 +127,11 @@ class Engine:
     def sampler_name(self) -> str:
         """Which sampler draws the tokens: "fused", "kernel", "graph" or "reference" (same draws in each)."""
         return self.backend.sampler_name
+
+    @property
+    def sampler_reason(self) -> str:
+        """Why ``sampler_name`` was picked (e.g. why the bundle's fused step is not used here)."""
+        return getattr(self.backend, "sampler_reason", "")
 
     def close(self) -> None:
         with self._gen_lock:

@@ -398,6 +398,76 @@ def test_every_sampler_draws_the_same_tokens(models_and_bundle, sampler):
     assert np.array_equal(eng.generate([6, 6], one).tokens, want)
 
 
+def test_default_export_carries_the_fused_step_and_the_engine_picks_it(tmp_path, caplog):
+    """The default export writes decode_sample.onnx (DecodeAttention over the float32 cache + Sample) beside the
+    portable standard-ops decode.onnx whenever the kernels are built; Engine(auto) picks it and says so."""
+    _, gen = tiny_models()
+    save_pretrained(gen, tmp_path / "g")
+    notes: list[str] = []
+    bundle = export_bundle(None, tmp_path / "g", tmp_path / "b", verify=False, printer=notes.append)
+    b = Bundle(bundle)
+    if not HAVE_ORT_OP:
+        assert "decode_sample" not in b.graphs
+        assert any("decode_sample.onnx" in n and "left out" in n for n in notes)
+        return
+    assert {"decode", "decode_sample"} <= set(b.graphs)
+    assert b.manifest["sampler"]["fused"] == "decode_sample"
+    assert b.manifest["sampler"]["fused_attention"] == "larp_rt::DecodeAttention"
+    assert b.kv_cache["attention"] == "standard"  # decode.onnx stays the portable graph
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(bundle / "decode.onnx"), load_external_data=False).graph.node}
+    assert "DecodeAttention" not in ops and "Softmax" in ops
+    ops = {n.op_type for n in onnx.load(str(bundle / "decode_sample.onnx"), load_external_data=False).graph.node}
+    assert {"DecodeAttention", "Sample"} <= ops
+    with caplog.at_level("INFO", logger="larp_rt"):
+        eng = Engine(bundle)
+    assert eng.sampler_name == "fused" and "decode_sample.onnx" in eng.sampler_reason
+    assert any("sampler fused" in r.getMessage() for r in caplog.records)
+    with kernels.force_fallback(), caplog.at_level("WARNING", logger="larp_rt"):
+        caplog.clear()
+        assert Engine(bundle).sampler_name == "reference"
+    assert any("not used" in r.getMessage() and "disabled" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "c").exists()
+    export_bundle(None, tmp_path / "g", tmp_path / "c", verify=False, printer=lambda s: None, fused_sampler=False)
+    assert "decode_sample" not in Bundle(tmp_path / "c").graphs
+
+
+def test_engine_prefaults_the_first_requests_caches(models_and_bundle):
+    """The caches of one guided request are allocated and their pages written at start-up (np.zeros would map
+    the zero page lazily and the first request would pay every page fault); preallocate=0 defers them."""
+    from larp_rt.backends import onnxruntime as ort_backend
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    n = 64 << 20
+    before = resident()
+    lazy = np.zeros(n, np.uint8)
+    assert resident() - before < n // 4  # np.zeros: nothing mapped yet
+    before = resident()
+    touched = ort_backend.prefaulted(n, np.uint8)
+    assert resident() - before > n * 3 // 4 and not touched.any()
+    del lazy, touched
+    calls = []
+    real = ort_backend.prefaulted
+    ort_backend.prefaulted = lambda size, dt: calls.append(size) or real(size, dt)
+    try:
+        eng = Engine(models_and_bundle[2])
+    finally:
+        ort_backend.prefaulted = real
+    runner = eng.backend._runner
+    assert runner is not None and runner.capacity == 2
+    cfg = eng.generator_config
+    assert len(calls) == 2 * cfg.n_layer and set(calls) == {2 * cfg.n_head * runner.S * cfg.head_dim}
+    assert Engine(models_and_bundle[2], preallocate=0).backend._runner is None
+    assert Engine(models_and_bundle[2], preallocate=5).backend._runner.capacity == 8
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="preallocate must be a non-negative int"):
+            Engine(models_and_bundle[2], preallocate=bad)
+
+
 def test_auto_sampler_and_bad_sampler_choices(models_and_bundle, tmp_path):
     eng = Engine(models_and_bundle[2])
     assert eng.sampler_name == ("fused" if HAVE_ORT_OP else "reference")
@@ -407,10 +477,15 @@ def test_auto_sampler_and_bad_sampler_choices(models_and_bundle, tmp_path):
         Engine(models_and_bundle[2], backend="torch", sampler="graph")
     _, gen = tiny_models()
     save_pretrained(gen, tmp_path / "g")
-    plain = export_bundle(None, tmp_path / "g", tmp_path / "b", verify=False, printer=lambda s: None)
+    plain = export_bundle(None, tmp_path / "g", tmp_path / "b", verify=False, printer=lambda s: None,
+                          fused_sampler=False)
     with pytest.raises(ValueError, match="no decode_sample graph.*--fused-sampler"):
         Engine(plain, sampler="fused")
+    if HAVE_ORT_OP:
+        assert "no decode_sample.onnx" in Engine(plain).sampler_reason
     with kernels.force_fallback():
-        assert Engine(models_and_bundle[2]).sampler_name == "reference"
+        fallback = Engine(models_and_bundle[2])
+        assert fallback.sampler_name == "reference"
+        assert "disabled" in fallback.sampler_reason and "numpy reference" in fallback.sampler_reason
         with pytest.raises(ValueError, match="sampler='fused' is not available"):
             Engine(models_and_bundle[2], sampler="fused")

@@ -349,6 +349,7 @@ class Backend:
         self.sampler: Sampler = sampling.sample  # the engine may swap in a fused kernel with the same semantics
         self.sampler_takes_uniform = True  # the sampler accepts u= (the rows' uniforms, drawn once per request)
         self.sampler_name = "reference"
+        self.sampler_reason = ""  # why ``sampler_name`` was picked (said by the Engine and the CLI)
         self._runner: StepRunner | None = None
 
     # tokenizer -------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ..bundle import Bundle
 from ..sampling import RowParams
 from .base import Backend, StepRunner, StepSample
 
-__all__ = ["OnnxRuntimeBackend", "SAMPLERS", "available_providers"]
+__all__ = ["OnnxRuntimeBackend", "SAMPLERS", "available_providers", "prefaulted"]
 
 
 def available_providers() -> list[str]:
@@ -44,6 +44,15 @@ def _providers(device: str) -> list[str]:
             f"{have}. Install larp_rt[gpu] in a venv without the CPU onnxruntime wheel, or use device='cpu'"
         )
     return gpu + ["CPUExecutionProvider"]
+
+
+def prefaulted(size: int, dtype) -> np.ndarray:
+    """A zeroed buffer whose pages are already mapped: ``np.zeros`` of a large size maps the zero page lazily, so
+    the first step that writes the cache would pay every page fault (about 1.2 s for 537 MB on this project's CPU
+    machine). Writing the zeros here moves that cost to the runner's creation (start-up)."""
+    buf = np.empty(size, dtype)
+    buf.fill(0)
+    return buf
 
 
 SAMPLERS = ("auto", "fused", "kernel", "graph", "reference")
@@ -117,18 +126,31 @@ class OnnxRuntimeBackend(Backend):
         if want == "kernel" and not (info["cpu"] and not info["disabled"]):
             raise ValueError("sampler='kernel' needs the built CPU kernels (pip install -e .; see cpp_ext/README.md)"
                              " and LARP_RT_DISABLE_KERNELS unset; use sampler='auto'")
+        self.sampler_reason = "asked for"
         if want == "auto":
-            # CPU: the fused graph is the fastest (its attention node replaces ~15 standard ones per layer; see
-            # the README's results). GPU providers: its DecodeAttention node runs on the CPU only (ONNX Runtime
-            # would copy the cache to the host every step), so the decode graph + the standard-ops sample graph
+            # CPU: the fused graph is the fastest (its attention node reads only the written cache slots and
+            # replaces ~15 standard ones per layer; see the README's results). GPU providers: its DecodeAttention
+            # node runs on the CPU only (ONNX Runtime would copy the cache to the host every step), so the decode
+            # graph + the standard-ops sample graph
+            lib_why = "disabled (LARP_RT_DISABLE_KERNELS)" if info["disabled"] else "not built"
             if has_fused and lib_ok and not self.on_gpu:
-                want = "fused"
+                want, why = "fused", "decode_sample.onnx: the DecodeAttention + Sample ops in the step, the fastest"
             elif info["cpu"] and not info["disabled"] and not self.on_gpu:
                 want = "kernel"
+                why = ("decode.onnx + the C++ sampling kernel: the bundle has no decode_sample.onnx (re-export it "
+                       "with the kernels built for the faster fused step)" if not has_fused else
+                       f"decode.onnx + the C++ sampling kernel: the custom-op library of decode_sample.onnx is "
+                       f"{lib_why} here")
             elif self.on_gpu and "sample" in self.bundle.graphs:
-                want = "graph"
+                want, why = "graph", "decode.onnx + sample.onnx on the GPU provider (the fused ops are CPU-only)"
             else:
-                want = "reference"
+                want, why = "reference", f"decode.onnx + the numpy reference: the kernels are {lib_why} here"
+            self.sampler_reason = why
+            if has_fused and want != "fused":
+                import logging
+
+                logging.getLogger("larp_rt").warning("the bundle's fused step (decode_sample.onnx) is not used: %s",
+                                                     why)
         self.sampler_name = want
         if want == "fused":
             self._need_custom_ops("sampler='fused'")
@@ -262,10 +284,10 @@ class _OrtRunner(StepRunner):
         else:
             self.dev = None
             size = cap * self.H * self.S * self.hd
-            self.flat = [np.zeros(size, dt) for _ in range(2 * self.L)]  # k_0, v_0, k_1, ...
+            self.flat = [prefaulted(size, dt) for _ in range(2 * self.L)]  # k_0, v_0, k_1, ...
             self.new = [np.zeros((cap, self.H, 1, self.hd), dt) for _ in range(2 * self.L)]
             if self.scaled:  # int8: one float32 scale per (row, head, slot), bound at the full S like the cache
-                self.flat_s = [np.zeros(cap * self.H * self.S, np.float32) for _ in range(2 * self.L)]
+                self.flat_s = [prefaulted(cap * self.H * self.S, np.float32) for _ in range(2 * self.L)]
                 self.new_s = [np.zeros((cap, self.H, 1), np.float32) for _ in range(2 * self.L)]
         self.binding = self.sess.io_binding()
         self.rows = 0  # rows bound

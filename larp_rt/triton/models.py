@@ -56,7 +56,7 @@ def _engine(p: dict[str, str]):
     threads = int(p.get("threads") or 0) or None
     os.environ.setdefault("LARP_RT_ORT_SPIN", "0")
     return Engine(p["bundle"], backend="auto", device=p.get("device") or "cpu",
-                  threads=threads)
+                  threads=threads, preallocate=0)  # the scheduler owns (and pre-faults) its caches
 
 
 SAMPLING = ("SEED", "CFG_SCALE", "TEMPERATURE", "TOP_K", "TOP_P")

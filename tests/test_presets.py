@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from larp_rt.export.presets import PRESETS, resolve_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +57,9 @@ def test_resolution_explicit_options_win_and_unknown_names_are_refused():
 def test_cli_preset_fast_exports_int4_weights_fp16_cache_int8_tokenizer(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from larp_rt import kernels
     from larp_rt.export.quantize import quantizer_available
+
+    from larp_rt import kernels
 
     if quantizer_available() is not None:
         pytest.skip(quantizer_available())

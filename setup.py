@@ -97,7 +97,7 @@ class BuildKernels(build_ext):
         cuda = any(e.kind == "cuda" for e in self.extensions)
         inc = [f"-I{INCLUDE}"]
         objs = {"cpu": tmp / "sampling_cpu.o", "ort": tmp / "ort_sample_op.o", "cuda": tmp / "sampling_cuda.o",
-                "attn": tmp / "attention_cpu.o"}
+                "attn": tmp / "attention_cpu.o", "mm": tmp / "matmul_cpu.o"}
         procs = []
         if cuda:  # the slowest step first, in parallel with the C++ ones
             archs = [a.strip() for a in os.environ.get("LARP_RT_CUDA_ARCHS", "80;90").split(";") if a.strip()]
@@ -114,6 +114,8 @@ class BuildKernels(build_ext):
         attn_src = str(CPP / "csrc" / "attention_cpu.cc")  # FMA contraction: not a bit-exact kernel
         procs.append((self._run([cxx, *CXXFLAGS, "-ffp-contract=fast", *inc, "-c", attn_src, "-o",
                                  str(objs["attn"])]), "the CPU attention kernel"))
+        procs.append((self._run([cxx, *CXXFLAGS, *inc, "-c", str(CPP / "csrc" / "matmul_cpu.cc"), "-o",
+                                 str(objs["mm"])]), "the CPU packed matmul"))  # explicit FMA intrinsics only
         procs.append((self._run([cxx, *CXXFLAGS, *inc, f"-I{ORT_INCLUDE}", *(["-DLARP_RT_WITH_CUDA"] if cuda else []),
                                  "-c", str(CPP / "csrc" / "ort_sample_op.cc"), "-o", str(objs["ort"])]),
                       "the ONNX Runtime custom op"))
@@ -122,8 +124,8 @@ class BuildKernels(build_ext):
         for ext in self.extensions:
             out = Path(self.get_ext_fullpath(ext.name)).resolve()
             out.parent.mkdir(parents=True, exist_ok=True)
-            members = {"cpu": ["cpu", "attn"], "cuda": ["cpu", "attn", "cuda"],
-                       "ort": ["ort", "cpu", "attn"] + (["cuda"] if cuda else [])}
+            members = {"cpu": ["cpu", "attn", "mm"], "cuda": ["cpu", "attn", "mm", "cuda"],
+                       "ort": ["ort", "cpu", "attn", "mm"] + (["cuda"] if cuda else [])}
             files = [str(objs[m]) for m in members[ext.kind]]
             if "cuda" in members[ext.kind]:
                 cmd = [NVCC, "-shared", "-cudart=static", *files, "-o", str(out), "-Xlinker", "-Bsymbolic",
@@ -138,15 +140,16 @@ class BuildKernels(build_ext):
 def libraries() -> list[KernelLibrary]:
     csrc = CPP / "csrc"
     libs = [
-        KernelLibrary("larp_rt._lib.liblarp_sampling", [str(csrc / "sampling_cpu.cc"), str(csrc / "attention_cpu.cc")],
-                      "cpu"),
+        KernelLibrary("larp_rt._lib.liblarp_sampling", [str(csrc / "sampling_cpu.cc"), str(csrc / "attention_cpu.cc"),
+                                                        str(csrc / "matmul_cpu.cc")], "cpu"),
         KernelLibrary("larp_rt._lib.liblarp_rt_ort", [str(csrc / "ort_sample_op.cc"), str(csrc / "sampling_cpu.cc"),
-                                                      str(csrc / "attention_cpu.cc")], "ort"),
+                                                      str(csrc / "attention_cpu.cc"), str(csrc / "matmul_cpu.cc")],
+                      "ort"),
     ]
     if NVCC:
         libs.append(KernelLibrary("larp_rt._lib.liblarp_sampling_cuda",
                                   [str(csrc / "sampling_cuda.cu"), str(csrc / "sampling_cpu.cc"),
-                                   str(csrc / "attention_cpu.cc")], "cuda"))
+                                   str(csrc / "attention_cpu.cc"), str(csrc / "matmul_cpu.cc")], "cuda"))
     elif os.environ.get("LARP_RT_CUDA", "").strip().lower() in ("0", "false", "no", "off"):
         _log("LARP_RT_CUDA=0: building the CPU kernels only")
     else:

@@ -199,6 +199,48 @@ def fuse_decode_sample(decode_model):
     return m
 
 
+def pack_matmuls(model) -> int:
+    """Every standard ``MatMul`` of ``model`` whose second input is a 2-D float32 initializer W (K, N) becomes
+    ``larp_rt::PackedMatMul`` (attribute ``n`` = N) over W's 32-column panels (``kernels.pack_matmul_weights``:
+    one contiguous stream per panel, read at the memory's speed by cpp_ext/csrc/matmul_cpu.cc). The unpacked
+    initializers are dropped once nothing reads them. ``model`` must hold its weights (not external references).
+    Returns the number of nodes rewritten. A row's result never depends on the other rows of the step (the op
+    sums each output in one fixed order), so the fused step stays batch-invariant."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from ..kernels import pack_matmul_weights
+
+    inits = {t.name: t for t in model.graph.initializer}
+    packed: dict[str, object] = {}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        t = inits.get(node.input[1])
+        if t is None or t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 2:
+            continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            raise ValueError(f"pack_matmuls needs the weights in the model; {t.name!r} is an external reference "
+                             "(load the model with its external data)")
+        name = f"{t.name}_panels"
+        if name not in packed:
+            packed[name] = numpy_helper.from_array(pack_matmul_weights(numpy_helper.to_array(t)), name)
+        n = int(t.dims[1])
+        node.op_type, node.domain = "PackedMatMul", "larp_rt"
+        node.input[1] = name
+        del node.attribute[:]
+        node.attribute.append(helper.make_attribute("n", n))
+        count += 1
+    used = {i for node in model.graph.node for i in node.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + list(packed.values()))
+    if count and not any(o.domain == "larp_rt" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("larp_rt", 1))
+    return count
+
+
 def share_external_data(model, reference_path) -> int:
     """Point ``model``'s initializers at the external data of the saved model ``reference_path`` wherever the
     reference holds a tensor of the same name, type, shape and bytes (so two graphs of one bundle share one

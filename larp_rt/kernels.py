@@ -32,7 +32,7 @@ __all__ = [
     "ENV_DISABLE", "ENV_LIB_DIR", "SampleArgs", "available", "disabled", "set_disabled", "force_fallback",
     "library_dir", "cpu_library", "cuda_library", "ort_custom_op_library", "sample_numpy", "register_torch_op",
     "sample_torch", "launch_cuda", "set_num_threads", "DTYPE_CODES", "decode_attention", "attention_isa",
-    "quantize_kv", "KV_DTYPE_CODES",
+    "quantize_kv", "KV_DTYPE_CODES", "pack_matmul_weights", "packed_matmul", "matmul_isa", "MATMUL_PANEL",
 ]
 
 ENV_DISABLE = "LARP_RT_DISABLE_KERNELS"
@@ -307,6 +307,63 @@ def decode_attention(q, k, v, past_k, past_v, pos, num_threads: int = 1, k_scale
     if rc:
         raise ValueError("larp_decode_attention_kv_cpu refused its arguments")
     return y
+
+
+# --------------------------------------------------------------------------------------------
+# the few-row matrix product of the fused decode graph (larp_rt::PackedMatMul), on numpy arrays
+# --------------------------------------------------------------------------------------------
+MATMUL_PANEL = 32  # cpp_ext/include/larp_rt/matmul_cpu.h kPanel
+MATMUL_ISAS = {"auto": -1, "avx512": 3, "avx2": 2, "portable": 0}
+
+
+def pack_matmul_weights(w) -> np.ndarray:
+    """W (K, N) float32 -> its 32-column panels P (ceil(N / 32), K, 32), zero past N: the layout
+    ``larp_rt::PackedMatMul`` streams (one panel = one contiguous read). Pure numpy (the export packs with it)."""
+    w = np.asarray(w, np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"weights must be a (K, N) matrix, got shape {w.shape}")
+    K, N = w.shape
+    panels = -(-N // MATMUL_PANEL)
+    padded = np.zeros((K, panels * MATMUL_PANEL), np.float32)
+    padded[:, :N] = w
+    return np.ascontiguousarray(padded.reshape(K, panels, MATMUL_PANEL).transpose(1, 0, 2))
+
+
+def packed_matmul(x, packed, n: int, *, isa: str = "auto", num_threads: int = 1) -> np.ndarray:
+    """x (..., K) float32 @ W, with W given as ``pack_matmul_weights(W)`` and its column count ``n`` -> (..., n)
+    float32. The CPU kernel the fused decode graph runs; ``isa`` forces a path ("avx512", "avx2", "portable"; the AVX
+    paths agree bit for bit; ValueError where this CPU lacks it)."""
+    lib = cpu_library()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are not built: {_errors.get(CPU_LIB)}")
+    if isa not in MATMUL_ISAS:
+        raise ValueError(f"isa must be one of {', '.join(MATMUL_ISAS)}, got {isa!r}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    p = np.ascontiguousarray(packed, dtype=np.float32)
+    if x.ndim < 1:
+        raise ValueError("x must have at least one axis (..., K)")
+    K = x.shape[-1]
+    if not isinstance(n, (int, np.integer)) or n < 1 or p.shape != (-(-int(n) // MATMUL_PANEL), K, MATMUL_PANEL):
+        raise ValueError(f"packed must have shape (ceil(n / 32), K, 32) = ({-(-int(n) // MATMUL_PANEL)}, {K}, 32) for "
+                         f"n = {n}, got {p.shape}; pack W (K, n) with kernels.pack_matmul_weights")
+    y = np.empty((*x.shape[:-1], int(n)), np.float32)
+    fn = lib.larp_packed_matmul_cpu
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int32, ctypes.c_int32]
+    M = int(np.prod(x.shape[:-1], dtype=np.int64))
+    rc = fn(x.ctypes.data, p.ctypes.data, y.ctypes.data, M, K, int(n), MATMUL_ISAS[isa], int(num_threads))
+    if rc == 2:
+        raise ValueError(f"this CPU cannot run the {isa} path of the packed matmul (it runs {matmul_isa()})")
+    if rc:
+        raise ValueError("larp_packed_matmul_cpu refused its arguments")
+    return y
+
+
+def matmul_isa() -> str | None:
+    """Which code the packed matmul runs: "avx512", "avx2" or "portable" (None when the kernels are not built)."""
+    lib = cpu_library()
+    if lib is None:
+        return None
+    return {3: "avx512", 2: "avx2"}.get(lib.larp_matmul_isa(), "portable")
 
 
 def quantize_kv(x) -> tuple[np.ndarray, np.ndarray]:

@@ -339,9 +339,11 @@ def test_external_data_and_nan_logits(tmp_path, monkeypatch):
                            fused_sampler=HAVE_ORT_OP)
     b = Bundle(bundle)
     assert "decode.onnx.data" in b.files and (bundle / "decode.onnx.data").stat().st_size > 1e5
-    if HAVE_ORT_OP:  # the fused graph reads the decode graph's weights file: no second copy
-        assert b.manifest["graphs"]["decode_sample"]["data"] == ["decode.onnx.data"]
-        assert (bundle / "decode_sample.onnx").stat().st_size < 1e5 and len(list(bundle.glob("*.data"))) == 1
+    if HAVE_ORT_OP:  # the fused graph holds its weights packed in panels (PackedMatMul): a weights file of its own
+        assert b.manifest["sampler"]["fused_matmul"] == "larp_rt::PackedMatMul"
+        assert b.manifest["graphs"]["decode_sample"]["data"] == ["decode_sample.onnx.data"]
+        assert (bundle / "decode_sample.onnx").stat().st_size < 1e5 and len(list(bundle.glob("*.data"))) == 2
+        assert "decode_sample.onnx.data" in b.files
     for sampler in ("fused", "kernel", "graph", "reference") if HAVE_ORT_OP else ("graph", "reference"):
         with pytest.raises(ValueError, match="NaN/Inf"):
             Engine(bundle, sampler=sampler).generate([1], SamplingParams(seed=0))

@@ -10,7 +10,8 @@
 //
 // Semantics: larp_rt/sampling.py. Register with SessionOptions.register_custom_ops_library(path).
 // Also op "DecodeAttention" (CPU): the one-token cache attention of the fused decode graph over a float32, float16
-// or int8 (+ per-slot scales) cache (below).
+// or int8 (+ per-slot scales) cache, and op "PackedMatMul" (CPU): the decode step's projections against weights
+// packed at export (below).
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -254,6 +255,66 @@ struct AttentionOp : Ort::CustomOpBase<AttentionOp, AttentionKernel> {
   ONNXTensorElementDataType GetOutputType(size_t /*i*/) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+// Op "PackedMatMul" (CPU): Y = X @ W for the few rows of a decode step, W packed in 32-column panels at export
+// (include/larp_rt/matmul_cpu.h; export/sampler_graph.py writes it in the fused graph of float32 bundles).
+//   inputs   0 X [..., K] float   1 P [ceil(N / 32), K, 32] float (an initializer: W's panels, zero past N)
+//   attribute n (int): N, the columns of W
+//   outputs  0 Y [..., N] float
+struct MatMulWork {
+  const float *x, *p;
+  float* y;
+  int64_t m, k, n;
+};
+
+void matmul_unit(void* data, size_t unit) {  // one unit = one panel of every row
+  const MatMulWork* w = static_cast<const MatMulWork*>(data);
+  larp_packed_matmul_panels(w->x, w->p, w->y, w->m, w->k, w->n, (int64_t)unit, (int64_t)unit + 1, -1);
+}
+
+[[noreturn]] void bad_mm(const std::string& msg) {
+  throw Ort::Exception("larp_rt.PackedMatMul: " + msg, ORT_INVALID_ARGUMENT);
+}
+
+struct PackedMatMulKernel {
+  explicit PackedMatMulKernel(int64_t n) : n_(n) {}
+
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    Ort::ConstValue x = ctx.GetInput(0), p = ctx.GetInput(1);
+    std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> ps = p.GetTensorTypeAndShapeInfo().GetShape();
+    if (xs.empty()) bad_mm("X must have at least one axis [..., K], got a scalar");
+    const int64_t K = xs.back();
+    if (ps.size() != 3 || ps[1] != K || ps[2] != 32 || ps[0] != (n_ + 31) / 32)
+      bad_mm("P must have shape [ceil(n / 32), K, 32] = [" + std::to_string((n_ + 31) / 32) + ", " +
+             std::to_string(K) + ", 32] for n = " + std::to_string(n_) + ", got " + shape_str(ps));
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
+    xs.back() = n_;
+    MatMulWork w{x.GetTensorData<float>(), p.GetTensorData<float>(), nullptr, M, K, n_};
+    w.y = ctx.GetOutput(0, xs).GetTensorMutableData<float>();
+    if (M == 0 || n_ == 0) return;
+    ctx.ParallelFor(matmul_unit, (size_t)ps[0], 0, &w);  // ONNX Runtime's intra-op threads, a panel each
+  }
+
+ private:
+  int64_t n_;
+};
+
+struct PackedMatMulOp : Ort::CustomOpBase<PackedMatMulOp, PackedMatMulKernel> {
+  void* CreateKernel(const OrtApi& /*api*/, const OrtKernelInfo* info) const {
+    const int64_t n = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("n");
+    if (n < 1) bad_mm("attribute n must be >= 1, got " + std::to_string(n));
+    return new PackedMatMulKernel(n);
+  }
+  const char* GetName() const { return "PackedMatMul"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t /*i*/) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t /*i*/) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 std::mutex g_mu;
 std::vector<OrtCustomOpDomain*> g_domains;  // must outlive every session that uses them: kept for the process
 
@@ -268,6 +329,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   Ort::InitApi(api);
   static SampleOp cpu_op(false);
   static AttentionOp attention_op;
+  static PackedMatMulOp matmul_op;
 #ifdef LARP_RT_WITH_CUDA
   static SampleOp cuda_op(true);
 #endif
@@ -275,6 +337,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &cpu_op)) return st;
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &attention_op)) return st;
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &matmul_op)) return st;
 #ifdef LARP_RT_WITH_CUDA
   if (OrtStatus* st = api->CustomOpDomain_Add(domain, &cuda_op)) return st;
 #endif

@@ -60,6 +60,17 @@ LARP_API int larp_decode_attention_kv_cpu(const float* q, const float* k, const 
                                           int64_t batch, int64_t heads, int64_t slots, int64_t head_dim,
                                           const int64_t* pos, int32_t kv_dtype, int32_t num_threads);
 
+/* y (M, N) = x (M, K) @ W for few rows M, W packed as P (ceil(N / 32), K, 32) float32 (see matmul_cpu.h); every
+ * pointer float32 contiguous. _panels computes the 32-column panels [p0, p1) of every row on the calling thread;
+ * _cpu every panel on num_threads threads. isa: -1 = the best here, 3 = AVX-512, 2 = AVX2 + FMA, 0 = portable
+ * (the AVX paths agree bit for bit). Return 0, 1 for a bad argument, 2 for an isa this CPU lacks.
+ * larp_matmul_isa: the path isa -1 takes (LARP_RT_MATMUL_ISA=portable|avx2 forces a narrower one). */
+LARP_API int larp_packed_matmul_panels(const float* x, const float* p, float* y, int64_t m, int64_t k, int64_t n,
+                                       int64_t p0, int64_t p1, int32_t isa);
+LARP_API int larp_packed_matmul_cpu(const float* x, const float* p, float* y, int64_t m, int64_t k, int64_t n,
+                                    int32_t isa, int32_t num_threads);
+LARP_API int larp_matmul_isa(void);
+
 /* ---- CUDA (liblarp_sampling_cuda.so, which also holds the CPU functions above; also inside the ORT custom-op library when built with CUDA) ---- */
 /* Host-side checks only (pointers, shapes, dtype); the per-row parameters live in device memory and are
  * clamped in the kernel (top_k to [0, V], top_p outside (0, 1) = off); rows with non-finite logits get

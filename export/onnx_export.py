@@ -697,6 +697,21 @@ def _verify_fused(w: BundleWriter, cfg, params, batch: int, rng, tol: dict, exac
         checks.append(_compare(name, "logprobs", logp, want_l,
                                1e-9 if name == "fused" and exact_prefill else tol["logits"]))
         if name != "fused":
-            checks.append(_compare(name, "present", dequantized_presents(present, kv_f),
-                                   dequantized_presents(present, kv), tol["kv"]))
+            ref = dequantized_presents(present, kv)
+            step = 0.0 if exact_prefill else _narrow_step(present, kv)
+            checks.append(_compare(name, "present", dequantized_presents(present, kv_f), ref, tol["kv"] + step))
     return checks
+
+
+def _narrow_step(names: list[str], values: list[np.ndarray]) -> float:
+    """The largest rounding step of narrow cache entries (float16: 2^-10 of the largest magnitude, int8: the largest
+    scale; 0 for float32): two graphs whose float32 entries differ by float32 rounding (PackedMatMul against
+    ONNX Runtime's MatMul) may store entries one such step apart."""
+    out = dict(zip(names, values, strict=True))
+    steps = [0.0]
+    for n, v in out.items():
+        if v.dtype == np.float16:
+            steps.append(float(np.abs(v.astype(np.float32)).max()) * 2.0**-10)
+        elif v.dtype == np.int8:
+            steps.append(float(out[_scale_name(n)].max()))
+    return max(steps)

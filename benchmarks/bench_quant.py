@@ -53,8 +53,15 @@ CFG = 2.0
 POSITIONS = (1, 512, 1023)
 
 
+STANDARD = ("onnxruntime-standard", "fp32", "fp32")  # the default bundle's portable decode.onnx + the C++ sampler
+
+
 def variant_name(path: str, weights: str, kv: str) -> str:
-    return "authors' loop (torch, fp32)" if path == "authors" else f"w {weights} / kv {kv}"
+    if path == "authors":
+        return "authors' loop (torch, fp32)"
+    if path == STANDARD[0]:
+        return "fp32 standard-ops decode.onnx + kernel sampler"
+    return f"w {weights} / kv {kv}"
 
 
 def variant_bundle(preset: str, weights: str, kv: str) -> Path | str:
@@ -297,8 +304,15 @@ def bench_videos(variants: dict, batches, videos: int, n: int, C: int, printer) 
                 touch(v["engine"].backend.runner(2 * B))
         times = {key: [] for key in variants}
         bws = []
+        # the authors' loop runs before and after ours in every round (their figure is the median of both)
+        order = [AUTHORS] * (AUTHORS in variants) + [k for k in variants if k != AUTHORS] \
+            + [AUTHORS] * (AUTHORS in variants)
+        authors_when = []
         for i in range(videos):
-            for key, v in variants.items():
+            for j, key in enumerate(order):
+                v = variants[key]
+                if key == AUTHORS:
+                    authors_when.append("before" if j == 0 else "after")
                 ids = [(i + j) % C for j in range(B)]
                 b0 = measure_bandwidth()
                 if key == AUTHORS:
@@ -313,6 +327,7 @@ def bench_videos(variants: dict, batches, videos: int, n: int, C: int, printer) 
         for key in variants:
             out.append({"batch": B, "rows": 2 * B, "per_token_ms": [1e3 * t for t in times[key]],
                         "bandwidth_gbs": bw / 1e9, "bandwidth_range_gbs": [min(bws), max(bws)],
+                        **({"authors_runs": authors_when} if key == AUTHORS else {}),
                         **dict(zip(("path", "weights", "kv"), key, strict=True))})
         printer(f"videos batch {B}: " + ", ".join(
             f"{variant_name(*k)} {1e3 * statistics.median(t):.2f} ms/token" for k, t in times.items()))
@@ -375,6 +390,11 @@ def main() -> None:
                            "bundle": str(got.relative_to(CACHE.parents[1]))})
     base = variants[("onnxruntime", "fp32", "fp32")]
     cfg = base["engine"].generator_config
+    if base["engine"].sampler_name != "kernel":  # the same bundle's portable graph: what a no-flags user got before
+        eng = Engine(variant_bundle(args.preset, "fp32", "fp32"), backend="onnxruntime", device="cpu", sampler="kernel")
+        variants[STANDARD] = {"engine": eng, "weight_bytes": base["weight_bytes"]}
+        listed.append({"path": STANDARD[0], "weights": "fp32", "kv": "fp32", "status": "ok", "sampler": "kernel",
+                       "weight_bytes": base["weight_bytes"], "bundle": listed[0].get("bundle")})
     if not args.no_authors:
         proc = AuthorsProcess(CACHE / f"{args.preset}-ckpt" / "generator")
         variants[AUTHORS] = {"proc": proc, "weight_bytes": base["weight_bytes"]}

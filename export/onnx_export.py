@@ -204,8 +204,8 @@ def export_bundle(
     ``decode_sample.onnx``: the decode step with the custom ops ``larp_rt::DecodeAttention`` (float32 caches: it
     reads only each row's written slots) and ``larp_rt::Sample``, the fastest CPU path, which the Engine picks
     whenever the bundle has it and the kernels are built where it runs. ``fused_sampler=None`` (the default)
-    writes it whenever it can: a class-conditional generator and this install's custom-op library built (else it
-    says why it was left out); True requires it, False leaves it out.
+    writes it whenever this install has built the custom-op library (else it says why it was left out); frame-
+    prediction generators get it too (their prefix runs through prefix_prefill.onnx, the steps after it fused); True requires it, False leaves it out.
 
     ``kv_dtype`` ("fp32", "fp16" or "int8"; default: the weights' float type) is the KV cache's element type. A
     narrow cache under float32 activations (fp32 / int8 / int4 weights) is read by the custom
@@ -240,9 +240,6 @@ def export_bundle(
     fused_sampler = _resolve_fused(fused_sampler, generator_dir, revision, printer)
     if fused_sampler and generator_dir is None:
         raise ValueError("fused_sampler needs a generator")
-    if fused_sampler and _is_frame_prediction(generator_dir, revision):
-        raise ValueError("fused_sampler is for class-conditional generators; a frame-prediction generator is "
-                         "exported with decode.onnx + prefix_prefill.onnx + sample.onnx: drop --fused-sampler")
     if fused_sampler:
         from .. import kernels
 
@@ -378,7 +375,7 @@ def _resolve_fused(fused_sampler: bool | None, generator_dir, revision, printer)
     """The default (None): write the fused graph when it can run here; True / False as asked (checked later)."""
     if fused_sampler is not None:
         return bool(fused_sampler)
-    if generator_dir is None or _is_frame_prediction(generator_dir, revision):
+    if generator_dir is None:
         return False
     from .. import kernels
 
@@ -667,16 +664,20 @@ def _verify_fused(w: BundleWriter, cfg, params, batch: int, rng, tol: dict, exac
     present = [o["name"] for o in info["outputs"][1:]]
     checks = []
     R = 2 * batch
+    # step-0 tokens: a class token (vocab + class id), or for frame prediction any token of its table (the video
+    # tokens and the separator: its prefix runs through prefix_prefill.onnx, the decode steps after it)
+    first = (lambda n: rng.integers(0, cfg.vocab_size + 1, n)) if cfg.frame_prediction else \
+        (lambda n: cfg.vocab_size + rng.integers(0, cfg.num_classes, n))
     for name in ("fused", "fused@mix"):
         if name == "fused":
-            token = cfg.vocab_size + rng.integers(0, cfg.num_classes, R)
+            token = first(R)
             pos = np.zeros(R, np.int64)
             rows = np.arange(R)  # request b in row b, its null row in row B + b
             steps = np.zeros(batch, np.int64)
         else:
             token = rng.integers(0, cfg.vocab_size, R)
             pos = rng.integers(1, 8, R)
-            token[0], pos[0] = cfg.vocab_size + int(rng.integers(0, cfg.num_classes)), 0  # a joining request
+            token[0], pos[0] = int(first(1)[0]), 0  # a joining request
             rows = rng.permutation(R)
             steps = rng.integers(0, 1000, batch)
         feeds = {"token": token.astype(np.int64).reshape(-1, 1), "pos": pos.astype(np.int64),

@@ -49,7 +49,8 @@ def register(sub) -> None:
                    help="decode_sample.onnx: the decode step with the fused ops larp_rt::DecodeAttention (reads only "
                         "the written cache slots) + larp_rt::Sample, the fastest CPU path, beside the portable "
                         "standard-ops decode.onnx. Default: written whenever this install has built the kernels "
-                        "(class-conditional and frame-prediction generators); --fused-sampler requires it, --no-fused-sampler leaves it "
+                        "(class-conditional and frame-prediction generators); --fused-sampler requires it, "
+                        "--no-fused-sampler leaves it "
                         "out")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch verification")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")

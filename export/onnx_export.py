@@ -205,7 +205,8 @@ def export_bundle(
     reads only each row's written slots) and ``larp_rt::Sample``, the fastest CPU path, which the Engine picks
     whenever the bundle has it and the kernels are built where it runs. ``fused_sampler=None`` (the default)
     writes it whenever this install has built the custom-op library (else it says why it was left out); frame-
-    prediction generators get it too (their prefix runs through prefix_prefill.onnx, the steps after it fused); True requires it, False leaves it out.
+    prediction generators get it too (their prefix runs through prefix_prefill.onnx, the steps after it fused);
+    True requires it, False leaves it out.
 
     ``kv_dtype`` ("fp32", "fp16" or "int8"; default: the weights' float type) is the KV cache's element type. A
     narrow cache under float32 activations (fp32 / int8 / int4 weights) is read by the custom

@@ -77,13 +77,21 @@ def main(raw_path: str) -> None:
     print(f"\nwrote {out}")
 
 
+STANDARD_PATH = "onnxruntime-standard"  # bench_quant.py: the portable decode.onnx + the C++ kernel sampler
+STANDARD_COLOUR = "#b15928"
+
+
 def _label(r: dict) -> str:
+    if r["path"] == STANDARD_PATH:
+        return "fp32 standard-ops decode.onnx + kernel sampler"
     return "authors' loop (torch fp32)" if r["path"] == "authors" else f"weights {r['weights']}, KV {r['kv']}"
 
 
 def _colour(r: dict) -> str:
     if r["path"] == "authors":
         return AUTHORS_COLOUR
+    if r["path"] == STANDARD_PATH:
+        return STANDARD_COLOUR
     return WEIGHT_COLOURS[r["weights"]][KV_ORDER.index(r["kv"])]
 
 
@@ -179,6 +187,8 @@ def plot_tradeoff(speed: dict, quality: dict, out: Path, batch: int = 1) -> Path
 def quant_tables(speed: dict) -> str:
     """The README's markdown tables of a bench_quant.py JSON: whole videos, then steps per position."""
     def name(r):
+        if r["path"] == STANDARD_PATH:
+            return f"{r['weights']} (standard-ops decode.onnx + kernel sampler) | {r['kv']}"
         return ("authors' loop (torch, " + r["weights"] + ")" if r["path"] == "authors" else r["weights"]) + \
             f" | {r['kv']}"
 
@@ -214,6 +224,7 @@ def quant(argv: list[str]) -> list[Path]:
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     speed_path = Path(args.speed)
     if not speed_path.exists():
         sys.exit(f"no {speed_path}: run benchmarks/bench_quant.py --json {speed_path} first")

@@ -11,7 +11,14 @@ Measured, every variant interleaved (round-robin, so the shared host's swings hi
   decode_sample graph: one ONNX Runtime run per token); the median of repeated steps;
 * whole videos (``Engine.generate``, batch 1 and 8, CFG 2.0), ms per token;
 * the authors' loop (``authors_loop.py``, their eager PyTorch step / whole ``generate`` on the same float32
-  model) as the reference beside them.
+  model) as the reference beside them; for whole videos it runs before and after ours in every round
+  (``authors_runs`` in its record), and its figure is the median of both;
+* beside the default float32 bundle (its fused ``decode_sample.onnx``: DecodeAttention + PackedMatMul + Sample),
+  the same bundle's portable ``decode.onnx`` with the C++ kernel sampler (path ``onnxruntime-standard``): what
+  machines without the custom-op library run, and what an export without flags ran before the fused step became
+  the default.
+
+This is the run the README's speed tables come from (``benchmarks/report.py quant`` prints them).
 
 Ratios: to the float32 weight-read floor (float32 weight bytes / read bandwidth probed in the same run) and to the
 variant's own bytes' floor (its weight bytes + the K/V bytes a step at that position must read: ``pos`` slots of
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -373,6 +381,7 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 4)
     block = args.block or (4 if args.quick else 8)
     t_start = time.perf_counter()
+    load_before = os.getloadavg()
 
     listed, variants = [], {}
     for w in WEIGHTS:
@@ -450,6 +459,7 @@ def main() -> None:
            "mode": "quick" if args.quick else "full", "preset": args.preset, "cfg_scale": CFG,
            "command": "benchmarks/bench_quant.py" + (" --quick" if args.quick else ""),
            "duration_s": round(total, 1), "positions": positions, "batches": batches,
+           "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
            "floors": "fp32_weight_floor = fp32 decode weight bytes / probed read bandwidth; own_bytes_floor = "
                      "(variant weight bytes + K/V bytes of pos slots in its KV dtype, int8 scales included) / "
                      "bandwidth; whole videos: the mean over positions 0..n-1",

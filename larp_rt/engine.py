@@ -60,6 +60,7 @@ class Engine:
         threads: int | None = None,
         verify: bool = True,
         sampler: str = "auto",
+        prior_graph: str = "auto",
     ):
         """Load a bundle. backend: "auto" (ONNX Runtime if installed, else torch), "onnxruntime", "torch",
         "tensorrt" (the bundle's plans from `larp-rt build` on an NVIDIA GPU; never picked by "auto").
@@ -68,20 +69,28 @@ class Engine:
         sampler: "auto" (the fastest available), "fused" (ONNX Runtime: the bundle's decode_sample graph),
         "kernel" (the C++/CUDA kernel), "graph" (ONNX Runtime: the bundle's standard-ops sample graph) or
         "reference" (numpy / torch); every one draws the same tokens for the same seeds.
-        ``engine.sampler_name`` says which one runs."""
+        ``engine.sampler_name`` says which one runs.
+        prior_graph (ONNX Runtime): the prior's step graph, "auto" (the bundle's fused ``prior_fused`` graph where
+        the custom-op library runs on the CPU, else ``prior``), "fused" or "standard"; ``engine.prior_graph_name``
+        says which one runs. The other backends take "auto"."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        from .backends.onnxruntime import SAMPLERS
+        from .backends.onnxruntime import PRIOR_GRAPHS, SAMPLERS
 
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if prior_graph not in PRIOR_GRAPHS:
+            raise ValueError(f"prior_graph must be one of {', '.join(PRIOR_GRAPHS)}, got {prior_graph!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
         if backend == "auto":
             backend = "onnxruntime" if self.bundle.graphs and importlib.util.find_spec("onnxruntime") else "torch"
+        if prior_graph != "auto" and backend != "onnxruntime":
+            raise ValueError(f"prior_graph={prior_graph!r} picks an ONNX Runtime step graph; the {backend} backend "
+                             "takes prior_graph='auto'")
         if backend == "tensorrt":  # never picked by "auto": plans need a GPU, checked before anything is created
             from .backends.tensorrt import TensorRTBackend
 
@@ -89,7 +98,8 @@ class Engine:
         elif backend == "onnxruntime":
             from .backends.onnxruntime import OnnxRuntimeBackend
 
-            self.backend = OnnxRuntimeBackend(self.bundle, device=device, threads=threads, sampler=sampler)
+            self.backend = OnnxRuntimeBackend(self.bundle, device=device, threads=threads, sampler=sampler,
+                                              prior_graph=prior_graph)
         else:
             if sampler not in ("auto", "kernel", "reference"):
                 raise ValueError(f"sampler={sampler!r} runs on the onnxruntime backend; the torch backend takes "
@@ -112,6 +122,12 @@ class Engine:
     def sampler_name(self) -> str:
         """Which sampler draws the tokens: "fused", "kernel", "graph" or "reference" (same draws in each)."""
         return self.backend.sampler_name
+
+    @property
+    def prior_graph_name(self) -> str | None:
+        """The bundle graph the prior's steps run through on ONNX Runtime ("prior_fused" or "prior"); None for
+        the other backends or without a prior."""
+        return getattr(self.backend, "prior_graph_name", None)
 
     def close(self) -> None:
         with self._gen_lock:

@@ -151,8 +151,8 @@ def _export_fused_step(w, tok: LARPTokenizer, args: tuple, opset: int) -> None:
     path = w.path(f"{FUSED_GRAPH}.onnx")
     if info.get("data"):  # shared weights: the fused graph reads prior.onnx.data
         model = _trace(step, args, *_step_names(L), opset, custom_opsets={"larp_rt": 1})
+        onnx.checker.check_model(model, full_check=False)  # before sharing: the checker would look for the data here
         share_external_data(model, w.path(info["file"]))
-        onnx.checker.check_model(model, full_check=False)
         onnx.save_model(model, str(path))
         files = [path.name, *info["data"]]
     else:

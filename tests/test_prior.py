@@ -497,3 +497,21 @@ def test_prior_graph_argument_is_checked(prior_bundle):
         Engine(prior_bundle[1], prior_graph="fast")
     with pytest.raises(ValueError, match="the torch backend takes prior_graph='auto'"):
         Engine(prior_bundle[1], backend="torch", prior_graph="fused")
+
+
+@needs_ort_lib
+def test_fused_graph_shares_prior_onnx_external_weights(tmp_path, monkeypatch):
+    """A prior big enough for external data (forced here): prior_fused.onnx reads prior.onnx.data, no second copy."""
+    from larp_rt.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    save_pretrained(tiny_prior_tokenizer(seed=3), tmp_path / "tok")
+    path = export_bundle(tmp_path / "tok", None, tmp_path / "b", onnx_only=True, **quiet)
+    b = Bundle(path)
+    assert b.manifest["graphs"]["prior"]["data"] == b.manifest["graphs"]["prior_fused"]["data"] == ["prior.onnx.data"]
+    assert (path / "prior_fused.onnx").stat().st_size < (path / "prior.onnx.data").stat().st_size / 4
+    fused, std = Engine(path), Engine(path, prior_graph="standard")
+    assert fused.prior_graph_name == "prior_fused"
+    tokens = np.random.default_rng(13).integers(0, 1024, (2, 64))
+    a, b = fused.prior_logprobs(tokens, method="steps"), std.prior_logprobs(tokens, method="steps")
+    assert np.abs(a - b).max() < 1e-4

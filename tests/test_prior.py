@@ -513,5 +513,5 @@ def test_fused_graph_shares_prior_onnx_external_weights(tmp_path, monkeypatch):
     fused, std = Engine(path), Engine(path, prior_graph="standard")
     assert fused.prior_graph_name == "prior_fused"
     tokens = np.random.default_rng(13).integers(0, 1024, (2, 64))
-    a, b = fused.prior_logprobs(tokens, method="steps"), std.prior_logprobs(tokens, method="steps")
-    assert np.abs(a - b).max() < 1e-4
+    lp_fused, lp_std = fused.prior_logprobs(tokens, method="steps"), std.prior_logprobs(tokens, method="steps")
+    assert np.abs(lp_fused - lp_std).max() < 1e-4

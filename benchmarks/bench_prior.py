@@ -13,10 +13,15 @@ Two shapes:
   weights.
 
 Scoring (``Engine.prior_logprobs``): ``full`` = one causal forward over the whole sequence (prior_score.onnx),
-``steps`` = N - 1 cached single steps of prior.onnx; videos/s. Sampling: ``Engine.prior_generate`` from a
-1-token prefix (N - 1 steps: prior step + host sampler) and ``Engine.generate`` without guidance (N steps, the
-bundle's default sampler), both as ms per step averaged over a whole video (every cache length 0 .. N-1).
-Medians of ``--repeats`` timed runs after a warm-up. Ends with one JSON line.
+``steps`` = N - 1 cached single steps of the engine's prior step graph; videos/s. Sampling:
+``Engine.prior_generate`` from a 1-token prefix (N - 1 steps: prior step + host sampler) through each prior step
+graph, ``prior_fused.onnx`` (larp_rt::DecodeAttention; the default where the kernels are built) and ``prior.onnx``
+(standard ops, cache windows), and ``Engine.generate`` without guidance (N steps, the bundle's default sampler),
+each as ms per step averaged over a whole video (every cache length 0 .. N-1), timed interleaved (fused, standard,
+generator, fused, ...) so that load drifts hit all three alike. Medians of ``--repeats`` timed runs after a
+warm-up. Ends with one JSON line. JSON fields per row: ``prior_step_ms`` (the engine's default graph, named by
+``prior_graph``), ``prior_fused_step_ms`` (None when the bundle has no fused graph or the kernels are not built),
+``prior_standard_step_ms``, ``generator_step_ms`` and their ratios.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,12 +52,15 @@ TINY = ROOT / "checkpoints" / "tiny"
 def _bundle(name: str, tokenizer_dir: Path, generator_dir: Path | None) -> Path:
     from larp_rt.export import export_bundle
 
+    from larp_rt import kernels
     from larp_rt.bundle import Bundle, BundleError
 
     out = CACHE / name
     if (out / "manifest.json").exists():
         try:
-            if Bundle(out).prior is not None:
+            prior = Bundle(out).prior
+            # a bundle cached before prior_fused.onnx existed is re-exported where the kernels can build it
+            if prior is not None and (prior.get("fused_graph") or kernels.ort_custom_op_library() is None):
                 return out
         except BundleError:
             pass
@@ -79,8 +88,19 @@ def _warm_generate(eng: Engine, B: int) -> None:
     it.close()
 
 
+def _interleaved(fns: dict[str, object], repeats: int) -> dict[str, tuple[float, list[float]]]:
+    """Each of ``fns`` timed ``repeats`` times, in turn (a, b, c, a, b, c, ...) -> name -> (median s, every run)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(time_runs(fn, 1)[0])
+    return {k: (statistics.median(v), v) for k, v in times.items()}
+
+
 def bench(name: str, prior_bundle: Path, gen_bundle: Path, batches: list[int], repeats: int) -> list[dict]:
-    pe = Engine(prior_bundle, backend="onnxruntime", device="cpu")
+    pe = Engine(prior_bundle, backend="onnxruntime", device="cpu")  # prior_graph "auto": fused where it runs
+    ps = Engine(prior_bundle, backend="onnxruntime", device="cpu", prior_graph="standard")  # prior.onnx
+    has_fused = pe.prior_graph_name != ps.prior_graph_name
     ge = pe if gen_bundle == prior_bundle else Engine(gen_bundle, backend="onnxruntime", device="cpu")
     cfg, pc = pe.tokenizer_config, pe.tokenizer_config.prior
     N, K = cfg.num_tokens, cfg.codebook_size
@@ -89,7 +109,7 @@ def bench(name: str, prior_bundle: Path, gen_bundle: Path, batches: list[int], r
         tokens = np.random.default_rng(B).integers(0, K, (B, N))
         r = {"shape": name, "batch": B, "prior": f"{pc.dim}x{pc.depth} ({pc.heads} heads)", "N": N, "K": K,
              "generator": f"{ge.generator_config.dim}x{ge.generator_config.n_layer}",
-             "generator_sampler": ge.sampler_name}
+             "generator_sampler": ge.sampler_name, "prior_graph": pe.prior_graph_name}
         for method in ("full", "steps"):
             pe.prior_logprobs(tokens, method=method)  # warm-up: sessions, buffers
             t, ts = time_runs(lambda m=method, x=tokens: pe.prior_logprobs(x, method=m), repeats)
@@ -98,19 +118,34 @@ def bench(name: str, prior_bundle: Path, gen_bundle: Path, batches: list[int], r
         r["score_full_vs_steps"] = r["score_full_videos_per_s"] / r["score_steps_videos_per_s"]
         prefix = tokens[:, :1]
         p = SamplingParams(seed=0)  # temperature 1, no top-k/top-p
-        pe.prior_generate(tokens[:, : N - 4], p)  # warm-up
-        t, ts = time_runs(lambda x=prefix, q=p: pe.prior_generate(x, q), repeats)
-        r["prior_step_ms"] = 1e3 * t / (N - 1)
-        r["prior_video_times_s"] = ts
+        priors = {"fused": pe, "standard": ps} if has_fused else {"standard": ps}
+        for e in priors.values():
+            e.prior_generate(tokens[:, : N - 4], p)  # warm-up: sessions, buffers
         _warm_generate(ge, B)
-        t, ts = time_runs(lambda b=B: ge.generate([0] * b, SamplingParams(cfg_scale=1.0, seed=0)), repeats)
+        fns = {f"prior_{k}": (lambda e=e, x=prefix, q=p: e.prior_generate(x, q)) for k, e in priors.items()}
+        fns["generator"] = lambda b=B: ge.generate([0] * b, SamplingParams(cfg_scale=1.0, seed=0))
+        timed = _interleaved(fns, repeats)
+        for k in ("fused", "standard"):
+            t, ts = timed.get(f"prior_{k}", (None, None))
+            r[f"prior_{k}_step_ms"] = None if t is None else 1e3 * t / (N - 1)
+            r[f"prior_{k}_video_times_s"] = ts
+        default = "fused" if has_fused else "standard"  # what Engine(bundle) runs here
+        r["prior_step_ms"] = r[f"prior_{default}_step_ms"]
+        r["prior_video_times_s"] = r[f"prior_{default}_video_times_s"]
+        t, ts = timed["generator"]
         r["generator_step_ms"] = 1e3 * t / ge.generator_config.max_seq_len
         r["generator_video_times_s"] = ts
         r["prior_vs_generator_step"] = r["prior_step_ms"] / r["generator_step_ms"]
+        r["prior_standard_vs_generator_step"] = r["prior_standard_step_ms"] / r["generator_step_ms"]
+        fused_ms = r["prior_fused_step_ms"]
+        r["prior_fused_vs_generator_step"] = None if fused_ms is None else fused_ms / r["generator_step_ms"]
+        r["prior_fused_vs_standard_step"] = None if fused_ms is None else fused_ms / r["prior_standard_step_ms"]
+        fused_txt = "n/a" if fused_ms is None else f"{fused_ms:.3f} ms (x{r['prior_fused_vs_generator_step']:.2f})"
         print(f"{name} B={B}: score full {r['score_full_videos_per_s']:.1f} videos/s, steps "
               f"{r['score_steps_videos_per_s']:.2f} videos/s (full x{r['score_full_vs_steps']:.1f}); step: prior "
-              f"{r['prior_step_ms']:.3f} ms, generator {r['generator_step_ms']:.3f} ms "
-              f"(x{r['prior_vs_generator_step']:.2f})", flush=True)
+              f"fused {fused_txt}, standard {r['prior_standard_step_ms']:.3f} ms "
+              f"(x{r['prior_standard_vs_generator_step']:.2f}), generator {r['generator_step_ms']:.3f} ms",
+              flush=True)
         rows.append(r)
     return rows
 

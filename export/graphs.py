@@ -73,6 +73,13 @@ class _CacheAttention(torch.autograd.Function):
         return g.op("larp_rt::DecodeAttention", q, k, v, past_k, past_v, pos, *scales).setType(q.type())
 
 
+def cache_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, pos: Tensor,
+                    *scales: Tensor) -> Tensor:
+    """``_CacheAttention`` for the other graph families (the prior's step): one ``larp_rt::DecodeAttention`` node
+    when traced, the same math in torch otherwise. Shapes and dtypes as ``_CacheAttention``."""
+    return _CacheAttention.apply(q, k, v, past_k, past_v, pos, *scales)
+
+
 KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 
 

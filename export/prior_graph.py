@@ -8,6 +8,8 @@ are ``linear(prediction, normalised codebook) / latent_ce_temperature``. Token 0
   ``pos`` (B,) int64, one per row (= the token's index in its video; row b reads its cache slots < pos[b]) and
   ``past_{k,v}_{i}`` (B, h, S, hd) per block -> ``logits`` (B, K) float32, the logits of the token at pos + 1,
   and ``present_{k,v}_{i}`` (B, h, 1, hd), which the runtime writes into slot ``pos[b]`` of row b.
+  ``fused_attention`` (float32 priors): the same I/O, each layer's attention one ``larp_rt::DecodeAttention`` node
+  (the generator's op, ``export.graphs.cache_attention``), which reads only row b's first pos[b] slots.
 * prior_score (the whole sequence at once, for scoring): ``tokens`` (B, N) int64 -> ``logprobs`` (B, N - 1)
   float32, ``log p(token t | tokens < t)`` for t = 1 .. N - 1 (log-softmax over the codebook, in the graph, so
   the (B, N - 1, K) logits never leave it).
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import LARPTokenizer
-from .graphs import _slot_bias
+from .graphs import _slot_bias, cache_attention
 
 __all__ = ["PriorStepGraph", "PriorScoreGraph", "prior_of"]
 
@@ -45,12 +47,20 @@ class PriorStepGraph(nn.Module):
     Like ``DecodeGraph``: weights stored (in, out) so every projection is a plain MatMul; the separate
     key/query/value projections are one (E, 3E) matrix with the softmax scale folded into the query columns (and
     bias); attention is softmax over [past scores (masked per row by ``_slot_bias``) | the token's own score], so the
-    cache is read once and never concatenated or scattered in the graph."""
+    cache is read once and never concatenated or scattered in the graph.
 
-    def __init__(self, tok: LARPTokenizer):
+    ``fused_attention``: that attention is one ``larp_rt::DecodeAttention`` node per layer (float32 weights only,
+    like the generator's fused graph: the op computes in float32)."""
+
+    def __init__(self, tok: LARPTokenizer, *, fused_attention: bool = False):
         super().__init__()
         prior = prior_of(tok)
         cfg = prior.config
+        dtype = prior.input_proj.weight.dtype
+        if fused_attention and dtype != torch.float32:
+            raise ValueError(f"fused_attention needs a float32 prior (larp_rt::DecodeAttention computes in float32), "
+                             f"got {dtype}: cast the tokenizer with .float(), or pass fused_attention=False")
+        self.fused_attention = fused_attention
         self.heads, self.dim = cfg.heads, cfg.dim
         self.head_dim = cfg.dim // cfg.heads
         self.inv_temperature = 1.0 / cfg.latent_ce_temperature  # the authors multiply by 1 / temperature
@@ -85,17 +95,20 @@ class PriorStepGraph(nn.Module):
         x = F.embedding(token, self.codes)  # (B, 1, d): the normalised code of the token
         h = x @ self.w_in + self.b_in + F.embedding(pos.view(-1, 1), self.pos_emb)  # (B, 1, E)
         S = past[0].shape[2]
-        bias = _slot_bias(pos, S)  # (B, 1, 1, S): row b sees its slots < pos[b]
+        bias = None if self.fused_attention else _slot_bias(pos, S)  # (B, 1, 1, S): row b sees slots < pos[b]
         acc = _acc(h.dtype)
         presents: list[Tensor] = []
         for i in range(self.n_layer):
             past_k, past_v = past[2 * i], past[2 * i + 1]  # (B, h, S, hd)
             qkv = self.ln1[i](h) @ getattr(self, f"wqkv_{i}") + getattr(self, f"bqkv_{i}")  # (B, 1, 3E), q scaled
             q, k, v = (t.reshape(-1, H, 1, hd) for t in qkv.split(E, dim=-1))  # (B, h, 1, hd) each
-            s_past = (past_k @ q.reshape(-1, H, hd, 1)).reshape(-1, H, 1, S).to(acc) + bias  # (B, h, 1, S)
-            s_self = (q * k).sum(-1, keepdim=True).to(acc)  # (B, h, 1, 1)
-            att = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).to(q.dtype)  # (B, h, 1, S + 1)
-            y = att[..., :S] @ past_v + att[..., S:] * v  # (B, h, 1, hd)
+            if self.fused_attention:  # one node: reads row b's slots < pos[b] only
+                y = cache_attention(q, k, v, past_k, past_v, pos)
+            else:
+                s_past = (past_k @ q.reshape(-1, H, hd, 1)).reshape(-1, H, 1, S).to(acc) + bias  # (B, h, 1, S)
+                s_self = (q * k).sum(-1, keepdim=True).to(acc)  # (B, h, 1, 1)
+                att = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).to(q.dtype)  # (B, h, 1, S + 1)
+                y = att[..., :S] @ past_v + att[..., S:] * v  # (B, h, 1, hd)
             h = h + y.reshape(-1, 1, E) @ getattr(self, f"wo_{i}") + getattr(self, f"bo_{i}")
             m = F.gelu(self.ln2[i](h) @ getattr(self, f"w1_{i}") + getattr(self, f"b1_{i}"))  # (B, 1, 4E)
             h = h + m @ getattr(self, f"w2_{i}") + getattr(self, f"b2_{i}")

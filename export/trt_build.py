@@ -72,7 +72,8 @@ PROFILES: dict[str, dict[str, Any]] = {
 # graphs that stay ONNX-only: the sampler graph computes in float64 (plans hold none; the plan path samples with
 # the CUDA kernel of cpp_ext instead), the fused decode+sample graph uses larp_rt custom ops TensorRT cannot parse
 PLAN_EXCLUDED = {"sample": "float64 sampler graph (the plan path samples with the CUDA kernel)",
-                 "decode_sample": "custom ops larp_rt::DecodeAttention / larp_rt::Sample (ONNX Runtime only)"}
+                 "decode_sample": "custom ops larp_rt::DecodeAttention / larp_rt::Sample (ONNX Runtime only)",
+                 "prior_fused": "custom op larp_rt::DecodeAttention (ONNX Runtime only; the plan is prior.onnx's)"}
 
 _NP_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
               "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "FP8": "float8", "INT4": "int4", "FP4": "fp4",

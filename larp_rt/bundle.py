@@ -26,7 +26,8 @@ FORMAT = "larp_rt.bundle"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 GRAPHS = ("encoder", "decoder", "prefill", "decode", "sample", "decode_sample", "prior", "prior_score",
-          "prefix_prefill")  # prefix_prefill: frame prediction's multi-token prefill (optional)
+          "prefix_prefill", "prior_fused")  # prefix_prefill: frame prediction's multi-token prefill (optional);
+# prior_fused: the prior's step with larp_rt::DecodeAttention (optional; prior.onnx is its fallback)
 
 
 class BundleError(ValueError):
@@ -117,6 +118,9 @@ class Bundle:
         if why is not None:
             raise BundleError(f"{str(mpath)!r}: {why}; re-export the bundle "
                               "(larp-rt export --precision ... --kv-dtype ...)")
+        why = check_prior(self)
+        if why is not None:
+            raise BundleError(f"{str(mpath)!r}: {why}; re-export the bundle (larp-rt export --tokenizer DIR)")
 
     def verify(self) -> None:
         """Check every listed file exists and has its recorded sha256."""
@@ -250,6 +254,47 @@ def check_tokenizer_precision(bundle: Bundle) -> str | None:
         if not want_int8 and (n_int8 or n_nbits):
             return (f"the manifest claims tokenizer precision {claim!r} but {info.file} holds {n_int8 + n_nbits} "
                     "quantized (int8) MatMul nodes")
+    return None
+
+
+PRIOR_FUSED_ATTENTION = "larp_rt::DecodeAttention"  # the op a prior entry's ``fused_graph`` reads its cache with
+
+
+def check_prior(bundle: Bundle) -> str | None:
+    """None when the prior entry's optional ``fused_graph`` (the step with larp_rt::DecodeAttention) is consistent,
+    else what is wrong: it and the step ``graph`` are graphs of the bundle with the same inputs and outputs,
+    ``fused_attention`` is larp_rt::DecodeAttention and (with ``onnx`` installed) the graph has such a node.
+    Entries without ``fused_graph`` (older bundles, fp16 priors, exports without the kernels) are valid."""
+    prior = bundle.prior
+    if prior is None:
+        return None
+    if not isinstance(prior, dict):
+        return f"the tokenizer's prior entry must be an object, got {type(prior).__name__}"
+    fused = prior.get("fused_graph")
+    if fused is None:
+        return None
+    if prior.get("graph") not in bundle.graphs:
+        return f"the prior entry names a fused_graph but its step graph {prior.get('graph')!r} is not in the bundle"
+    if not isinstance(fused, str) or fused not in bundle.graphs:
+        return f"the prior entry's fused_graph {fused!r} is not a graph of the bundle"
+    if prior.get("fused_attention") != PRIOR_FUSED_ATTENTION:
+        return (f"the prior entry's fused_attention is {prior.get('fused_attention')!r}; this larp_rt runs "
+                f"{PRIOR_FUSED_ATTENTION!r}")
+    step, info = bundle.graphs[prior["graph"]], bundle.graphs[fused]
+    if info.inputs != step.inputs or info.outputs != step.outputs:
+        return f"the prior's fused step graph {info.file} has other inputs/outputs than {step.file}"
+    path = bundle.path / info.file
+    if not path.is_file():
+        return None  # verify() names missing files
+    try:
+        import onnx
+    except ImportError:
+        has = b"DecodeAttention" in path.read_bytes()
+    else:
+        has = any(n.op_type == "DecodeAttention" and n.domain == "larp_rt"
+                  for n in onnx.load(str(path), load_external_data=False).graph.node)
+    if not has:
+        return f"the prior entry says {info.file} reads its cache with {PRIOR_FUSED_ATTENTION}, but it has no such node"
     return None
 
 

@@ -61,6 +61,7 @@ class Engine:
         verify: bool = True,
         sampler: str = "auto",
         preallocate: int | None = None,
+        prior_graph: str = "auto",
     ):
         """Load a bundle. backend: "auto" (ONNX Runtime if installed, else torch), "onnxruntime", "torch",
         "tensorrt" (the bundle's plans from `larp-rt build` on an NVIDIA GPU; never picked by "auto").
@@ -72,7 +73,10 @@ class Engine:
         ``engine.sampler_name`` says which one runs and ``engine.sampler_reason`` why (logged at INFO).
         preallocate: rows of the generator's KV cache allocated and pre-faulted now, at start-up, so that the first
         request does not pay for it (default: the rows of one request, 2 with guidance; 0: on first use). Larger
-        batches grow it on first use."""
+        batches grow it on first use.
+        prior_graph (ONNX Runtime): the prior's step graph, "auto" (the bundle's fused ``prior_fused`` graph where
+        the custom-op library runs on the CPU, else ``prior``), "fused" or "standard"; ``engine.prior_graph_name``
+        says which one runs. The other backends take "auto"."""
         if preallocate is not None and (not isinstance(preallocate, int) or isinstance(preallocate, bool)
                                         or preallocate < 0):
             raise ValueError(f"preallocate must be a non-negative int (rows) or None, got {preallocate!r}")
@@ -82,13 +86,18 @@ class Engine:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        from .backends.onnxruntime import SAMPLERS
+        from .backends.onnxruntime import PRIOR_GRAPHS, SAMPLERS
 
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if prior_graph not in PRIOR_GRAPHS:
+            raise ValueError(f"prior_graph must be one of {', '.join(PRIOR_GRAPHS)}, got {prior_graph!r}")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
         if backend == "auto":
             backend = "onnxruntime" if self.bundle.graphs and importlib.util.find_spec("onnxruntime") else "torch"
+        if prior_graph != "auto" and backend != "onnxruntime":
+            raise ValueError(f"prior_graph={prior_graph!r} picks an ONNX Runtime step graph; the {backend} backend "
+                             "takes prior_graph='auto'")
         if backend == "tensorrt":  # never picked by "auto": plans need a GPU, checked before anything is created
             from .backends.tensorrt import TensorRTBackend
 
@@ -96,7 +105,8 @@ class Engine:
         elif backend == "onnxruntime":
             from .backends.onnxruntime import OnnxRuntimeBackend
 
-            self.backend = OnnxRuntimeBackend(self.bundle, device=device, threads=threads, sampler=sampler)
+            self.backend = OnnxRuntimeBackend(self.bundle, device=device, threads=threads, sampler=sampler,
+                                              prior_graph=prior_graph)
         else:
             if sampler not in ("auto", "kernel", "reference"):
                 raise ValueError(f"sampler={sampler!r} runs on the onnxruntime backend; the torch backend takes "
@@ -132,6 +142,12 @@ class Engine:
     def sampler_reason(self) -> str:
         """Why ``sampler_name`` was picked (e.g. why the bundle's fused step is not used here)."""
         return getattr(self.backend, "sampler_reason", "")
+
+    @property
+    def prior_graph_name(self) -> str | None:
+        """The bundle graph the prior's steps run through on ONNX Runtime ("prior_fused" or "prior"); None for
+        the other backends or without a prior."""
+        return getattr(self.backend, "prior_graph_name", None)
 
     def close(self) -> None:
         with self._gen_lock:

@@ -1,8 +1,11 @@
-"""The tokenizer's AR prior in bundles: prior.onnx / prior_score.onnx, Engine.prior_logprobs / prior_nll /
-prior_generate, the `score` and `prior-generate` verbs."""
+"""The tokenizer's AR prior in bundles: prior.onnx / prior_score.onnx / prior_fused.onnx (the step with
+larp_rt::DecodeAttention), Engine.prior_logprobs / prior_nll / prior_generate, the `score` and `prior-generate`
+verbs."""
 
+import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,8 @@ from larp_rt.export.prior_export import prior_reference_logits
 from larp_rt.export.prior_graph import PriorStepGraph
 from safetensors.torch import save_file
 
-from larp_rt import Bundle, Engine, SamplingParams, TokenizerConfig, save_pretrained
+from larp_rt import Bundle, Engine, SamplingParams, TokenizerConfig, kernels, save_pretrained
+from larp_rt.bundle import BundleError
 from larp_rt.cli import main
 from larp_rt.models import LARPTokenizer
 
@@ -330,3 +334,184 @@ def test_cli_score_and_prior_generate(prior_bundle, engines, tmp_path, capsys):
     capsys.readouterr()
     assert main(["prior-generate", str(path), str(tmp_path / "in.mp4"), "--keep", "65", "--out", str(out_mp4)]) == 2
     assert "--keep must be in [1, 64]" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# the fused step graph (prior_fused.onnx: larp_rt::DecodeAttention)
+# ------------------------------------------------------------------------------------------------
+needs_ort_lib = pytest.mark.skipif(kernels.ort_custom_op_library() is None,
+                                   reason="the ONNX Runtime custom-op library is not built (pip install -e .)")
+
+
+def test_fused_step_module_matches_the_standard_one_and_is_float32_only():
+    tok = tiny_prior_tokenizer()
+    std, fused = PriorStepGraph(tok).eval(), PriorStepGraph(tok, fused_attention=True).eval()
+    B, S, K = 3, 64, tok.config.codebook_size
+    g = torch.Generator().manual_seed(2)
+    token, pos = torch.randint(0, K, (B, 1), generator=g), torch.tensor([0, 17, 63])
+    past = [torch.randn(B, std.heads, S, std.head_dim, generator=g) for _ in range(2 * std.n_layer)]
+    with torch.no_grad():
+        for a, b in zip(std(token, pos, *past), fused(token, pos, *past), strict=True):
+            assert (a - b).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="fused_attention needs a float32 prior"):
+        PriorStepGraph(tiny_prior_tokenizer().half(), fused_attention=True)
+
+
+@needs_ort_lib
+def test_fused_graph_in_the_manifest_and_verified(prior_bundle):
+    import onnx
+
+    b = Bundle(prior_bundle[1])
+    entry = b.prior
+    assert entry["fused_graph"] == "prior_fused" and entry["fused_attention"] == "larp_rt::DecodeAttention"
+    g = b.graph("prior_fused")
+    assert g.inputs == b.graph("prior").inputs and g.outputs == b.graph("prior").outputs
+    ops = [n.op_type for n in onnx.load(str(b.graph_path("prior_fused")), load_external_data=False).graph.node
+           if n.domain == "larp_rt"]
+    assert ops == ["DecodeAttention"] * 2  # one per layer
+    check = next(c for c in b.manifest["verification"] if c["graph"] == "prior_fused")
+    assert check["output"] == "logits" and check["max_abs"] <= check["tol"] == 1e-3
+
+
+@needs_ort_lib
+def test_fused_runner_with_mixed_positions_equals_the_float64_full_forward(prior_bundle, engines):
+    """Rows start 3 steps apart (each step mixes positions) through the fused runner (cache bound at full length,
+    unwritten slots never read): the logits equal the float64 full causal forward within the fp32 tolerance."""
+    tok, _ = prior_bundle
+    be = engines["onnxruntime"].backend
+    assert be.prior_graph_name == "prior_fused"
+    B, N = 3, tok.config.num_tokens
+    tokens = np.random.default_rng(9).integers(0, 1024, (B, N))
+    with torch.no_grad():
+        ref = prior_reference_logits(copy.deepcopy(tok).double(), torch.from_numpy(tokens)).numpy()  # (B, N-1, K)
+    runner = be.prior_runner(B)
+    try:
+        assert runner.graph_name == "prior_fused" and not runner.windowed
+        got = np.zeros_like(ref)
+        rows = np.arange(B)
+        for j in range(N - 1 + 3 * (B - 1)):
+            p = j - 3 * rows
+            live = (p >= 0) & (p < N - 1)
+            pp = np.where(live, p, 0)  # idle rows at position 0: their slot-0 write is rewritten before it is read
+            logits = runner.run(tokens[rows, pp], pp)
+            got[live, pp[live]] = logits[live]
+            assert runner.width == runner.S  # bound once at full length
+    finally:
+        runner.close()
+    assert np.abs(got - ref).max() <= 1e-3
+
+
+@needs_ort_lib
+def test_fused_and_standard_graphs_score_and_draw_the_same(prior_bundle, engines):
+    fused, std = engines["onnxruntime"], Engine(prior_bundle[1], prior_graph="standard")
+    assert fused.prior_graph_name == "prior_fused" and std.prior_graph_name == "prior"
+    runner = std.backend.prior_runner(1)
+    assert runner.graph_name == "prior" and runner.windowed
+    runner.close()
+    tokens = np.random.default_rng(10).integers(0, 1024, (3, 64))
+    a, b = fused.prior_logprobs(tokens, method="steps"), std.prior_logprobs(tokens, method="steps")
+    assert np.abs(a - b).max() < 1e-4
+    prefix = tokens[:, :7]
+    for p in (SamplingParams(temperature=0.0), SamplingParams(seed=3), SamplingParams(seed=4, top_k=50, top_p=0.9),
+              [SamplingParams(seed=s, temperature=0.8) for s in (5, 6, 7)]):
+        assert np.array_equal(fused.prior_generate(prefix, p).tokens, std.prior_generate(prefix, p).tokens)
+
+
+@needs_ort_lib
+def test_disabled_kernels_fall_back_to_the_standard_graph(prior_bundle, engines, monkeypatch):
+    eng = engines["onnxruntime"]
+    prefix = np.random.default_rng(11).integers(0, 1024, (2, 5))
+    want = eng.prior_generate(prefix, SamplingParams(seed=8)).tokens
+    with kernels.force_fallback():
+        assert eng.prior_graph_name == "prior"  # decided per run: the same engine
+        assert np.array_equal(eng.prior_generate(prefix, SamplingParams(seed=8)).tokens, want)
+        with pytest.raises(ValueError, match="prior_graph='fused' is not available: the kernels are disabled"):
+            Engine(prior_bundle[1], prior_graph="fused")
+    monkeypatch.setenv(kernels.ENV_DISABLE, "1")
+    off = Engine(prior_bundle[1])
+    assert off.prior_graph_name == "prior"
+    assert np.array_equal(off.prior_generate(prefix, SamplingParams(seed=8)).tokens, want)
+
+
+def test_bundle_without_the_fused_graph_runs_prior_onnx(tmp_path, monkeypatch):
+    """An export where the custom-op library is not built (like bundles from before prior_fused.onnx) has no
+    fused entry and runs prior.onnx; asking for the fused graph says why it cannot run."""
+    save_pretrained(tiny_prior_tokenizer(seed=1), tmp_path / "tok")
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "ort_custom_op_library", lambda *a, **k: None)
+        path = export_bundle(tmp_path / "tok", None, tmp_path / "b", onnx_only=True, **quiet)
+    b = Bundle(path)
+    assert "fused_graph" not in b.prior and "prior_fused" not in b.graphs
+    eng = Engine(path)
+    assert eng.prior_graph_name == "prior"
+    tokens = np.random.default_rng(12).integers(0, 1024, (2, 64))
+    assert np.abs(eng.prior_logprobs(tokens, method="steps") - eng.prior_logprobs(tokens, method="full")).max() < 2e-4
+    assert eng.prior_generate(tokens[:, :4], SamplingParams(seed=1)).tokens.shape == (2, 64)
+    with pytest.raises(ValueError, match="has no fused prior step graph"):
+        Engine(path, prior_graph="fused")
+
+
+def test_fp16_prior_keeps_the_standard_graph(tmp_path):
+    save_pretrained(tiny_prior_tokenizer(seed=2), tmp_path / "tok")
+    path = export_bundle(tmp_path / "tok", None, tmp_path / "b", precision="fp16", onnx_only=True, verify=False,
+                         **quiet)
+    b = Bundle(path)
+    assert b.prior["kv_cache"]["dtype"] == "fp16" and "fused_graph" not in b.prior and "prior_fused" not in b.graphs
+    assert Engine(path).prior_graph_name == "prior"
+
+
+@needs_ort_lib
+def test_inconsistent_fused_entries_are_refused(prior_bundle, tmp_path):
+    src = Path(prior_bundle[1])
+
+    def variant(name, edit):
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        m = json.loads((dst / "manifest.json").read_text())
+        edit(m)
+        (dst / "manifest.json").write_text(json.dumps(m))
+        return dst
+
+    def no_graph(m):
+        del m["graphs"]["prior_fused"]
+
+    def wrong_op(m):
+        m["tokenizer"]["prior"]["fused_attention"] = "com.microsoft::Attention"
+
+    def standard_file(m):  # claims prior.onnx is the fused graph: no DecodeAttention node in it
+        m["graphs"]["prior_fused"] = m["graphs"]["prior"]
+
+    def other_io(m):
+        m["graphs"]["prior_fused"]["outputs"] = m["graphs"]["prior_fused"]["outputs"][:1]
+
+    for name, edit, msg in [("no_graph", no_graph, "fused_graph 'prior_fused' is not a graph of the bundle"),
+                            ("wrong_op", wrong_op, "fused_attention is 'com.microsoft::Attention'"),
+                            ("standard_file", standard_file, "but it has no such node"),
+                            ("other_io", other_io, "other inputs/outputs than prior.onnx")]:
+        with pytest.raises(BundleError, match=msg):
+            Bundle(variant(name, edit))
+
+
+def test_prior_graph_argument_is_checked(prior_bundle):
+    with pytest.raises(ValueError, match="prior_graph must be one of auto, fused, standard, got 'fast'"):
+        Engine(prior_bundle[1], prior_graph="fast")
+    with pytest.raises(ValueError, match="the torch backend takes prior_graph='auto'"):
+        Engine(prior_bundle[1], backend="torch", prior_graph="fused")
+
+
+@needs_ort_lib
+def test_fused_graph_shares_prior_onnx_external_weights(tmp_path, monkeypatch):
+    """A prior big enough for external data (forced here): prior_fused.onnx reads prior.onnx.data, no second copy."""
+    from larp_rt.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    save_pretrained(tiny_prior_tokenizer(seed=3), tmp_path / "tok")
+    path = export_bundle(tmp_path / "tok", None, tmp_path / "b", onnx_only=True, **quiet)
+    b = Bundle(path)
+    assert b.manifest["graphs"]["prior"]["data"] == b.manifest["graphs"]["prior_fused"]["data"] == ["prior.onnx.data"]
+    assert (path / "prior_fused.onnx").stat().st_size < (path / "prior.onnx.data").stat().st_size / 4
+    fused, std = Engine(path), Engine(path, prior_graph="standard")
+    assert fused.prior_graph_name == "prior_fused"
+    tokens = np.random.default_rng(13).integers(0, 1024, (2, 64))
+    lp_fused, lp_std = fused.prior_logprobs(tokens, method="steps"), std.prior_logprobs(tokens, method="steps")
+    assert np.abs(lp_fused - lp_std).max() < 1e-4

@@ -8,6 +8,11 @@ provider they are device OrtValues and the slot writes are strided device-to-dev
 cache never crosses to the host. Inputs (token, pos) and outputs (logits, new entries) are bound to preallocated
 buffers too: a decode step allocates nothing.
 
+The tokenizer's prior steps run the bundle's ``prior_fused`` graph (its attention one larp_rt::DecodeAttention
+node per layer, reading only each row's written slots: the cache is bound at full length once) when the bundle
+has it, the custom-op library is built and not disabled and the provider is the CPU; else ``prior`` (standard ops,
+cache windows). ``backend.prior_graph_name`` says which one the next prior run uses.
+
 Thread safety: ONNX Runtime sessions may run from several threads at once; sessions are created under a lock,
 and every runner (the backend's own, a scheduler's) has its own buffers and IO binding.
 """
@@ -24,7 +29,7 @@ from ..bundle import Bundle
 from ..sampling import RowParams
 from .base import Backend, StepRunner, StepSample
 
-__all__ = ["OnnxRuntimeBackend", "SAMPLERS", "available_providers", "prefaulted"]
+__all__ = ["OnnxRuntimeBackend", "SAMPLERS", "PRIOR_GRAPHS", "available_providers", "prefaulted"]
 
 
 def available_providers() -> list[str]:
@@ -56,6 +61,9 @@ def prefaulted(size: int, dtype) -> np.ndarray:
 
 
 SAMPLERS = ("auto", "fused", "kernel", "graph", "reference")
+# the prior's step graph: "auto" = the fused one where it can run, else prior.onnx; "fused" = the fused one or an
+# error saying why not; "standard" = prior.onnx (standard ops)
+PRIOR_GRAPHS = ("auto", "fused", "standard")
 KV_NUMPY = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}  # the manifest's kv_cache dtype
 
 
@@ -63,16 +71,22 @@ class OnnxRuntimeBackend(Backend):
     """sampler: how tokens are drawn (identical draws for the same seeds, see larp_rt/sampling.py):
     "fused" = the bundle's decode_sample graph (decode + the custom larp_rt::Sample op, one run per token);
     "kernel" = decode graph + the C++ kernel through ctypes; "graph" = decode graph + the bundle's standard-ops
-    sample graph; "reference" = decode graph + the numpy reference; "auto" = the fastest available here."""
+    sample graph; "reference" = decode graph + the numpy reference; "auto" = the fastest available here.
+    prior_graph: the prior's step graph (PRIOR_GRAPHS): "auto" = the bundle's fused graph where it can run (see the
+    module docstring), else prior.onnx; "fused" = the fused graph (an error says why it cannot run); "standard" =
+    prior.onnx. Both give the same logits within float32 rounding and draw the same tokens."""
 
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int | None = None, sampler: str = "auto"):
+    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int | None = None, sampler: str = "auto",
+                 prior_graph: str = "auto"):
         import onnxruntime as ort
 
         super().__init__(bundle.tokenizer_config, bundle.generator_config)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if prior_graph not in PRIOR_GRAPHS:
+            raise ValueError(f"prior_graph must be one of {', '.join(PRIOR_GRAPHS)}, got {prior_graph!r}")
         self.ort = ort
         self.bundle = bundle
         self.providers = _providers(device)
@@ -95,6 +109,9 @@ class OnnxRuntimeBackend(Backend):
             if kv.get("attention") == "larp_rt::DecodeAttention":  # a narrow cache read by the fused op
                 self._need_custom_ops(f"the bundle's {kv['dtype']} KV cache")
             self._choose_sampler(sampler)
+        self.prior_graph = prior_graph
+        if prior_graph == "fused" and (why := self._prior_fused_unavailable()) is not None:
+            raise ValueError(f"prior_graph='fused' is not available: {why}; use prior_graph='auto'")
 
     def _need_custom_ops(self, what: str) -> None:
         """Register the custom-op library (once), or say why this install cannot run ``what``."""
@@ -215,9 +232,53 @@ class OnnxRuntimeBackend(Backend):
         return np.concatenate([sess.run(["logprobs"], {"tokens": tokens[i:i + rows]})[0]
                                for i in range(0, len(tokens), rows)])
 
+    def _prior_fused_unavailable(self) -> str | None:
+        """None when the prior's fused step graph can run here now, else why not."""
+        from .. import kernels
+
+        prior = self.bundle.prior
+        if prior is None:
+            return f"bundle {str(self.bundle.path)!r} has no AR prior"
+        if not prior.get("fused_graph"):
+            return ("the bundle has no fused prior step graph (an fp16 prior, or exported where the ONNX Runtime "
+                    "custom-op library was not built): re-export it with the kernels built (pip install -e .)")
+        if self.on_gpu:
+            return ("larp_rt::DecodeAttention is a CPU op (a GPU provider would copy the cache to the host every "
+                    "step): use device='cpu'")
+        if kernels.ort_custom_op_library() is None:
+            return ("the ONNX Runtime custom-op library (liblarp_rt_ort.so) is not built here: reinstall with "
+                    "`pip install -e .` (see cpp_ext/README.md)")
+        if kernels.disabled():
+            return "the kernels are disabled (LARP_RT_DISABLE_KERNELS / kernels.force_fallback)"
+        return None
+
+    @property
+    def prior_graph_name(self) -> str | None:
+        """The bundle graph the next prior runner steps through: the fused one (``prior_fused``) or ``prior``; None
+        without a prior. With prior_graph='fused' where it cannot run (kernels disabled since), raises."""
+        prior = self.bundle.prior
+        if prior is None:
+            return None
+        if self.prior_graph == "standard":
+            return prior["graph"]
+        why = self._prior_fused_unavailable()
+        if why is None:
+            return prior["fused_graph"]
+        if self.prior_graph == "fused":
+            raise ValueError(f"prior_graph='fused' is not available: {why}; use prior_graph='auto'")
+        return prior["graph"]
+
     def prior_runner(self, capacity: int) -> _OrtPriorRunner:
-        """A StepRunner over ``prior.onnx`` (``run(tokens, pos)`` -> (rows, K) logits of the next tokens)."""
-        return _OrtPriorRunner(self, capacity)
+        """A StepRunner over the prior's step graph (``prior_graph_name``: the fused graph where it can run, else
+        ``prior.onnx``); ``run(tokens, pos)`` -> (rows, K) logits of the next tokens; ``runner.graph_name``."""
+        graph = self.prior_graph_name
+        if graph is None:
+            raise ValueError(f"bundle {str(self.bundle.path)!r} has no AR prior")
+        fused = graph == self.bundle.prior.get("fused_graph")
+        if fused:
+            with self._session_lock:  # the library is registered once, before the graph's session is created
+                self._need_custom_ops("the prior's fused step graph")
+        return _OrtPriorRunner(self, capacity, graph, fused=fused)
 
     @property
     def prior_sampler(self):
@@ -444,12 +505,14 @@ class _OrtRunner(StepRunner):
 
 
 class _OrtPriorRunner(_OrtRunner):
-    """``_OrtRunner``'s buffers, IO binding, cache windows and slot writes over the prior's step graph (same I/O
-    names: token, pos, past_{k,v}_i -> logits, present_{k,v}_i). On a GPU provider the cache stays in host buffers
-    (bound at full length; ONNX Runtime copies it per step): the prior is small, the generator's device cache is
-    not reused."""
+    """``_OrtRunner``'s buffers, IO binding, cache windows and slot writes over the prior's step graph ``graph``
+    (``prior`` or ``prior_fused``, same I/O names: token, pos, past_{k,v}_i -> logits, present_{k,v}_i). The fused
+    graph's DecodeAttention reads only row r's first pos[r] slots, so its cache is bound at full length once (no
+    windows); prior.onnx's standard ops read every bound slot, so on the CPU its cache is bound in windows. On a
+    GPU provider the cache stays in host buffers (bound at full length; ONNX Runtime copies it per step): the prior
+    is small, the generator's device cache is not reused."""
 
-    def __init__(self, be: OnnxRuntimeBackend, capacity: int):
+    def __init__(self, be: OnnxRuntimeBackend, capacity: int, graph: str, *, fused: bool):
         prior = be.bundle.prior
         if prior is None:
             raise ValueError(f"bundle {str(be.bundle.path)!r} has no AR prior")
@@ -459,8 +522,9 @@ class _OrtPriorRunner(_OrtRunner):
         self.V = int(prior["codebook_size"])
         self.window = max(16, self.S // 8)
         self.samples = False
-        self.sess = be.session(prior["graph"])
-        self.windowed = not be.on_gpu
+        self.graph_name = graph
+        self.sess = be.session(graph)
+        self.windowed = not fused and not be.on_gpu
         self.scaled = False
         dt = np.float16 if kv.get("dtype") == "fp16" else np.float32
         cap = self.capacity

@@ -1,37 +1,61 @@
-"""Serving on this CPU: the step-level ``Scheduler`` under concurrent clients against one-at-a-time serving.
+"""Serving on this CPU: the step-level ``Scheduler`` under concurrent clients against one-at-a-time serving, per
+quantized variant (weights fp32/int8/int4 x KV cache fp32/fp16/int8).
 
-    .venv/bin/python benchmarks/bench_serving.py                        # small, ~5 min -> results/serving_cpu.json
-    .venv/bin/python benchmarks/bench_serving.py --preset tiny          # smoke run, seconds (.benchmarks/)
-    .venv/bin/python benchmarks/bench_serving.py --wait-quiet 600       # first wait (<= 600 s) for a 1-min load < 0.5
+    .venv/bin/python benchmarks/bench_serving.py --wait-quiet 600   # the measurement: small, six variants, ~19 min
+    .venv/bin/python benchmarks/bench_serving.py --preset tiny --variants fp32/fp32,int4/fp16 --out /tmp/s.json
+                                                                    # smoke run, ~25 s (.benchmarks/ by default)
+    .venv/bin/python benchmarks/bench_serving.py --variants all     # all nine variants, ~28 min
+    .venv/bin/python benchmarks/report.py serving                   # redraw both figures from the JSON
 
-Random-weight bundle of the preset (``conftest.build_bundle``), ONNX Runtime on the CPU with the engine's default
-sampler, every request guided (CFG 1.25: two batch rows each) with its own seed, class and sampling parameters
-(a mix of temperature, top-k and top-p). In one run, in this order:
+Duration of the measurement (AMD EPYC, 2 cores, quiet), estimated from the single-variant run of 2026-12-01 (313 s
+for fp32/fp32: lone 22 s, sequential 118 s, the cases 106 s, max_batch 8 55 s) scaled per variant by its whole-video
+ms/token in results/quant_speed.json (batch 1 for lone/sequential, batch 8 for the 8-client case): fp32/fp32 ~5.2
+min, fp32/fp16 ~3.8, int8/fp16 ~2.3, int4/fp16 ~1.8, int8/int8 ~2.2, int4/int8 ~1.8: ~17 min, plus ~2 min the first
+time to export the five quantized bundles (~20 s each, cached under .benchmarks/bundles), plus the --wait-quiet wait
+(at most 600 s). ``--sequential 8`` saves ~3.5 min; ``--variants all`` adds fp32/int8, int8/fp32, int4/fp32 (~9 min).
+
+Variants (``--variants weights/kv,...``; default fp32/fp32, fp32/fp16, int8/fp16, int4/fp16, int8/int8,
+int4/int8): random-weight bundles from ``bench_quant.variant_bundle`` (the preset's ``conftest.build_bundle`` for
+fp32/fp32; each exported once and cached under .benchmarks/bundles), each with the fused sampler
+(decode_sample.onnx) where the custom-op library is built: the run refuses a bundle whose Engine picks another
+sampler there, and records the one it picked. ONNX Runtime on the CPU; every request guided (CFG 1.25: two batch
+rows each) with its own seed, class and sampling parameters (a mix of temperature, top-k and top-p), the same
+requests for every variant. Every variant runs the whole protocol back to back (one variant's sessions loaded at a
+time), in this order, the memory read bandwidth and the 1-minute load probed before and after every phase
+(``before``/``after`` in each; a swing shows beside the numbers it hit):
 
 * lone: one request at a time through the scheduler, nothing else running (``--lone`` runs; the median is the
   "lone latency" the ratios use);
 * sequential: the requests of the largest case served one at a time at batch 1, ``Engine.generate`` per
-  request (the one-at-a-time baseline: its throughput = videos / the summed wall time); their tokens are
-  compared with the scheduler's for the same requests (batch invariance);
-* one case per ``--clients`` count through one ``Scheduler(max_batch=--max-batch)``.
+  request (the one-at-a-time baseline: its throughput = videos / the summed wall time; ``--sequential N``: the
+  first N only); their tokens are compared with the scheduler's for the same requests (batch invariance);
+* one case per ``--clients`` count through one ``Scheduler(max_batch=--max-batch)``;
+* for the first variant (the baseline; every one with ``--compare-all``) the largest case once more on a scheduler
+  of each ``--compare-max-batch`` size (default 8, the Scheduler's default), same requests.
 
 Load model: **closed loop**. Each of the N clients waits an exponential think time (mean ``--think``; default
-a tenth of the lone latency), submits the next request, waits for its result, and repeats until the case's
-``--videos`` are done, so at most N requests are in flight and the clients stay busy ~90% of the time. Closed
-loop because "N concurrent clients" is then exactly what the scheduler sees: an open-loop Poisson stream whose
-rate exceeds what the batch serves only grows the queue, and its latencies would measure the run's length, not
+a tenth of the variant's lone latency), submits the next request, waits for its result, and repeats until the
+case's ``--videos`` are done, so at most N requests are in flight and the clients stay busy ~90% of the time.
+Closed loop because "N concurrent clients" is then exactly what the scheduler sees: an open-loop Poisson stream
+whose rate exceeds what the batch serves only grows the queue, and its latencies would measure the run's length, not
 the server (an open loop capped at N in flight is a closed loop with think time 0 while the cap binds).
 
 max_batch defaults to 2 x the largest client count (16): a guided request takes two rows, so 8 clients run at
-once only in 16 rows (the Scheduler's default of 8 rows serves 4 of them and queues the rest). The largest case
-runs once more on a scheduler of each ``--compare-max-batch`` size (default 8, the Scheduler's default), same
-requests, for comparison; the ratios are those of ``--max-batch``.
+once only in 16 rows (the Scheduler's default of 8 rows serves 4 of them and queues the rest).
 
 Per case: throughput (videos/min, from the first submission to the last result), request latency (submission to
 result, client side) p50/p99 (linear interpolation; with n requests p99 is about the maximum), the batch
-occupancy (rows in use / max_batch per step, from an Observer; the mean is weighted by step time) plotted over
-time beside the JSON, and the step times. Ratios: throughput at the largest client count / sequential, and its
-p50 latency / the lone latency. The issue's goal: >= 3x and <= 2.5x at 8 clients. Ends with one JSON line.
+occupancy (rows in use / max_batch per step, from an Observer; the mean is weighted by step time; its change points
+over time in ``occupancy_timeline``), and the step times. Ratios per variant: throughput at the largest client
+count / sequential, and its p50 latency / the lone latency. The issue's goal: at 8 clients >= 4x and <= 2.5x.
+
+The JSON (results/serving_cpu.json for small) keeps the single-bundle fields (lone, sequential, cases,
+other_max_batch, ratios, goal, tokens_match_sequential) for the baseline (fp32/fp32, else the first variant) and
+adds ``variants`` (each with all of them, its sampler, bundle and quality verdict) and ``best``: the best variant
+that passes the quality bounds of results/quant_quality.json (its per-variant ``status``/``passes``; goal met
+first, then the most videos/min at the largest client count) and whether it meets the goal. Figures beside it
+(report.py, Agg): <stem>_occupancy.png (one panel per variant) and <stem>_throughput.png (videos/min and p50
+against clients, one line per variant, its sequential throughput and lone latency dashed). Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -411,8 +435,8 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8", help="concurrent clients per case")
     ap.add_argument("--videos", default="4,8,16", help="requests per case (one number, or one per case)")
     ap.add_argument("--lone", type=int, default=3, help="lone requests (their median: the lone latency)")
-    ap.add_argument("--sequential", type=int, default=8,
-                    help="requests served one at a time: the first of the largest case's (0: all of them)")
+    ap.add_argument("--sequential", type=int, default=0,
+                    help="requests served one at a time: the first N of the largest case's (default 0: all)")
     ap.add_argument("--max-batch", type=int, default=None,
                     help="the scheduler's rows (default: 2 x the most clients)")
     ap.add_argument("--compare-max-batch", default="8",

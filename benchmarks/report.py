@@ -332,8 +332,8 @@ def plot_serving_throughput(result: dict, out: Path) -> Path:
         a.set_ylim(bottom=0)
     ax.set_ylabel("throughput (videos/min)")
     ax2.set_ylabel("p50 request latency (s)")
-    ax.legend(fontsize=7, loc="upper left")
-    ax2.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="best", framealpha=0.85)
+    ax2.legend(fontsize=7, loc="best", framealpha=0.85)
     s, best = result.get("settings", {}), result.get("best") or {}
     title = (f"{s.get('preset', '')} ({s.get('tokens_per_video', '?')} tokens per video, CFG), max_batch "
              f"{s.get('max_batch', '?')}, {result.get('machine', '')}")

@@ -1,9 +1,11 @@
 """Turn a pytest-benchmark JSON of test_bench_engine.py into markdown tables and results/engine_cpu.json; draw
-the quantization figures from bench_quant.py's (and the quality helper's) JSON.
+the quantization figures from bench_quant.py's (and the quality helper's) JSON and the serving figures from
+bench_serving.py's.
 
     python benchmarks/report.py benchmarks/results/engine_cpu_raw.json
     python benchmarks/report.py quant [--speed benchmarks/results/quant_speed.json]
         [--quality benchmarks/results/quant_quality.json] [--out-dir benchmarks/results]
+    python benchmarks/report.py serving [--json benchmarks/results/serving_cpu.json] [--out-dir DIR]
 
 ``quant`` draws (matplotlib, pip install -e '.[bench]'):
 
@@ -11,6 +13,14 @@ the quantization figures from bench_quant.py's (and the quality helper's) JSON.
   as a black line and each variant's own-bytes floor (its weights + the K/V it reads there) dashed in its colour;
 * quant_tradeoff.png: ms per token (whole videos, batch 1) against validation loss and class accuracy (CFG 2.0)
   per variant, the variants that pass the quality bounds filled. Skipped, with a message, without the quality file.
+
+``serving`` draws, beside the JSON (or in --out-dir), without re-running anything:
+
+* <stem>_occupancy.png: one panel per variant, the batch occupancy (rows in use / max_batch) over each case's time,
+  one line per client count (the other max_batch runs dotted);
+* <stem>_throughput.png: videos/min against the number of clients, one line per variant, its one-at-a-time
+  (sequential) throughput as a dashed line in its colour; beside it p50 latency against clients, the lone latency
+  dashed.
 """
 
 import argparse
@@ -243,9 +253,141 @@ def quant(argv: list[str]) -> list[Path]:
     return drawn
 
 
+def _serving_variants(result: dict) -> list[dict]:
+    """The variants of a bench_serving.py JSON; an older one (no ``variants``) is its fp32 baseline alone."""
+    if result.get("variants"):
+        return result["variants"]
+    return [{"name": "fp32/fp32", "weights": "fp32", "kv": "fp32", **{k: result[k] for k in (
+        "lone", "sequential", "cases", "other_max_batch", "ratios") if k in result}}]
+
+
+def _serving_colour(v: dict) -> str:
+    return WEIGHT_COLOURS.get(v["weights"], ("#444444",) * 3)[KV_ORDER.index(v["kv"]) if v["kv"] in KV_ORDER else 0]
+
+
+def _case_label(c: dict) -> str:
+    return f"{c['clients']} client{'s' * (c['clients'] > 1)}, max_batch {c['max_batch']}"
+
+
+def plot_serving_occupancy(result: dict, out: Path) -> Path:
+    """One panel per variant: occupancy over seconds into each case, one colour per client count (other max_batch
+    runs dotted)."""
+    plt = _pyplot()
+    variants = _serving_variants(result)
+    if not any(c.get("occupancy_timeline") for v in variants for c in v.get("cases", [])):
+        raise ValueError("the serving JSON has no occupancy_timeline per case (an older bench_serving.py): re-run it")
+    fig, axes = plt.subplots(len(variants), 1, figsize=(9.5, 2.1 * len(variants) + 0.9), squeeze=False,
+                             sharex=True)
+    counts = sorted({c["clients"] for v in variants for c in v.get("cases", []) + v.get("other_max_batch", [])})
+    palette = plt.get_cmap("tab10")
+    colour = {n: palette(i % 10) for i, n in enumerate(counts)}  # one colour per client count in every panel
+    best = (result.get("best") or {}).get("name")
+    for ax, v in zip(axes[:, 0], variants, strict=True):
+        runs = [(c, "-") for c in v.get("cases", [])] + [(c, ":") for c in v.get("other_max_batch", [])]
+        for c, ls in runs:
+            tl = c.get("occupancy_timeline") or []
+            if not tl:
+                continue
+            t, o = [x[0] for x in tl], [x[1] for x in tl]
+            ax.step(t, o, where="post", lw=1.2, ls=ls, color=colour[c["clients"]],
+                    label=f"{_case_label(c)}: mean {c['mean_occupancy']:.2f}, {c['throughput_vpm']:.3g} videos/min")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("occupancy")
+        r = v.get("ratios") or {}
+        title = f"weights {v['weights']}, KV {v['kv']}" + (" (best)" if v.get("name") == best else "")
+        if r:
+            title += (f": at {r['clients']} clients {r['throughput_vs_sequential']:.2f}x one-at-a-time throughput, "
+                      f"p50 {r['p50_vs_lone']:.2f}x lone")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes[-1, 0].set_xlabel("seconds into the case")
+    s = result.get("settings", {})
+    fig.suptitle(f"{s.get('preset', '')}, {result.get('machine', '')}: batch occupancy (rows in use / max_batch) "
+                 "per step", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_serving_throughput(result: dict, out: Path) -> Path:
+    """Left: videos/min against clients per variant, its sequential throughput dashed in its colour; right: p50
+    latency against clients, its lone latency dashed. The goal's client count marked."""
+    plt = _pyplot()
+    variants = [v for v in _serving_variants(result) if v.get("cases")]
+    if not variants:
+        raise ValueError("the serving JSON has no cases to plot")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for v in variants:
+        c, m = _serving_colour(v), KV_MARKERS.get(v["kv"], "o")
+        cases = sorted(v["cases"], key=lambda x: x["clients"])
+        x = [k["clients"] for k in cases]
+        name = f"weights {v['weights']}, KV {v['kv']}"
+        ax.plot(x, [k["throughput_vpm"] for k in cases], color=c, marker=m, lw=1.8, label=name)
+        if v.get("sequential"):
+            ax.axhline(v["sequential"]["throughput_vpm"], color=c, ls="--", lw=1, alpha=0.8)
+        ax2.plot(x, [k["p50_s"] for k in cases], color=c, marker=m, lw=1.8, label=name)
+        if v.get("lone"):
+            ax2.axhline(v["lone"]["median_s"], color=c, ls="--", lw=1, alpha=0.8)
+    ax.plot([], [], color="grey", ls="--", lw=1, label="one at a time (sequential), dashed per variant")
+    ax2.plot([], [], color="grey", ls="--", lw=1, label="lone request, dashed per variant")
+    goal = result.get("goal") or {}
+    for a in (ax, ax2):
+        if goal.get("clients"):
+            a.axvline(goal["clients"], color="black", lw=0.8, alpha=0.4)
+        a.set_xlabel("concurrent clients (closed loop)")
+        a.set_xticks(sorted({k["clients"] for v in variants for k in v["cases"]}))
+        a.grid(True, alpha=0.3)
+        a.set_ylim(bottom=0)
+    ax.set_ylabel("throughput (videos/min)")
+    ax2.set_ylabel("p50 request latency (s)")
+    ax.legend(fontsize=7, loc="best", framealpha=0.85)
+    ax2.legend(fontsize=7, loc="best", framealpha=0.85)
+    s, best = result.get("settings", {}), result.get("best") or {}
+    title = (f"{s.get('preset', '')} ({s.get('tokens_per_video', '?')} tokens per video, CFG), max_batch "
+             f"{s.get('max_batch', '?')}, {result.get('machine', '')}")
+    if best.get("name"):
+        title += (f"\nbest passing variant {best['name']}: {best['throughput_vs_sequential']:.2f}x one-at-a-time, "
+                  f"p50 {best['p50_vs_lone']:.2f}x lone at {best['clients']} clients (goal >= "
+                  f"{goal.get('throughput_at_least', '?')}x, <= {goal.get('p50_at_most', '?')}x): "
+                  + ("met" if best.get("goal_met") else "not met"))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def serving_paths(json_path: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Where the serving figures of ``json_path`` go: <stem>_occupancy.png and <stem>_throughput.png beside it."""
+    d = out_dir or json_path.parent
+    return d / f"{json_path.stem}_occupancy.png", d / f"{json_path.stem}_throughput.png"
+
+
+def serving(argv: list[str]) -> list[Path]:
+    ap = argparse.ArgumentParser(prog="report.py serving", description="draw the serving figures from the JSON")
+    ap.add_argument("--json", default=str(RESULTS / "serving_cpu.json"))
+    ap.add_argument("--out-dir", default=None, help="default: beside the JSON")
+    args = ap.parse_args(argv)
+    path = Path(args.json)
+    if not path.exists():
+        sys.exit(f"no {path}: run benchmarks/bench_serving.py first")
+    result = json.loads(path.read_text())
+    occ, thr = serving_paths(path, Path(args.out_dir) if args.out_dir else None)
+    drawn = [plot_serving_occupancy(result, occ), plot_serving_throughput(result, thr)]
+    for p in drawn:
+        print(f"wrote {p}")
+    return drawn
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "quant":
         quant(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "serving":
+        serving(sys.argv[2:])
     elif len(sys.argv) == 2:
         main(sys.argv[1])
     else:

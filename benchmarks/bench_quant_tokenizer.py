@@ -4,7 +4,7 @@ quality of each on the trained tiny tokenizer's held-out clips (PSNR/SSIM agains
 reconstruction, encoder index agreement with float32).
 
     .venv/bin/python benchmarks/bench_quant_tokenizer.py [--repeats 5] [--batch4-repeats 3] [--variants all]
-        [--json benchmarks/results/quant_tokenizer.json] [--note "quiet machine"]
+        [--json benchmarks/results/quant_tokenizer.json] [--note "quiet machine"] [--gap 0.1]
 
 Runtime: about 3 min on the near-idle 2-core host, 6.5 min when it is loaded (the first run also exports LARP-S in
 float32 and int8, ~3 min more, cached under .benchmarks/bundles); `--variants fp32,int8 --batch4-repeats 0` is the
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from conftest import CACHE, cached_bundle  # noqa: E402
+from larp_rt.export.quantize_tokenizer import SPLIT_QKV  # noqa: E402
 
 from larp_rt.bench import machine_name  # noqa: E402
 
@@ -42,6 +43,7 @@ def tokenizer_bundles(preset: str, tok_dir: Path | None, name: str) -> dict[str,
     from larp_rt.export import export_bundle
 
     from larp_rt import TokenizerConfig, save_pretrained
+    from larp_rt.bundle import Bundle
     from larp_rt.models import LARPTokenizer
 
     if tok_dir is None:
@@ -54,7 +56,10 @@ def tokenizer_bundles(preset: str, tok_dir: Path | None, name: str) -> dict[str,
     out = {}
     for p in ("fp32", "int8"):
         path = CACHE / f"{name}-{p}"
-        if cached_bundle(path) is None:
+        b = cached_bundle(path)
+        stale = p == "int8" and b is not None and (Bundle(b).manifest["tokenizer"].get("quantization") or {}).get(
+            "split_qkv") != SPLIT_QKV  # exported by an older int8 path
+        if b is None or stale:
             print(f"exporting {name} tokenizer ({p}) to {path}", flush=True)
             export_bundle(tok_dir, None, path, tokenizer_precision=p, onnx_only=True, overwrite=True,
                           printer=lambda s: None)
@@ -76,6 +81,7 @@ def variant_graphs(bundles: dict[str, Path], tok_dir: Path, names: list[str], ca
     vdir = bundles["fp32"].with_name(bundles["fp32"].name + "-variants")
     vdir.mkdir(exist_ok=True)
     stamp = {g: b32.files[b32.graph(g).file] for g in ("encoder", "decoder")}
+    stamp["split_qkv"] = QT.SPLIT_QKV  # how the fused variants are traced
     stamp_path = vdir / "stamp.json"
     if not stamp_path.exists() or json.loads(stamp_path.read_text()) != stamp:
         for f in vdir.glob("*.onnx"):
@@ -86,11 +92,12 @@ def variant_graphs(bundles: dict[str, Path], tok_dir: Path, names: list[str], ca
     if todo:
         tok = load_pretrained(tok_dir, kind="tokenizer").eval()
         fused = dict(zip(("encoder", "decoder"), QT.trace_fused(tok, 17), strict=True))
+        packed = dict(zip(("encoder", "decoder"), QT.trace_fused(tok, 17, split_qkv=False), strict=True))
         plain = {g: onnx.load(str(b32.graph_path(g))) for g in ("encoder", "decoder")}
         for v in todo:
             for g in ("encoder", "decoder"):
                 t = time.perf_counter()
-                m = QT.build_variant(v, plain[g], fused[g], tok.config.code_dim, calib[g])
+                m = QT.build_variant(v, plain[g], fused[g], tok.config.code_dim, calib[g], packed=packed[g])
                 onnx.save_model(m, str(vdir / f"{g}.{v}.onnx"))
                 print(f"  built {g}.{v} ({time.perf_counter() - t:.1f} s)", flush=True)
     for v in names:
@@ -127,7 +134,9 @@ def calibration(fp32: dict[str, Path], cfg, n: int, seed: int) -> dict[str, list
     return {"encoder": [{"video": c} for c in clips], "decoder": [{"indices": t} for t in toks]}
 
 
-def speed(graphs: dict[str, dict], cfg, batch: int, repeats: int, variants: list[str]) -> list[dict]:
+def speed(graphs: dict[str, dict], cfg, batch: int, repeats: int, variants: list[str], gap: float = 0.1) -> list[dict]:
+    """Interleaved medians; ``gap`` seconds idle before each run: an ONNX Runtime session's worker threads spin
+    after its run and would take the cores from the next variant's (measured on one attention block: ~2x)."""
     rng = np.random.default_rng(batch)
     C, T, H, W = cfg.video_shape
     feeds = {"encoder": {"video": rng.random((batch, C, T, H, W), dtype=np.float32)},
@@ -140,6 +149,7 @@ def speed(graphs: dict[str, dict], cfg, batch: int, repeats: int, variants: list
         times = {v: [] for v in variants}
         for _ in range(repeats):
             for v in variants:  # interleaved: the host's swings hit every variant alike
+                time.sleep(gap)
                 t = time.perf_counter()
                 sess[v].run(None, feeds[g])
                 times[v].append(time.perf_counter() - t)
@@ -195,6 +205,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per variant and graph at batch 1")
     ap.add_argument("--batch4-repeats", type=int, default=3, help="timed runs of fp32 and int8 at batch 4 (0: skip)")
     ap.add_argument("--variants", default="all", help=f"fp32,int8 and any of {','.join(VARIANTS)} (default all)")
+    ap.add_argument("--gap", type=float, default=0.1, help="idle seconds before each timed run (spinning threads)")
     ap.add_argument("--clips", type=int, default=256, help="held-out clips of the tiny tokenizer for quality")
     ap.add_argument("--json", help="also write the result to this file (benchmarks/results/quant_tokenizer.json)")
     ap.add_argument("--note", default="", help="how the machine was loaded while measuring (recorded in the JSON)")
@@ -215,9 +226,9 @@ def main() -> None:
     graphs = variant_graphs(big, CACHE / f"tok-{PRESET}-ckpt" / "tokenizer", names, calib)
     print(f"{PRESET} tokenizer ({cfg.num_tokens} tokens, {cfg.frames}x{cfg.height}x{cfg.width}), ONNX Runtime "
           f"{ort.__version__} CPU, {machine_name()}", flush=True)
-    rows = speed(graphs, cfg, 1, args.repeats, names)
+    rows = speed(graphs, cfg, 1, args.repeats, names, args.gap)
     if args.batch4_repeats > 0:
-        rows += speed(graphs, cfg, 4, args.batch4_repeats, ["fp32", "int8"])
+        rows += speed(graphs, cfg, 4, args.batch4_repeats, ["fp32", "int8"], args.gap)
     # tiny: quality
     tiny = tokenizer_bundles("tiny", TINY, "tok-tiny")
     calib_t = {"encoder": None, "decoder": None}
@@ -237,8 +248,8 @@ def main() -> None:
            "onnxruntime": ort.__version__,
            "torch_threads": torch.get_num_threads(), "note": args.note,
            "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-           "preset": PRESET, "shipped": "int8 = fused+dyn-pc", "variants": {"fp32": "as exported", "int8": "shipped",
-                                                                          **VARIANTS},
+           "preset": PRESET, "gap_s": args.gap, "shipped": "int8 = fused+dyn-pc",
+           "variants": {"fp32": "as exported", "int8": "shipped", **VARIANTS},
            "speed": rows, "quality_tiny": qual, "psnr_bound_db": PSNR_BOUND_DB,
            "goal_2x_met": goal, "wall_s": round(time.perf_counter() - t0, 1)}
     if args.json:

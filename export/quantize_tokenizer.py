@@ -7,8 +7,10 @@ reference). The int8 variant is then made from the same model in two steps, both
 
 1. the graphs are traced again with each transformer block's attention core as one
    ``com.microsoft::MultiHeadAttention`` node (ONNX Runtime's fused CPU kernel; the standard-ops attention
-   materialises the (heads, L, L) scores and runs Softmax over them), and checked against the float32 graphs
-   (same tolerance as the export's). Alone it is x1.05-1.08 for LARP-S; with int8 MatMuls it is worth ~10%;
+   materialises the (heads, L, L) scores and runs Softmax over them), q, k and v each from its own MatMul (the
+   kernel takes no packed QKV on the CPU, and slicing one qkv output cost ~4% of the int8 graphs), and checked
+   against the float32 graphs (same tolerance as the export's). Alone it is x1.05-1.08 for LARP-S; with int8
+   MatMuls it is worth ~10%;
 2. ``onnxruntime.quantization.quantize_dynamic`` rewrites every weight MatMul into ``MatMulInteger`` with
    int8 weights (per output channel, symmetric) and uint8 activations quantized per call (ONNX Runtime fuses them into
    ``DynamicQuantizeMatMul``: VNNI dot products on AVX-512 VNNI CPUs). Left in float32: the cosine MatMul
@@ -17,10 +19,20 @@ reference). The int8 variant is then made from the same model in two steps, both
    Conv, LayerNorms, the attention core, the decoder's final clamp.
 
 Every variant in ``VARIANTS`` (quantize_dynamic per tensor / per channel / with the attention MatMuls,
-MatMulNBits 8-bit, quantize_static QDQ, each with and without the fused attention) was measured by
-``benchmarks/bench_quant_tokenizer.py`` (README "int8 tokenizer"); this one was the fastest, with the best index
-agreement among the fast ones, all within the 0.5 dB PSNR bound: x1.7 for LARP-S encode and decode at batch 1 on
-the 2-core Zen 4 host (the issue's 2x is not reached: the float32 attention core is then ~60% of the time).
+MatMulNBits 8-bit, quantize_static QDQ, each with and without the fused attention, the earlier packed-qkv int8)
+was measured by ``benchmarks/bench_quant_tokenizer.py`` (README "int8 tokenizer"); this one was the fastest, with
+the best index agreement among the fast ones, all within the 0.5 dB PSNR bound: about x1.85 for LARP-S encode
+and decode at batch 1 on the 2-core AVX-512 VNNI host.
+
+Why not 2x (TOKENIZER_NOTES.md has the profiles): in the int8 graphs the float32 attention core is ~60% of the
+time and the int8 MatMuls ~26%. ``MultiHeadAttention`` already runs at ~330 GFLOP/s, about ONNX Runtime's own
+float32 GEMM rate on this CPU (~350), so no float32 attention is faster (measured on one block against it:
+``QAttention`` x0.83, float ``Attention`` x0.74, standard ops x0.7-0.8, its flash path off x0.76, intra-op
+threads / spinning / ``session.dynamic_block_base`` x0.7-1.02); the int8 MatMuls already run at
+``MatMulInteger``'s rate (~1.1 TOPS, 2.9x float32; ``MatMulNBits`` accuracy_level 4 is float32 speed or
+slower). With every op but attention and the int8 MatMuls free the graph would be x2.2, so the gap to 2x can
+only close with an attention core in narrower arithmetic (bf16 or int8 dot products), which ONNX Runtime's CPU
+provider does not have: it would be a kernel of our own (cpp_ext).
 bf16 is not offered: ONNX Runtime's CPU provider has no bfloat16 MatMul, Gemm or Add kernel (the session
 refuses the graph), so it cannot run here.
 
@@ -44,6 +56,9 @@ TOKENIZER_PRECISIONS = ("fp32", "fp16", "int8")
 QUANTIZED = ("int8",)
 INT8_OPS = ("MatMulInteger", "DynamicQuantizeMatMul")  # what an int8 tokenizer graph holds (check_graph_precision)
 FUSED_ATTENTION = "com.microsoft::MultiHeadAttention"
+# q, k, v from three MatMuls rather than one qkv MatMul whose (B, L, 3D) output is sliced for MultiHeadAttention
+# (whose CPU kernel takes no packed QKV): the three Slice copies were ~4% of the int8 graphs' time
+SPLIT_QKV = True
 PER_CHANNEL = True  # measured on the tiny pair: index agreement 0.963 vs 0.943 per tensor, PSNR alike, same speed
 # the fused (still float32) graphs against the float32 ones: the export's float32 tolerances (export/onnx_export.py)
 FUSED_TOL = {"latents": 1e-4, "video": 1e-4}
@@ -108,23 +123,29 @@ class _MultiHeadAttention:
         return Fn
 
 
-def _fused_forward(fn):
+def _fused_forward(fn, split_qkv: bool):
+    import torch.nn.functional as F
+
     def forward(self, x):
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # qkv's output is (q | k | v), each heads x head_dim
+        if split_qkv:  # three MatMuls on the (q | k | v) row blocks of qkv's weight: no Slice of a (B, L, 3D) output
+            q, k, v = (F.linear(x, w) for w in self.qkv.weight.chunk(3, dim=0))
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)  # qkv's output is (q | k | v), each heads x head_dim
         return self.proj(fn.apply(q, k, v, self.heads))
 
     return forward
 
 
 @contextlib.contextmanager
-def fused_attention(tok):
-    """Within: the tokenizer's encoder/decoder blocks compute attention with the fused op (same math)."""
+def fused_attention(tok, split_qkv: bool = SPLIT_QKV):
+    """Within: the tokenizer's encoder/decoder blocks compute attention with the fused op (same math);
+    ``split_qkv``: q, k and v each from its own MatMul (else one qkv MatMul and a split of its output)."""
     from ..models.tokenizer import Attention
 
     fn = _MultiHeadAttention.function()
     mods = [m for body in (tok.encoder, tok.decoder) for m in body.modules() if isinstance(m, Attention)]
     for m in mods:
-        m.forward = types.MethodType(_fused_forward(fn), m)
+        m.forward = types.MethodType(_fused_forward(fn, split_qkv), m)
     try:
         yield len(mods)
     finally:
@@ -132,8 +153,9 @@ def fused_attention(tok):
             del m.forward  # the class's forward again
 
 
-def trace_fused(tok, opset: int, batch: int = 1):
-    """(encoder, decoder) ``onnx.ModelProto``s of ``tok`` (float32) with the fused attention op."""
+def trace_fused(tok, opset: int, batch: int = 1, split_qkv: bool = SPLIT_QKV):
+    """(encoder, decoder) ``onnx.ModelProto``s of ``tok`` (float32) with the fused attention op (``split_qkv``:
+    as ``fused_attention``)."""
     import torch
 
     from .graphs import DecoderGraph, EncoderGraph
@@ -144,7 +166,7 @@ def trace_fused(tok, opset: int, batch: int = 1):
     video = torch.zeros(batch, C, T, H, W)
     indices = torch.zeros(batch, cfg.num_tokens, dtype=torch.int64)
     ms = {"com.microsoft": 1}
-    with fused_attention(tok), torch.no_grad():
+    with fused_attention(tok, split_qkv), torch.no_grad():
         enc = _trace(EncoderGraph(tok), (video,), ["video"], ["indices", "latents"],
                      {"video": {0: "B"}, "indices": {0: "B"}, "latents": {0: "B"}}, opset, custom_opsets=ms)
         dec = _trace(DecoderGraph(tok), (indices,), ["indices"], ["video"], {"indices": {0: "B"}, "video": {0: "B"}},
@@ -206,14 +228,16 @@ VARIANTS = {
     "nbits8": "MatMulNBitsQuantizer bits 8, block 32, accuracy_level 4 (int8 compute)",
     "static": "quantize_static, QDQ, int8 activations (MinMax calibration on clips), per-channel weights",
     "fused+dyn": "fused attention + quantize_dynamic per tensor",
-    "fused+dyn-pc": "fused attention + quantize_dynamic per channel (the shipped int8)",
+    "fused+dyn-pc": "fused attention (q, k, v from three MatMuls) + quantize_dynamic per channel (the shipped int8)",
     "fused+nbits8": "fused attention + MatMulNBitsQuantizer bits 8, block 32, accuracy_level 4",
+    "packed+dyn-pc": "the int8 before: fused attention fed by one qkv MatMul + Slice, quantize_dynamic per channel",
 }
 
 
-def build_variant(name: str, plain, fused, code_dim: int, calibration: list[dict] | None = None):
+def build_variant(name: str, plain, fused, code_dim: int, calibration: list[dict] | None = None, packed=None):
     """The ``VARIANTS`` entry ``name`` of one tokenizer graph, from its exported float32 ``plain`` and its
-    ``trace_fused`` ``fused`` ModelProto; ``calibration``: feeds for quantize_static."""
+    ``trace_fused`` ``fused`` ModelProto (``packed``: ``trace_fused(..., split_qkv=False)``'s, for the
+    ``packed+`` variant); ``calibration``: feeds for quantize_static."""
     import copy
     import tempfile
 
@@ -229,7 +253,9 @@ def build_variant(name: str, plain, fused, code_dim: int, calibration: list[dict
     if name not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {name!r}")
     base, _, method = name.rpartition("+") if "+" in name else ("", "", name)
-    src = fused if (base == "fused" or name == "fused") else plain
+    if base == "packed" and packed is None:
+        raise ValueError(f"the {name} variant needs the packed-qkv fused graph (packed=)")
+    src = {"fused": fused, "packed": packed}.get(base, fused if name == "fused" else plain)
     if name == "fused":
         return fused
     if method == "dyn-pc":
@@ -313,7 +339,7 @@ def quantize_tokenizer_graphs(w, tok, tokenizer_precision: str, *, opset: int, v
         entry: dict[str, Any] = {
             "method": "onnxruntime.quantization.quantize_dynamic", "weights": "int8", "activations": "uint8 per call",
             "per_channel": PER_CHANNEL, "symmetric_weights": True, "op": "MatMulInteger",
-            "attention": FUSED_ATTENTION, "graphs": {}}
+            "attention": FUSED_ATTENTION, "split_qkv": SPLIT_QKV, "graphs": {}}
         for name in ("encoder", "decoder"):
             info = graphs[name]
             qmodel, keep = quantize_int8(fused[name], code_dim)

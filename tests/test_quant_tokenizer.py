@@ -67,6 +67,7 @@ def test_manifest_and_graphs(bundles):
     q = b.manifest["tokenizer"]["quantization"]
     assert q["method"] == "onnxruntime.quantization.quantize_dynamic" and q["weights"] == "int8"
     assert q["per_channel"] is True and q["attention"] == "com.microsoft::MultiHeadAttention"
+    assert q["split_qkv"] is True
     assert "quantization" not in b32.manifest["tokenizer"]
     for g in ("encoder", "decoder"):
         ops = _ops(b.graph_path(g))
@@ -86,6 +87,52 @@ def test_manifest_and_graphs(bundles):
     assert kept == {"encoder": 2, "decoder": 1}  # encoder: cosines + in_linear; decoder: out_linear
     v = q["verification"]  # export-time probes (the fp32 decoder's clips of random tokens)
     assert v["indices_agreement"] >= 0.9 and v["decoder_psnr_db"] >= 35 and v["roundtrip_psnr_db"] >= 35
+
+
+def _source(producer, name):
+    """The node behind tensor ``name`` through the int8 MatMul's rescaling (Cast, Mul, bias Add)."""
+    n = producer[name]
+    while n.op_type in ("Mul", "Cast", "Add"):
+        n = producer[n.input[0]]
+    return n
+
+
+def test_attention_inputs_come_from_their_own_matmuls(bundles):
+    """q, k and v of every MultiHeadAttention come from three int8 MatMuls, not from slices of one qkv output."""
+    import onnx
+
+    for g in ("encoder", "decoder"):
+        m = onnx.load(str(Bundle(bundles["int8"]).graph_path(g)), load_external_data=False).graph
+        producer = {o: n for n in m.node for o in n.output}
+        mha = [n for n in m.node if n.op_type == "MultiHeadAttention"]
+        srcs = [[_source(producer, i) for i in n.input[:3]] for n in mha]
+        assert all(s.op_type == "MatMulInteger" for row in srcs for s in row)
+        assert all(len({s.name for s in row}) == 3 for row in srcs)
+        assert not any(n.op_type == "Split" for n in m.node)
+
+
+def test_split_and_packed_qkv_trace_alike():
+    """The fused graphs traced with three q/k/v MatMuls and with one qkv MatMul + Slice compute the same."""
+    import onnxruntime as ort
+    from larp_rt.export.quantize_tokenizer import count_ops, trace_fused
+
+    from larp_rt import load_pretrained
+
+    if not TOK.is_dir():
+        pytest.skip("checkpoints/tiny is missing")
+    tok = load_pretrained(TOK, kind="tokenizer").eval()
+    split, packed = trace_fused(tok, 17), trace_fused(tok, 17, split_qkv=False)
+    C, T, H, W = tok.config.video_shape
+    rng = np.random.default_rng(0)
+    feeds = ({"video": rng.random((1, C, T, H, W), dtype=np.float32)},
+             {"indices": rng.integers(0, tok.config.codebook_size, (1, tok.config.num_tokens)).astype(np.int64)})
+    for a, b, feed, body in zip(split, packed, feeds, (tok.encoder, tok.decoder), strict=True):
+        assert count_ops(a, ("MatMul",)) == count_ops(b, ("MatMul",)) + 2 * len(body.blocks)
+        ya, yb = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+                  for m in (a, b))
+        for u, v in zip(ya, yb, strict=True):
+            if u.dtype == np.float32:
+                assert np.abs(u - v).max() < 1e-5
 
 
 def test_int8_quality_on_held_out_clips(bundles, val_clips):

@@ -25,8 +25,8 @@ the best index agreement among the fast ones, all within the 0.5 dB PSNR bound: 
 and decode at batch 1 on the 2-core AVX-512 VNNI host.
 
 Why not 2x (benchmarks/results/quant_tokenizer_notes.md has the profiles): in the int8 graphs the float32
-attention core is ~60% of the time and the int8 MatMuls ~26%. ``MultiHeadAttention`` already runs at ~330 GFLOP/s, about ONNX Runtime's own
-float32 GEMM rate on this CPU (~350), so no float32 attention is faster (measured on one block against it:
+attention core is ~60% of the time and the int8 MatMuls ~26%. ``MultiHeadAttention`` already runs at
+~330 GFLOP/s, about ONNX Runtime's own float32 GEMM rate on this CPU (~350), so no float32 attention is faster (measured on one block against it:
 ``QAttention`` x0.83, float ``Attention`` x0.74, standard ops x0.7-0.8, its flash path off x0.76, intra-op
 threads / spinning / ``session.dynamic_block_base`` x0.7-1.02); the int8 MatMuls already run at
 ``MatMulInteger``'s rate (~1.1 TOPS, 2.9x float32; ``MatMulNBits`` accuracy_level 4 is float32 speed or

@@ -24,17 +24,16 @@ was measured by ``benchmarks/bench_quant_tokenizer.py`` (README "int8 tokenizer"
 the best index agreement among the fast ones, all within the 0.5 dB PSNR bound: about x1.85 for LARP-S encode
 and decode at batch 1 on the 2-core AVX-512 VNNI host.
 
-Why not 2x (benchmarks/results/quant_tokenizer_notes.md has the profiles): in the int8 graphs the float32
-attention core is ~60% of the time and the int8 MatMuls ~26%. ``MultiHeadAttention`` already runs at
-~330 GFLOP/s, about ONNX Runtime's own float32 GEMM rate on this CPU (~350), so no float32 attention is faster (measured on one block against it:
-``QAttention`` x0.83, float ``Attention`` x0.74, standard ops x0.7-0.8, its flash path off x0.76, intra-op
-threads / spinning / ``session.dynamic_block_base`` x0.7-1.02); the int8 MatMuls already run at
-``MatMulInteger``'s rate (~1.1 TOPS, 2.9x float32; ``MatMulNBits`` accuracy_level 4 is float32 speed or
-slower). With every op but attention and the int8 MatMuls free the graph would be x2.2, so the gap to 2x can
-only close with an attention core in narrower arithmetic (bf16 or int8 dot products), which ONNX Runtime's CPU
-provider does not have: it would be a kernel of our own (cpp_ext).
-bf16 is not offered: ONNX Runtime's CPU provider has no bfloat16 MatMul, Gemm or Add kernel (the session
-refuses the graph), so it cannot run here.
+Why not 2x (benchmarks/results/quant_tokenizer_notes.md has the profiles): in the int8 graphs the float32 attention
+core is ~60% of the time and the int8 MatMuls ~26%. ``MultiHeadAttention`` already runs at ~330 GFLOP/s, about ONNX
+Runtime's own float32 GEMM rate on this CPU (~350), so no float32 attention is faster (measured on one block
+against it: ``QAttention`` x0.83, float ``Attention`` x0.74, standard ops x0.7-0.8, its flash path off x0.76,
+intra-op threads / spinning / ``session.dynamic_block_base`` x0.7-1.02); the int8 MatMuls already run at
+``MatMulInteger``'s rate (~1.1 TOPS, 2.9x float32; ``MatMulNBits`` accuracy_level 4 is float32 speed or slower).
+With every op but attention and the int8 MatMuls free the graph would be x2.2, so the gap to 2x can only close with
+an attention core in narrower arithmetic (bf16 or int8 dot products), which ONNX Runtime's CPU provider does not
+have: it would be a kernel of our own (cpp_ext). bf16 is not offered: ONNX Runtime's CPU provider has no bfloat16
+MatMul, Gemm or Add kernel (the session refuses the graph), so it cannot run here.
 
 The manifest records ``tokenizer.precision`` ("int8") and ``tokenizer.quantization`` (method, settings, the
 nodes kept in float32 and the error measured against the float32 graphs on probe clips: index agreement of the

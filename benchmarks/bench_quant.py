@@ -442,6 +442,7 @@ def main() -> None:
         results.append({"preset": args.preset, "batch": r["batch"], "rows": r["rows"], "cfg_scale": CFG,
                         **{k: r[k] for k in ("path", "weights", "kv")}, "ms_per_token": ms, "ms_per_step": ms,
                         "per_token_ms_all": r["per_token_ms"], "videos": len(r["per_token_ms"]),
+                        **({"authors_runs": r["authors_runs"]} if "authors_runs" in r else {}),
                         "weight_bytes": own_w, "kv_bytes_mean": kv_b, "bandwidth_gbs": r["bandwidth_gbs"],
                         "bandwidth_range_gbs": r["bandwidth_range_gbs"], **q,
                         "x_own_weight_floor": ms / 1e3 / (own_w / (r["bandwidth_gbs"] * 1e9))})

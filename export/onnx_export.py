@@ -94,14 +94,21 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
 
     model = _trace(module, args, inputs, outputs, dynamic, opset, custom_opsets)
     onnx.checker.check_model(model, full_check=False)
-    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
-    if weight_bytes > EXTERNAL_DATA_BYTES:
+    return [path.name, *_save(model, path)]
+
+
+def _save(model, path: Path) -> list[str]:
+    """Save ``model`` to ``path``: its weights embedded, or above ``EXTERNAL_DATA_BYTES`` in one file beside it
+    (``<graph>.onnx.data``). Returns the external data files written ([] or [the .data name])."""
+    import onnx
+
+    if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES:
         data = path.name + ".data"
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data, size_threshold=1024)
-        return [path.name, data]
+        return [data]
     onnx.save_model(model, str(path))
-    return [path.name]
+    return []
 
 
 def _ort_session(path: Path, custom_ops: bool = False):
@@ -579,11 +586,11 @@ def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: in
                 + [_io(n, t, ["B"]) for n, t in SAMPLER_INPUTS],
                 [_io("tokens", "int64", ["B"]), _io("logprobs", "float64", ["B"])])
     decode_info = w.manifest["graphs"]["decode"]
+    fp32 = gen.tok_embeddings.weight.dtype == torch.float32
+    # float32 weights: the fused step's projections become larp_rt::PackedMatMul over weights packed in panels
+    # (int8/int4 bundles quantize these MatMuls afterwards, fp16 ones keep ONNX Runtime's)
+    pack = fused and fp32 and w.manifest["precision"] == "fp32"
     if fused:
-        fp32 = gen.tok_embeddings.weight.dtype == torch.float32
-        # float32 weights: the projections become larp_rt::PackedMatMul over weights packed in panels (int8/int4
-        # bundles quantize these MatMuls afterwards, fp16 ones keep ONNX Runtime's)
-        pack = fp32 and w.manifest["precision"] == "fp32"
         if fp32 and kv_dtype != "fp32":  # decode.onnx already reads its narrow cache through the fused op
             dec = onnx.load(str(w.path("decode.onnx")), load_external_data=pack)
         elif fp32:  # trace again with the fused attention op
@@ -598,13 +605,7 @@ def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: in
         data = decode_info.get("data", [])
         if pack:  # its own (packed) weights: embedded, or one external file of its own when large
             w.manifest.setdefault("sampler", {})["packed_matmuls"] = pack_matmuls(fused_model)
-            data = []
-            if sum(t.ByteSize() for t in fused_model.graph.initializer) > EXTERNAL_DATA_BYTES:
-                data = ["decode_sample.onnx.data"]
-                onnx.save_model(fused_model, str(w.path("decode_sample.onnx")), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=data[0], size_threshold=1024)
-            else:
-                onnx.save_model(fused_model, str(w.path("decode_sample.onnx")))
+            data = _save(fused_model, w.path("decode_sample.onnx"))
         else:
             if fp32 and kv_dtype == "fp32" and decode_info.get("data"):
                 share_external_data(fused_model, w.path("decode.onnx"))
@@ -635,7 +636,7 @@ def _export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: in
     checks.append(_compare("sample", "logprobs", logp, want_l, 1e-9))
     if fused:
         checks += _verify_fused(w, cfg, params, batch, np_rng, TOLERANCES[w.manifest["precision"]],
-                                exact_prefill=not (w.manifest.get("sampler") or {}).get("packed_matmuls"))
+                                exact_prefill=not pack)
     return checks
 
 

@@ -4,7 +4,8 @@
 // model once: y (M, N) = x (M, K) @ W (K, N). With M this small the step is a stream of the weights; what matters
 // is reading them at the memory's speed. W is stored packed in column panels of kPanel = 32 columns,
 //     P[p][k][c] = W[k][32 p + c]   (zero past N),  P: (ceil(N / 32), K, 32) float32,
-// so that one panel is one contiguous stream of K * 128 bytes. A panel is a unit of work: the caller splits the
+// so that one panel is one contiguous stream of K * 128 bytes (the export packs W in numpy:
+// larp_rt.kernels.pack_matmul_weights). A panel is a unit of work: the caller splits the
 // panels over threads (ONNX Runtime's ParallelFor in the custom op); within a panel the rows are taken in groups
 // (8 rows x 2 zmm on AVX-512, 3 rows x 4 ymm on AVX2, 1 row portable), each group streaming the panel once (the
 // first group from memory, the next ones from L2).
@@ -56,16 +57,6 @@ inline void panel_portable(const Args& a, int64_t p) {
     float* yr = a.y + m * a.n + c0;
     for (int64_t c = 0; c < cols; ++c) yr[c] = acc[c];
   }
-}
-
-// W (K, N) row-major -> P (panels(N), K, 32), zero-padded (the export does the same in numpy).
-inline void pack(const float* w, int64_t k, int64_t n, float* out) {
-  for (int64_t p = 0; p < panels(n); ++p)
-    for (int64_t r = 0; r < k; ++r)
-      for (int64_t c = 0; c < kPanel; ++c) {
-        const int64_t col = p * kPanel + c;
-        out[(p * k + r) * kPanel + c] = col < n ? w[r * n + col] : 0.0f;
-      }
 }
 
 }  // namespace mm

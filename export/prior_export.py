@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..bundle import PRIOR_FUSED_ATTENTION
 from ..config import find_multiple
 from ..models import LARPTokenizer
 from .graphs import kv_names
@@ -33,7 +34,7 @@ __all__ = ["export_prior", "prior_reference_logits", "STEP_POSITIONS", "FUSED_GR
 
 STEP_POSITIONS = 12  # positions the step graph is verified at (each row; rows start one step apart)
 FUSED_GRAPH = "prior_fused"  # the step graph with larp_rt::DecodeAttention (float32 priors, kernels built)
-FUSED_ATTENTION = "larp_rt::DecodeAttention"
+FUSED_ATTENTION = PRIOR_FUSED_ATTENTION  # the op the reader (larp_rt.bundle.check_prior) requires
 
 
 def prior_reference_logits(tok: LARPTokenizer, tokens: torch.Tensor) -> torch.Tensor:

@@ -226,10 +226,11 @@ def export_bundle(
     """
     if tokenizer_dir is None and generator_dir is None:
         raise ValueError("give a tokenizer and/or a generator checkpoint folder")
+    frame_prediction = generator_dir is not None and _is_frame_prediction(generator_dir, revision)
     precision, kv_dtype, tokenizer_precision = resolve_preset(
         preset, precision=precision, kv_dtype=kv_dtype, tokenizer_precision=tokenizer_precision,
         has_generator=generator_dir is not None, has_tokenizer=tokenizer_dir is not None,
-        frame_prediction=generator_dir is not None and _is_frame_prediction(generator_dir, revision), printer=printer)
+        frame_prediction=frame_prediction, printer=printer)
     if precision not in TOLERANCES:
         raise ValueError(f"precision must be one of {sorted(TOLERANCES)}, got {precision!r}")
     if opset not in OPSETS:
@@ -241,7 +242,7 @@ def export_bundle(
             raise ValueError(f"precision {precision!r} quantizes the generator's weights: give a generator")
         if (why := quantizer_available()) is not None:
             raise ValueError(why)
-        if _is_frame_prediction(generator_dir, revision):  # prefix_prefill.onnx reads decode.onnx's weight file
+        if frame_prediction:  # prefix_prefill.onnx reads decode.onnx's weight file
             raise ValueError(f"precision {precision!r} is for class-conditional generators so far: a frame-prediction "
                              "generator's prefill graph shares decode.onnx's float weights; export it as fp32 or fp16")
     kv_dtype = _check_kv_dtype(kv_dtype, precision, generator_dir)

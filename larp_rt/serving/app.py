@@ -39,7 +39,7 @@ import anyio
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -55,8 +55,11 @@ __all__ = ["create_app", "build_server", "serve", "LarpServer", "DEFAULT_MAX_BOD
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 << 20
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/generate", "/v1/encode", "/v1/decode")
-PUBLIC = ("/health",)  # the one route a load balancer probes without the key
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/generate", "/v1/encode", "/v1/decode", "/v1/predict",
+          "/v1/score", "/openapi.json", "/docs")
+# /health: what a load balancer probes; /: the playground page (static, no data: it asks for the key itself)
+PUBLIC = ("/health", "/")
+PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
 GENERATE_KEYS = ("class_ids", "cfg_scale", "temperature", "top_k", "top_p", "seed", "format", "stream", "fps", "scale")
 DECODE_KEYS = ("tokens", "format", "fps", "scale")
 MEDIA = {"mp4": "video/mp4", "gif": "image/gif", "npy": "application/x-npy"}
@@ -305,6 +308,16 @@ class _State:
                 "model_input": {"frames": T, "height": H, "width": W}}
 
     # -- the manifest summary ---------------------------------------------------------------------------
+    def tasks(self) -> list[str]:
+        """The routes this bundle can answer: generate (class-conditional) or predict (frame prediction),
+        encode / decode (a tokenizer), score (a tokenizer with its AR prior)."""
+        eng, out = self.engine, []
+        if eng.generator_config is not None:
+            out.append("predict" if eng.predicts_frames else "generate")
+        if eng.tokenizer_config is not None:
+            out += ["encode", "decode"] + (["score"] if eng.has_prior else [])
+        return out
+
     def models(self) -> dict:
         eng, m = self.engine, self.engine.bundle.manifest
         parts = [k for k in ("tokenizer", "generator") if m.get(k)]
@@ -321,6 +334,7 @@ class _State:
             "sampler": {"running": eng.sampler_name, "bundle": m.get("sampler")},
             "default_sampling": dataclasses.asdict(eng.default_params),
             "created_by": m.get("created_by"),
+            "tasks": self.tasks(),
             "limits": {"max_body_bytes": self.max_body_bytes, "request_timeout": self.request_timeout,
                        "max_classes_per_request": self.max_classes},
         }
@@ -536,6 +550,10 @@ def create_app(
     @app.exception_handler(ClientDisconnect)
     async def _on_disconnect(request: Request, e: ClientDisconnect):  # gone while sending the body: nobody reads
         return Response(status_code=499)
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health():

@@ -267,7 +267,18 @@ def test_bad_requests_get_their_4xx_beside_good_ones(main, ref, tmp_path):
         (dict(json={"class_ids": [1], "stream": "yes"}), 400, "stream must be true or false"),
         (dict(json={"class_ids": [1], "format": "avi"}), 400, "format must be"),
         (dict(content=b'{"class_ids": [1,', headers={"content-type": "application/json"}), 400, "malformed JSON"),
-        (dict(content=b"[1, 2]"), 400, "must be a JSON object"),
+        (dict(content=b"[1, 2]", headers={"content-type": "application/json"}), 400, "must be a JSON object"),
+        (dict(content=b'{"class_ids": [1]}'), 415, "Content-Type: application/json"),  # JSON under no JSON type
+        (dict(content=b'{"class_ids": [1]}', headers={"content-type": "text/plain"}), 415, "application/json"),
+        (dict(content=b'{"class_ids": [1], "cfg_scale": NaN}', headers={"content-type": "application/json"}), 400,
+         "SamplingParams.cfg_scale must be a finite number"),
+        (dict(content=b'{"class_ids": [1], "temperature": -Infinity}', headers={"content-type": "application/json"}),
+         400, "SamplingParams.temperature must be a finite number"),
+        (dict(json={"class_ids": [1, True]}), 400, "class_ids[1] must be an int"),
+        (dict(json={"class_ids": [1], "seed": "7"}), 400, "SamplingParams.seed must be"),
+        (dict(json={"class_ids": [1], "seed": 2**64}), 400, "SamplingParams.seed must be"),
+        (dict(json={}), 400, "class_ids is required"),
+        (dict(content=b"", headers={"content-type": "application/json"}), 400, "the request body is empty"),
         (dict(content=b"x" * (LIMIT + 1)), 413, "request body too large"),
     ]
 

@@ -4,17 +4,22 @@
     server.run()                                                          # what serve(engine, ...) does
     app = create_app(engine, scheduler, api_key=None, max_body_bytes=64 << 20, request_timeout=None)
 
-Routes: ``POST /v1/generate`` (JSON, or a video, or server-sent progress events), ``POST /v1/encode``
-(multipart video upload -> tokens), ``POST /v1/decode`` (tokens -> mp4 / gif / npy), ``GET /health``,
-``GET /v1/models``, ``GET /metrics``. Every class id of a generate request is its own scheduler request on
-stream i of the request's one seed, so concurrent HTTP requests share one continuous batch and a request's tokens
-equal ``Engine.generate(class_ids, SamplingParams(seed=s, ...))``.
+Routes (their request and response models are in ``schemas``; the schema is served at ``/openapi.json``, the
+interactive docs at ``/docs``, both behind the API key when one is set): ``POST /v1/generate`` (JSON -> tokens, a
+video, or server-sent progress events), ``POST /v1/predict`` (a video's first frames -> the predicted clip, on
+frame-prediction bundles), ``POST /v1/encode`` (a video upload -> tokens), ``POST /v1/decode`` (tokens -> mp4 / gif
+/ npy), ``POST /v1/score`` (tokens or videos -> the tokenizer prior's NLL), ``GET /health``, ``GET /v1/models``,
+``GET /metrics``, and ``GET /`` (the playground page). Every class id of a generate request is its own scheduler
+request on stream i of the request's one seed, so concurrent HTTP requests share one continuous batch and a
+request's tokens equal ``Engine.generate(class_ids, SamplingParams(seed=s, ...))``; a predict request is one
+scheduler request whose tokens equal ``Engine.predict``'s.
 
-Failure modes, each with a JSON body ``{"error": message, "status": code}``: bad input 400 (the Engine's own
-message), a missing or wrong API key 401, a body over the limit 413 (the Content-Length, else the bytes read), a
-full queue 429 with Retry-After, shutting down 503, the request's deadline 504. A client that goes away (also
-mid-stream) cancels its scheduler requests, which frees their rows at the next step. The lifespan starts the
-scheduler and, at shutdown, drains it: uvicorn stops accepting and lets the requests in flight finish first.
+Failure modes, each with a JSON body ``{"error": message, "status": code}``: bad input 400 (the field's rule or
+the Engine's own message), JSON sent under another Content-Type 415, a missing or wrong API key 401, a body over
+the limit 413 (the Content-Length, else the bytes read), a full queue 429 with Retry-After, shutting down 503, the
+request's deadline 504. A client that goes away (also mid-stream) cancels its scheduler requests, which frees
+their rows at the next step. The lifespan starts the scheduler and, at shutdown, drains it: uvicorn stops
+accepting and lets the requests in flight finish first.
 """
 
 from __future__ import annotations
@@ -33,13 +38,16 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import numpy as np
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -47,6 +55,7 @@ from .. import __version__
 from ..engine import Engine
 from ..sampling import SamplingParams, fresh_seed
 from ..video import VideoError, fit_clip, grid, read_video, write_video
+from . import schemas as S
 from .metrics import ServingMetrics
 from .scheduler import QueueFull, RequestCancelled, Scheduler, SchedulerClosed
 
@@ -60,8 +69,17 @@ ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/generate", "/v1/encode"
 # /health: what a load balancer probes; /: the playground page (static, no data: it asks for the key itself)
 PUBLIC = ("/health", "/")
 PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
-GENERATE_KEYS = ("class_ids", "cfg_scale", "temperature", "top_k", "top_p", "seed", "format", "stream", "fps", "scale")
-DECODE_KEYS = ("tokens", "format", "fps", "scale")
+DOCS_STATIC = "/docs-static"  # the interactive docs' own scripts, served from the package (no CDN)
+UPLOAD_ROUTES = ("/v1/encode", "/v1/predict")  # multipart only; /v1/score takes either
+# each route's body model: its field list goes into the unknown-field message
+BODY_MODELS = {"/v1/generate": S.GenerateRequest, "/v1/decode": S.DecodeRequest, "/v1/encode": S.EncodeForm,
+               "/v1/predict": S.PredictForm}
+ERRORS = {code: {"model": S.ErrorBody, "description": what} for code, what in (
+    (400, "bad input: the field's rule or the Engine's message"), (401, "missing or wrong API key"),
+    (413, "body over the server's limit"), (415, "JSON sent without Content-Type: application/json"),
+    (429, "queue full (Retry-After)"), (503, "shutting down, or the bundle cannot serve this"),
+    (504, "the request's deadline passed"))}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
 MEDIA = {"mp4": "video/mp4", "gif": "image/gif", "npy": "application/x-npy"}
 HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
 
@@ -140,17 +158,33 @@ class _Gate:
                 f"({self.max_body / 2**20:.4g} MiB, the server's --max-body-mb)")
 
 
+
 # ----------------------------------------------------------------------------------------------------
 # the app's state and the work it does off the event loop
 # ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Job:
-    class_ids: list[int]
+    """A validated generate / predict request: its sampling, its output, and (for predict) its clip."""
+
     params: SamplingParams
     format: str
     stream: bool
     fps: float
     scale: int
+    class_ids: list[int] = dataclasses.field(default_factory=list)  # generate: one scheduler request each
+    clip: np.ndarray | None = None  # predict: (1, T, H, W, 3) uint8, fitted to the model
+    num_cond_frames: int = 0
+    stochastic_cond: bool = False
+    cond_seed: int | None = None
+    upload: dict | None = None  # predict: notes, input, model_input
+
+    @property
+    def n(self) -> int:
+        return len(self.class_ids) if self.clip is None else 1
+
+
+def _given(body, names) -> dict:
+    return {k: getattr(body, k) for k in names if getattr(body, k) is not None}
 
 
 class _State:
@@ -187,16 +221,37 @@ class _State:
             raise HTTPError(400, f"{what} needs a {part}, and this server's bundle has none "
                             f"(export one with --{part}); GET /v1/models lists the bundle's parts")
 
-    # -- generate -------------------------------------------------------------------------------------
-    def parse_generate(self, body: dict) -> _Job:
-        _no_unknown_keys(body, GENERATE_KEYS, "/v1/generate")
-        self.need("generator", "POST /v1/generate")
-        ids = body.get("class_ids")
-        if not isinstance(ids, list) or not ids:
-            raise HTTPError(400, f"class_ids must be a non-empty list of ints, e.g. [0, 3], got {ids!r}")
-        for i, c in enumerate(ids):
-            if not isinstance(c, int) or isinstance(c, bool):
-                raise HTTPError(400, f"class_ids[{i}] must be an int, got {c!r}")
+    def need_task(self, task: str, route: str) -> None:
+        """The bundle's generator must be of the kind the route serves (class-conditional vs frame prediction)."""
+        self.need("generator", route)
+        fp = self.engine.predicts_frames
+        if task == "generate" and fp:
+            raise HTTPError(400, f"{route}: this bundle's generator predicts frames from a video (POST /v1/predict); "
+                            "it takes no class ids")
+        if task == "predict" and not fp:
+            raise HTTPError(400, f"{route}: this bundle's generator is class-conditional (POST /v1/generate with "
+                            "class_ids); export a frame-prediction generator to predict frames")
+
+    def params(self, given: dict) -> SamplingParams:
+        # one seed for the request: class id i (or the one predicted clip) draws from the stream (seed, i)
+        given.setdefault("seed", fresh_seed())
+        params = dataclasses.replace(self.engine.default_params, **given)
+        try:
+            return params.validate(self.engine.generator_config.vocab_size)
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+
+    def video_options(self, fmt: str, stream: bool) -> None:
+        if stream and fmt != "json":
+            raise HTTPError(400, "stream: true sends the tokens in its last event: use format 'json' with it "
+                            "(then POST /v1/decode), or stream: false for an mp4 / gif")
+        if fmt != "json":
+            self.need("tokenizer", f"format {fmt!r}")
+
+    # -- generate / predict ------------------------------------------------------------------------------
+    def generate_job(self, body: S.GenerateRequest) -> _Job:
+        self.need_task("generate", "POST /v1/generate")
+        ids = body.class_ids
         if len(ids) > self.max_classes:
             raise HTTPError(400, f"at most {self.max_classes} class ids per request (what the scheduler holds: "
                             f"max_batch + max_queue), got {len(ids)}: split the request")
@@ -204,35 +259,48 @@ class _State:
             self.engine.check_class_ids(ids)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
-        given = {k: body[k] for k in ("cfg_scale", "temperature", "top_k", "top_p", "seed") if body.get(k) is not None}
-        # one seed for every class id: row i draws from the stream (seed, i), as Engine.generate does
-        given.setdefault("seed", fresh_seed())
-        params = dataclasses.replace(self.engine.default_params, **given)
-        try:
-            params.validate(self.engine.generator_config.vocab_size)
-        except ValueError as e:
-            raise HTTPError(400, str(e)) from None
-        fmt = body.get("format", "json")
-        if fmt not in ("json", "mp4", "gif"):
-            raise HTTPError(400, f"format must be 'json' (tokens), 'mp4' or 'gif' (the decoded videos), got {fmt!r}")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise HTTPError(400, f"stream must be true or false, got {stream!r}")
-        if stream and fmt != "json":
-            raise HTTPError(400, "stream: true sends the tokens in its last event: use format 'json' with it "
-                            "(then POST /v1/decode), or stream: false for an mp4 / gif")
-        if fmt != "json":
-            self.need("tokenizer", f"format {fmt!r}")
-        fps, scale = _video_options(body)
-        return _Job(ids, params, fmt, stream, fps, scale)
+        params = self.params(_given(body, ("cfg_scale", "temperature", "top_k", "top_p", "seed")))
+        self.video_options(body.format, body.stream)
+        return _Job(params, body.format, body.stream, body.fps, body.scale, class_ids=list(ids))
+
+    def predict_job(self, form: S.PredictForm, path: str, name: str) -> _Job:
+        """(a thread) The upload -> its clip fitted to the model, and the request's sampling."""
+        C, T, H, W = self.engine.tokenizer_config.video_shape
+        n = form.num_cond_frames
+        if n > T:
+            raise HTTPError(400, f"num_cond_frames must be an int in [1, {T}] (the tokenizer's {T} frames), got {n}")
+        if form.cond_seed is not None and not form.stochastic_cond:
+            raise HTTPError(400, "cond_seed seeds the stochastic conditioning draw: give it with stochastic_cond=true")
+        frames, fps = _read_upload(path, name, T)
+        if len(frames) < n:
+            raise HTTPError(400, f"the upload {name!r} has {len(frames)} frame(s); prediction is conditioned on the "
+                            f"first num_cond_frames={n}: send a longer clip or lower num_cond_frames")
+        t0, h0, w0 = frames.shape[:3]
+        clip, notes = fit_clip(frames, T, H, W)
+        # frames past the conditioning ones are never read, so their padding is no news
+        notes = [f"{x} (the model takes {T}x{H}x{W})" for x in notes if not x.startswith("padded")]
+        params = self.params({"cfg_scale": 1.0, **_given(form, ("temperature", "top_k", "top_p", "seed"))})
+        self.video_options(form.format, form.stream)
+        upload = {"notes": notes, "input": {"frames": t0 if t0 <= T else None, "height": h0, "width": w0, "fps": fps},
+                  "model_input": {"frames": T, "height": H, "width": W}}
+        return _Job(params, form.format, form.stream, form.fps, form.scale, clip=clip[None], num_cond_frames=n,
+                    stochastic_cond=form.stochastic_cond, cond_seed=form.cond_seed, upload=upload)
+
+    def _submit_one(self, job: _Job, i: int, on_step):
+        if job.clip is None:
+            return self.scheduler.submit(job.class_ids[i], job.params, stream=i, timeout=self.request_timeout,
+                                         on_step=on_step)
+        return self.scheduler.submit_predict(job.clip, job.params, num_cond_frames=job.num_cond_frames,
+                                             stochastic_cond=job.stochastic_cond, seed=job.cond_seed,
+                                             timeout=self.request_timeout, on_step=on_step)
 
     def submit(self, job: _Job, on_step: Callable[[int], Callable] | None = None) -> list:
-        """One scheduler request per class id (stream i); on any refusal the ones already in are cancelled."""
+        """One scheduler request per class id (stream i), or the one predict request; on any refusal the ones
+        already in are cancelled. A predict request encodes its conditioning here: call it from a thread."""
         reqs = []
         try:
-            for i, c in enumerate(job.class_ids):
-                reqs.append(self.scheduler.submit(c, job.params, stream=i, timeout=self.request_timeout,
-                                                  on_step=None if on_step is None else on_step(i)))
+            for i in range(job.n):
+                reqs.append(self._submit_one(job, i, None if on_step is None else on_step(i)))
         except QueueFull as e:
             _cancel(reqs)
             retry = max(1, math.ceil(e.retry_after))
@@ -264,16 +332,42 @@ class _State:
             except (ValueError, RuntimeError) as e:
                 log.error("generation failed: %s", e)
                 raise HTTPError(500, f"generation failed: {e}") from None
-        tokens = np.concatenate([g.tokens for g in gens], axis=0)
+        tokens = np.concatenate([g.tokens for g in gens], axis=0).tolist()
         p = job.params
-        return {
-            "tokens": tokens.tolist(),
-            "seeds": [p.seed] * len(gens),
-            "class_ids": job.class_ids,
-            "params": {"cfg_scale": p.cfg_scale, "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
-                       "seed": p.seed},
-            "seconds": round(time.monotonic() - t0, 6),
-        }
+        used = {"cfg_scale": p.cfg_scale, "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
+                "seed": p.seed}
+        seconds = round(time.monotonic() - t0, 6)
+        if job.clip is None:
+            return S.GenerateResult(tokens=tokens, seeds=[p.seed] * len(gens), class_ids=job.class_ids, params=used,
+                                    seconds=seconds).model_dump()
+        cond = reqs[0].seq.prefix[:-1]  # the conditioning clip's tokens (the separator dropped)
+        return S.PredictResult(tokens=tokens, cond_tokens=[cond.tolist()], seed=p.seed,
+                               num_cond_frames=job.num_cond_frames, params=used, seconds=seconds,
+                               **job.upload).model_dump()
+
+    # -- score ------------------------------------------------------------------------------------------
+    def score(self, tokens: np.ndarray, method: str, t0: float, uploads: list[dict] | None = None) -> dict:
+        try:
+            nll = self.engine.prior_nll(tokens, method=method)
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+        out = S.ScoreResult(nll=[float(x) for x in nll], uniform=math.log(self.engine.tokenizer_config.codebook_size),
+                            method=method, seconds=round(time.monotonic() - t0, 6))
+        if uploads is not None:
+            out.notes, out.tokens = [u["notes"] for u in uploads], tokens.tolist()
+        return out.model_dump(exclude_none=True)
+
+    def score_files(self, files: list[tuple[str, str]], method: str, t0: float) -> dict:
+        """(a thread) uploaded videos -> fitted, encoded in one batch, scored."""
+        T, H, W = self.engine.tokenizer_config.video_shape[1:]
+        clips, uploads = [], []
+        for path, name in files:
+            frames, _ = _read_upload(path, name, T)
+            clip, notes = fit_clip(frames, T, H, W)
+            clips.append(clip)
+            uploads.append({"notes": [f"{x} (the model takes {T}x{H}x{W})" for x in notes]})
+        tokens = self.engine.encode(np.stack(clips))
+        return self.score(tokens, method, t0, uploads)
 
     # -- video (threads) --------------------------------------------------------------------------------
     def render(self, tokens: np.ndarray, fmt: str, fps: float, scale: int) -> bytes:
@@ -289,11 +383,8 @@ class _State:
 
     def encode_file(self, path: str, name: str) -> dict:
         C, T, H, W = self.engine.tokenizer_config.video_shape
-        try:
-            # T + 1 frames at most: enough to know there were more, without decoding a long upload whole
-            frames, fps = read_video(path, max_frames=T + 1)
-        except (VideoError, ValueError, OSError) as e:
-            raise HTTPError(400, f"unreadable upload {name!r}: {str(e).replace(repr(path), repr(name))}") from None
+        # T + 1 frames at most: enough to know there were more, without decoding a long upload whole
+        frames, fps = _read_upload(path, name, T + 1)
         t0, h0, w0 = frames.shape[:3]
         notes = []
         if t0 > T:
@@ -302,10 +393,10 @@ class _State:
         clip, fit_notes = fit_clip(frames, T, H, W)
         notes += fit_notes
         tokens = self.engine.encode(clip[None])
-        return {"tokens": tokens.tolist(), "notes": [f"{n} (the model takes {T}x{H}x{W})" for n in notes],
-                # frames: null when the upload is longer than T (only its first T frames are read)
-                "input": {"frames": t0 if t0 <= T else None, "height": h0, "width": w0, "fps": fps},
-                "model_input": {"frames": T, "height": H, "width": W}}
+        return S.EncodeResult(tokens=tokens.tolist(), notes=[f"{n} (the model takes {T}x{H}x{W})" for n in notes],
+                              # frames: null when the upload is longer than T (only its first T frames are read)
+                              input={"frames": t0 if t0 <= T else None, "height": h0, "width": w0, "fps": fps},
+                              model_input={"frames": T, "height": H, "width": W}).model_dump()
 
     # -- the manifest summary ---------------------------------------------------------------------------
     def tasks(self) -> list[str]:
@@ -326,6 +417,7 @@ class _State:
             "larp_rt": __version__,
             "format_version": m.get("format_version"),
             "parts": parts,
+            "tasks": self.tasks(),
             "precision": m.get("precision", "fp32"),
             "graphs": {name: {"file": g.get("file"), "inputs": [i.get("name") for i in g.get("inputs", [])],
                               "outputs": [o.get("name") for o in g.get("outputs", [])]}
@@ -334,9 +426,9 @@ class _State:
             "sampler": {"running": eng.sampler_name, "bundle": m.get("sampler")},
             "default_sampling": dataclasses.asdict(eng.default_params),
             "created_by": m.get("created_by"),
-            "tasks": self.tasks(),
             "limits": {"max_body_bytes": self.max_body_bytes, "request_timeout": self.request_timeout,
-                       "max_classes_per_request": self.max_classes},
+                       "max_classes_per_request": self.max_classes, "max_token_rows": S.MAX_TOKEN_ROWS,
+                       "max_uploads_per_score": S.MAX_UPLOADS},
         }
         for k in parts:
             out[k] = m[k]
@@ -345,19 +437,37 @@ class _State:
         return out
 
 
-def _no_unknown_keys(body: dict, allowed: tuple[str, ...], route: str) -> None:
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise HTTPError(400, f"unknown field(s) {unknown} for {route}; it takes {', '.join(allowed)}")
+def _read_upload(path: str, name: str, max_frames: int) -> tuple[np.ndarray, float | None]:
+    """An uploaded file's first ``max_frames`` frames; a 400 naming the upload (never the server's temp path)."""
+    try:
+        return read_video(path, max_frames=max_frames)
+    except (VideoError, ValueError, OSError) as e:
+        raise HTTPError(400, f"unreadable upload {name!r}: {str(e).replace(repr(path), repr(name))}") from None
 
 
-def _video_options(body: dict) -> tuple[float, int]:
-    fps, scale = body.get("fps", 8.0), body.get("scale", 1)
-    if not isinstance(fps, (int, float)) or isinstance(fps, bool) or not (0 < fps <= 240):
-        raise HTTPError(400, f"fps must be a number in (0, 240], got {fps!r}")
-    if not isinstance(scale, int) or isinstance(scale, bool) or not (1 <= scale <= 16):
-        raise HTTPError(400, f"scale must be an int in [1, 16] (nearest upscaling), got {scale!r}")
-    return float(fps), scale
+@contextlib.contextmanager
+def _spooled(uploads: list[UploadFile]):
+    """The uploads as named temporary files (the video reader takes paths; the suffix tells it the container)."""
+    with contextlib.ExitStack() as stack:
+        out = []
+        for up in uploads:
+            name = up.filename or "upload"
+            suffix = Path(name).suffix.lower()
+            suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ""
+            tmp = stack.enter_context(tempfile.NamedTemporaryFile(prefix="larp_rt-upload-", suffix=suffix))
+            shutil.copyfileobj(up.file, tmp)
+            tmp.flush()
+            out.append((tmp.name, name))
+        yield out
+
+
+def _tokens_array(tokens: list) -> np.ndarray:
+    """The validated token lists -> (B, N); rows of unequal length are the one thing the model cannot say."""
+    try:
+        x = np.asarray(tokens, dtype=np.int64)
+    except (ValueError, OverflowError) as e:
+        raise HTTPError(400, f"tokens must be a (B, N) list of lists of ints of equal length: {e}") from None
+    return x[None] if x.ndim == 1 else x
 
 
 def _cancel(reqs) -> None:
@@ -463,21 +573,6 @@ class _EventStream(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
-async def _json_body(request: Request) -> dict:
-    raw = await request.body()
-    if not raw.strip():
-        raise HTTPError(400, "the request body is empty: send a JSON object (Content-Type: application/json)")
-    try:
-        body = json.loads(raw)
-    except ValueError as e:  # bad syntax, bad UTF-8, an int past Python's digit limit
-        raise HTTPError(400, f"malformed JSON body: {e}") from None
-    except RecursionError:
-        raise HTTPError(400, "malformed JSON body: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise HTTPError(400, f"the body must be a JSON object, got a JSON {type(body).__name__}")
-    return body
-
-
 # ----------------------------------------------------------------------------------------------------
 # the app
 # ----------------------------------------------------------------------------------------------------
@@ -495,7 +590,7 @@ def create_app(
     None for a bundle without a generator, which serves encode / decode only);
     ``metrics``: the ServingMetrics the scheduler was built with as its observer (default: the scheduler's
     observer if it is one, else a new one that sees only the HTTP layer). ``api_key``: required as a Bearer
-    token on every route but /health. ``request_timeout``: seconds a generation may take from submission
+    token on every route but / and /health. ``request_timeout``: seconds a generation may take from submission
     (None: no limit) -> 504. ``workers``: threads for encode / decode / video writing."""
     if not isinstance(engine, Engine):
         raise ValueError(f"engine must be a larp_rt.Engine, got {type(engine).__name__}")
@@ -535,133 +630,253 @@ def create_app(
             if scheduler is not None:
                 await anyio.to_thread.run_sync(lambda: scheduler.stop(drain=True))
 
-    app = FastAPI(title="larp_rt", version=__version__, lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None)
+    # the interactive docs load their scripts from the package, not from a CDN (servers are often offline)
+    app = FastAPIOffline(title="larp_rt", version=__version__, lifespan=lifespan, redoc_url=None,
+                         static_url=DOCS_STATIC, description=_API_DESCRIPTION, responses=ERRORS)
     app.state.larp = st
-
-    @app.exception_handler(HTTPError)
-    async def _on_http_error(request: Request, e: HTTPError):
-        return _error(e.status, e.message, e.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_starlette_error(request: Request, e: StarletteHTTPException):  # 404, 405, bad multipart
-        return _error(e.status_code, str(e.detail), dict(e.headers or {}))
-
-    @app.exception_handler(ClientDisconnect)
-    async def _on_disconnect(request: Request, e: ClientDisconnect):  # gone while sending the body: nobody reads
-        return Response(status_code=499)
-
-    @app.get("/", include_in_schema=False)
-    async def playground():
-        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
-
-    @app.get("/health")
-    async def health():
-        status = ("ok" if st.ready else "draining" if st.draining else "starting" if not st.started
-                  else "unavailable")  # started, not draining, yet the scheduler is not ready: its loop has stopped
-        body = {"status": status, "ready": st.ready, **({} if st.scheduler is None else st.scheduler.stats())}
-        return JSONResponse(body, status_code=200 if st.ready else 503)
-
-    @app.get("/metrics")
-    async def metrics_route():
-        data, ctype = st.metrics.render()
-        return Response(content=data, media_type=ctype)
-
-    @app.get("/v1/models")
-    async def models():
-        return st.models()
-
-    @app.post("/v1/generate")
-    async def generate(request: Request):
-        st.refuse_if_draining()
-        job = st.parse_generate(await _json_body(request))
-        t0 = time.monotonic()
-        waker = _Waker(asyncio.get_running_loop(), len(job.class_ids))
-        if job.stream:
-            reqs = st.submit(job, on_step=waker.on_step)
-            return _EventStream(_progress_events(st, job, reqs, waker, t0, request.scope),
-                                on_close=lambda finished: _cancel(reqs))
-        reqs = st.submit(job)
-        try:
-            if not await _await_all(request, reqs, waker):
-                return Response(status_code=499)  # nobody is listening; the rows are already freed
-            result = st.collect(job, reqs, t0)
-        finally:
-            _cancel(reqs)
-        if job.format == "json":
-            return JSONResponse(result)
-        data = await st.work(st.render, np.asarray(result["tokens"], np.int64), job.format, job.fps, job.scale)
-        return Response(content=data, media_type=MEDIA[job.format],
-                        headers={"X-Larp-Seed": str(job.params.seed),
-                                 "Content-Disposition": f'inline; filename="samples.{job.format}"'})
-
-    @app.post("/v1/encode")
-    async def encode(request: Request):
-        st.refuse_if_draining()
-        st.need("tokenizer", "POST /v1/encode")
-        ctype = request.headers.get("content-type", "")
-        if not ctype.lower().startswith("multipart/form-data"):
-            raise HTTPError(400, "POST /v1/encode takes multipart/form-data with the video in the field 'file' "
-                            f"(curl -F file=@clip.mp4 ...), got Content-Type {ctype or 'none'!r}")
-        async with request.form(max_files=1, max_fields=8) as form:
-            up = form.get("file")
-            if up is None or isinstance(up, str):
-                raise HTTPError(400, "no video in the multipart field 'file': upload it as a file "
-                                "(curl -F file=@clip.mp4 ...)")
-            name = up.filename or "upload"
-            suffix = Path(name).suffix.lower()
-            suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ""
-            with tempfile.NamedTemporaryFile(prefix="larp_rt-upload-", suffix=suffix) as tmp:
-                await st.work(shutil.copyfileobj, up.file, tmp)
-                tmp.flush()
-                return await st.work(st.encode_file, tmp.name, name)
-
-    @app.post("/v1/decode")
-    async def decode(request: Request):
-        st.refuse_if_draining()
-        st.need("tokenizer", "POST /v1/decode")
-        body = await _json_body(request)
-        _no_unknown_keys(body, DECODE_KEYS, "/v1/decode")
-        fmt_q, fmt_b = request.query_params.get("format"), body.get("format")
-        if fmt_q is not None and fmt_b is not None and fmt_q != fmt_b:
-            raise HTTPError(400, f"format is {fmt_q!r} in the query but {fmt_b!r} in the body: give one")
-        fmt = fmt_q or fmt_b or "mp4"
-        if fmt not in MEDIA:
-            raise HTTPError(400, f"format must be 'mp4', 'gif' or 'npy' (the decoded float32 videos), got {fmt!r}")
-        fps, scale = _video_options(body)
-        tokens = _tokens_array(body.get("tokens"))
-        try:
-            tokens = engine.check_tokens(tokens)
-        except ValueError as e:
-            raise HTTPError(400, str(e)) from None
-        data = await st.work(st.render, tokens, fmt, fps, scale)
-        return Response(content=data, media_type=MEDIA[fmt],
-                        headers={"Content-Disposition": f'inline; filename="decoded.{fmt}"'})
-
+    _add_error_handlers(app)
+    _add_routes(app, st)
+    _document_auth(app, api_key is not None)
     # the gate sits inside FastAPI's error middleware (an exception in it still becomes a 500) and outside its
     # router, so it sees every request, unknown routes included
     app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
     return app
 
 
-def _tokens_array(tokens) -> np.ndarray:
-    if not isinstance(tokens, list) or not tokens:
-        raise HTTPError(400, f"tokens must be a (B, N) list of lists of ints (or one list of N), got {tokens!r:.80}")
+_API_DESCRIPTION = """Video generation with LARP (a video tokenizer with a learned AR prior) and its AR generators.
+
+Errors are JSON `{"error": message, "status": code}`. With an API key (`larp-rt serve --api-key`), every route but
+`/` and `/health` needs `Authorization: Bearer KEY`. `GET /v1/models` lists what this bundle serves (`tasks`)."""
+
+
+def _document_auth(app: FastAPI, keyed: bool) -> None:
+    """The schema says how to authenticate (the gate enforces it): a Bearer scheme on every route but the open ones."""
+    if not keyed:
+        return
+    base = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = base()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "the server's --api-key"}}
+            for path, ops in schema.get("paths", {}).items():
+                for op in ops.values():
+                    op["security"] = [] if path in PUBLIC else [{"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HTTPError)
+    async def _on_http_error(request: Request, e: HTTPError):
+        return _error(e.status, e.message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_invalid(request: Request, e: RequestValidationError):
+        path = request.url.path
+        errors = list(e.errors())
+        if path in UPLOAD_ROUTES:
+            ctype = request.headers.get("content-type", "")
+            if not ctype.lower().startswith("multipart/form-data"):
+                return _error(400, f"POST {path} takes multipart/form-data with the video in the field 'file' "
+                              f"(curl -F file=@clip.mp4 ...), got Content-Type {ctype or 'none'!r}")
+            if any(x.get("type") == "missing" and x.get("loc", ())[-1:] == ("file",) for x in errors):
+                return _error(400, "no video in the multipart field 'file': upload it as a file "
+                              "(curl -F file=@clip.mp4 ...)")
+        model = BODY_MODELS.get(path)
+        fields = [] if model is None else list(model.model_fields)
+        status, message = S.validation_message(errors, fields, path)
+        return _error(status, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_starlette_error(request: Request, e: StarletteHTTPException):  # 404, 405, bad multipart
+        detail = str(e.detail)
+        if e.status_code == 400 and detail == "There was an error parsing the body":
+            cause = e.__cause__
+            if isinstance(cause, HTTPError):  # the gate's 413, raised while FastAPI read the body
+                return _error(cause.status, cause.message, cause.headers)
+            why = "nested too deeply" if isinstance(cause, RecursionError) else str(cause or "not JSON")
+            detail = f"malformed JSON body: {why}"
+        return _error(e.status_code, detail, dict(e.headers or {}))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _on_disconnect(request: Request, e: ClientDisconnect):  # gone while sending the body: nobody reads
+        return Response(status_code=499)
+
+
+def _add_routes(app: FastAPI, st: _State) -> None:
+    engine = st.engine
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health", response_model=S.Health, responses={503: {"model": S.Health}},
+             summary="Liveness and readiness (open, without the key)")
+    async def health():
+        status = ("ok" if st.ready else "draining" if st.draining else "starting" if not st.started
+                  else "unavailable")  # started, not draining, yet the scheduler is not ready: its loop has stopped
+        body = {"status": status, "ready": st.ready, **({} if st.scheduler is None else st.scheduler.stats())}
+        return JSONResponse(body, status_code=200 if st.ready else 503)
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
+             responses={200: {"content": {"text/plain": {}}}})
+    async def metrics_route():
+        data, ctype = st.metrics.render()
+        return Response(content=data, media_type=ctype)
+
+    @app.get("/v1/models", response_model=S.ModelsInfo, summary="The bundle, its tasks and the server's limits")
+    async def models():
+        return st.models()
+
+    video_or_events = {"content": {"video/mp4": BINARY, "image/gif": BINARY,
+                                   "text/event-stream": {"schema": {"type": "string"}}},
+                       "description": "JSON tokens; with format mp4 / gif the video; with stream: true server-sent "
+                                      "events (accepted, progress, then result or error)."}
+
+    @app.post("/v1/generate", response_model=S.GenerateResult, responses={200: video_or_events},
+              summary="Class-conditional videos (tokens, mp4 / gif, or streamed progress)")
+    async def generate(body: S.GenerateRequest, request: Request):
+        st.refuse_if_draining()
+        job = st.generate_job(body)
+        return await _run_job(st, job, request, lambda waker: st.submit(job, on_step=waker.on_step),
+                              {"class_ids": job.class_ids, "seed": job.params.seed})
+
+    @app.post("/v1/predict", response_model=S.PredictResult, responses={200: video_or_events},
+              summary="Frame prediction: a video's first frames -> the whole clip")
+    async def predict(form: Annotated[S.PredictForm, Form(media_type="multipart/form-data")], request: Request):
+        st.refuse_if_draining()
+        st.need_task("predict", "POST /v1/predict")
+        st.need("tokenizer", "POST /v1/predict")
+
+        def prepare():
+            with _spooled([form.file]) as files:
+                return st.predict_job(form, *files[0])
+
+        job = await st.work(prepare)
+        # the conditioning clip is encoded on submission: a thread, as every encode is
+        return await _run_job(st, job, request, lambda waker: _in_thread(st, st.submit, job, waker.on_step),
+                              {"num_cond_frames": job.num_cond_frames, "seed": job.params.seed})
+
+    @app.post("/v1/encode", response_model=S.EncodeResult, summary="A video upload -> its tokens")
+    async def encode(form: Annotated[S.EncodeForm, Form(media_type="multipart/form-data")]):
+        st.refuse_if_draining()
+        st.need("tokenizer", "POST /v1/encode")
+
+        def run():
+            with _spooled([form.file]) as files:
+                return st.encode_file(*files[0])
+
+        return await st.work(run)
+
+    @app.post("/v1/decode", response_class=Response, summary="Tokens -> a video (mp4 / gif / npy)",
+              responses={200: {"content": {"video/mp4": BINARY, "image/gif": BINARY, "application/x-npy": BINARY}}})
+    async def decode(body: S.DecodeRequest, format: Annotated[S.DecodeFormat | None, Query(
+            description="The output format, instead of the body's")] = None):
+        st.refuse_if_draining()
+        st.need("tokenizer", "POST /v1/decode")
+        if format is not None and body.format is not None and format != body.format:
+            raise HTTPError(400, f"format is {format!r} in the query but {body.format!r} in the body: give one")
+        fmt = format or body.format or "mp4"
+        try:
+            tokens = engine.check_tokens(_tokens_array(body.tokens))
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+        data = await st.work(st.render, tokens, fmt, body.fps, body.scale)
+        return Response(content=data, media_type=MEDIA[fmt],
+                        headers={"Content-Disposition": f'inline; filename="decoded.{fmt}"'})
+
+    score_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": S.ScoreTokensRequest.model_json_schema(ref_template=_REF)},
+        "multipart/form-data": {"schema": S.ScoreUploadForm.model_json_schema(ref_template=_REF)}}}}
+
+    @app.post("/v1/score", response_model=S.ScoreResult, openapi_extra=score_body,
+              summary="The tokenizer prior's NLL of token rows (JSON) or of uploaded videos (multipart)")
+    async def score(request: Request):
+        st.refuse_if_draining()
+        st.need("tokenizer", "POST /v1/score")
+        if not engine.has_prior:
+            raise HTTPError(400, "POST /v1/score needs the tokenizer's AR prior, and this server's bundle has none: "
+                            "export a tokenizer trained with the prior (`larp-rt export --tokenizer DIR`)")
+        t0 = time.monotonic()
+        ctype = request.headers.get("content-type", "").lower()
+        if ctype.startswith("multipart/form-data"):
+            async with request.form(max_files=S.MAX_UPLOADS, max_fields=S.MAX_UPLOADS + 8) as form:
+                fields = {k: (form.getlist(k) if k == "file" else form.get(k)) for k in form.keys()}
+                up = _validate(S.ScoreUploadForm, fields, "/v1/score")
+
+                def run():
+                    with _spooled(up.file) as files:
+                        return st.score_files(files, up.method, t0)
+
+                return await st.work(run)
+        if ctype and not ctype.startswith("application/json"):
+            raise HTTPError(415, "POST /v1/score takes JSON tokens (Content-Type: application/json) or videos as "
+                            f"multipart/form-data (curl -F file=@clip.mp4 ...), got Content-Type {ctype!r}")
+        body = _validate(S.ScoreTokensRequest, await request.body(), "/v1/score")
+        try:
+            tokens = engine.check_tokens(_tokens_array(body.tokens))
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+        return await st.work(st.score, tokens, body.method, t0)
+
+
+_REF = "#/components/schemas/{model}"
+
+
+def _validate(model, data, route: str):
+    """A body parsed outside FastAPI's signature (one route, two content types): the same errors as the others."""
     try:
-        x = np.asarray(tokens)
-    except (ValueError, OverflowError) as e:
-        raise HTTPError(400, f"tokens must be a (B, N) list of lists of ints of equal length: {e}") from None
-    if x.dtype == object:
-        raise HTTPError(400, "tokens must hold ints only, in a (B, N) list of lists of equal length")
-    return x[None] if x.ndim == 1 else x
+        if isinstance(data, (bytes, bytearray)):
+            if not data.strip():
+                raise HTTPError(400, "the request body is empty: send a JSON object (Content-Type: application/json)")
+            return model.model_validate_json(data)
+        return model.model_validate(data)
+    except ValidationError as e:
+        status, message = S.validation_message(e.errors(), list(model.model_fields), route)
+        raise HTTPError(status, message) from None
+    except RecursionError:
+        raise HTTPError(400, "malformed JSON body: nested too deeply") from None
 
 
-async def _progress_events(st: _State, job: _Job, reqs: list, waker: _Waker, t0: float, scope) -> AsyncIterator[bytes]:
-    """accepted, then progress per class id as its steps advance (coalesced), then result (or error)."""
+async def _in_thread(st: _State, fn: Callable, *args):
+    return await st.work(fn, *args)
+
+
+async def _run_job(st: _State, job: _Job, request: Request, submit: Callable, accepted: dict):
+    """Submit a generate / predict job and answer it: JSON, a video, or server-sent events."""
+    t0 = time.monotonic()
+    waker = _Waker(asyncio.get_running_loop(), job.n)
+    reqs = submit(waker)
+    if asyncio.iscoroutine(reqs):
+        reqs = await reqs
+    if job.stream:
+        return _EventStream(_progress_events(st, job, reqs, waker, t0, request.scope, accepted),
+                            on_close=lambda finished: _cancel(reqs))
+    try:
+        if not await _await_all(request, reqs, waker):
+            return Response(status_code=499)  # nobody is listening; the rows are already freed
+        result = st.collect(job, reqs, t0)
+    finally:
+        _cancel(reqs)
+    if job.format == "json":
+        return JSONResponse(result)
+    data = await st.work(st.render, np.asarray(result["tokens"], np.int64), job.format, job.fps, job.scale)
+    return Response(content=data, media_type=MEDIA[job.format],
+                    headers={"X-Larp-Seed": str(job.params.seed),
+                             "Content-Disposition": f'inline; filename="samples.{job.format}"'})
+
+
+async def _progress_events(st: _State, job: _Job, reqs: list, waker: _Waker, t0: float, scope,
+                           accepted: dict) -> AsyncIterator[bytes]:
+    """accepted, then progress per scheduler request as its steps advance (coalesced), then result (or error)."""
     for r in reqs:
         r.add_done_callback(waker.poke)
     total = getattr(reqs[0], "total", None) or st.engine.generator_config.max_seq_len
-    yield _sse("accepted", {"class_ids": job.class_ids, "seed": job.params.seed, "total": total})
+    yield _sse("accepted", {**accepted, "total": total})
     sent = [0] * len(reqs)
     while True:
         waker.event.clear()
@@ -669,8 +884,8 @@ async def _progress_events(st: _State, job: _Job, reqs: list, waker: _Waker, t0:
         for i, k in enumerate(waker.steps):
             if k != sent[i]:
                 sent[i] = k
-                yield _sse("progress", {"index": i, "class_id": job.class_ids[i], "step": k,
-                                        "total": waker.total[i] or total})
+                extra = {"class_id": job.class_ids[i]} if job.clip is None else {}
+                yield _sse("progress", {"index": i, **extra, "step": k, "total": waker.total[i] or total})
         if finished:
             break
         try:

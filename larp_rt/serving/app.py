@@ -47,7 +47,7 @@ from fastapi import FastAPI, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -636,7 +636,7 @@ def create_app(
     app.state.larp = st
     _add_error_handlers(app)
     _add_routes(app, st)
-    _document_auth(app, api_key is not None)
+    _finish_schema(app, api_key is not None)
     # the gate sits inside FastAPI's error middleware (an exception in it still becomes a 500) and outside its
     # router, so it sees every request, unknown routes included
     app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
@@ -649,24 +649,43 @@ Errors are JSON `{"error": message, "status": code}`. With an API key (`larp-rt 
 `/` and `/health` needs `Authorization: Bearer KEY`. `GET /v1/models` lists what this bundle serves (`tasks`)."""
 
 
-def _document_auth(app: FastAPI, keyed: bool) -> None:
-    """The schema says how to authenticate (the gate enforces it): a Bearer scheme on every route but the open ones."""
-    if not keyed:
-        return
+def _finish_schema(app: FastAPI, keyed: bool) -> None:
+    """The published schema: the models' exact integer bounds (FastAPI's schema objects hold them as floats, and
+    2**64 - 1 does not survive a float), and with a key, how to authenticate: a Bearer scheme on every route but the
+    open ones (the gate enforces it)."""
     base = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = base()
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "apiKey": {"type": "http", "scheme": "bearer", "description": "the server's --api-key"}}
-            for path, ops in schema.get("paths", {}).items():
-                for op in ops.values():
-                    op["security"] = [] if path in PUBLIC else [{"apiKey": []}]
+            for name, comp in schema.get("components", {}).get("schemas", {}).items():
+                model = getattr(S, name, None)
+                if isinstance(model, type) and issubclass(model, BaseModel):
+                    _exact_ints(comp, model.model_json_schema(ref_template=_REF))
+            if keyed:
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "apiKey": {"type": "http", "scheme": "bearer", "description": "the server's --api-key"}}
+                for path, ops in schema.get("paths", {}).items():
+                    for op in ops.values():
+                        op["security"] = [] if path in PUBLIC else [{"apiKey": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+def _exact_ints(published, exact) -> None:
+    if isinstance(published, dict) and isinstance(exact, dict):
+        for k, v in exact.items():
+            if k not in published:
+                continue
+            if isinstance(v, int) and not isinstance(v, bool) and isinstance(published[k], float):
+                published[k] = v
+            else:
+                _exact_ints(published[k], v)
+    elif isinstance(published, list) and isinstance(exact, list) and len(published) == len(exact):
+        for a, b in zip(published, exact, strict=True):
+            _exact_ints(a, b)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -793,7 +812,7 @@ def _add_routes(app: FastAPI, st: _State) -> None:
         "application/json": {"schema": S.ScoreTokensRequest.model_json_schema(ref_template=_REF)},
         "multipart/form-data": {"schema": S.ScoreUploadForm.model_json_schema(ref_template=_REF)}}}}
 
-    @app.post("/v1/score", response_model=S.ScoreResult, openapi_extra=score_body,
+    @app.post("/v1/score", response_model=S.ScoreResult, openapi_extra=score_body, response_model_exclude_none=True,
               summary="The tokenizer prior's NLL of token rows (JSON) or of uploaded videos (multipart)")
     async def score(request: Request):
         st.refuse_if_draining()

@@ -449,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.set_defaults(fn=_cmd_bench)
 
-    s = sub.add_parser("serve", help="HTTP server (generate / predict / encode / decode / score, OpenAPI at /docs, a playground at /) "
-                                        "over one continuously batched loop")
+    s = sub.add_parser("serve", help="HTTP server (generate / predict / encode / decode / score; OpenAPI at /docs, "
+                                     "a playground at /) over one continuously batched loop")
     _engine_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)

@@ -761,7 +761,7 @@ def _add_routes(app: FastAPI, st: _State) -> None:
     async def generate(body: S.GenerateRequest, request: Request):
         st.refuse_if_draining()
         job = st.generate_job(body)
-        return await _run_job(st, job, request, lambda waker: st.submit(job, on_step=waker.on_step),
+        return await _run_job(st, job, request, lambda hook: st.submit(job, on_step=hook),
                               {"class_ids": job.class_ids, "seed": job.params.seed})
 
     @app.post("/v1/predict", response_model=S.PredictResult, responses={200: video_or_events},
@@ -777,7 +777,7 @@ def _add_routes(app: FastAPI, st: _State) -> None:
 
         job = await st.work(prepare)
         # the conditioning clip is encoded on submission: a thread, as every encode is
-        return await _run_job(st, job, request, lambda waker: _in_thread(st, st.submit, job, waker.on_step),
+        return await _run_job(st, job, request, lambda hook: _in_thread(st, st.submit, job, hook),
                               {"num_cond_frames": job.num_cond_frames, "seed": job.params.seed})
 
     @app.post("/v1/encode", response_model=S.EncodeResult, summary="A video upload -> its tokens")
@@ -866,10 +866,11 @@ async def _in_thread(st: _State, fn: Callable, *args):
 
 
 async def _run_job(st: _State, job: _Job, request: Request, submit: Callable, accepted: dict):
-    """Submit a generate / predict job and answer it: JSON, a video, or server-sent events."""
+    """Submit a generate / predict job (``submit(on_step factory or None) -> requests``, or a coroutine of them)
+    and answer it: JSON, a video, or server-sent events."""
     t0 = time.monotonic()
     waker = _Waker(asyncio.get_running_loop(), job.n)
-    reqs = submit(waker)
+    reqs = submit(waker.on_step if job.stream else None)  # progress hooks only for a stream: they wake the loop
     if asyncio.iscoroutine(reqs):
         reqs = await reqs
     if job.stream:

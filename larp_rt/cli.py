@@ -326,7 +326,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     eng = _engine(args, preallocate=0)  # the scheduler owns (and pre-faults) the caches it serves from
     server = build_server(eng, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                           request_timeout=args.request_timeout, max_body_bytes=int(args.max_body_mb * 2**20),
-                          api_key=api_key, log_level=args.log_level)
+                          api_key=api_key, allowed_hosts=args.allowed_hosts, log_level=args.log_level)
     print(f"serving {args.bundle} ({eng.backend_name}, sampler {eng.sampler_name}) on http://{args.host}:{args.port}"
           f" (max batch {args.max_batch}, queue {args.max_queue}{', API key required' if api_key else ''})",
           flush=True)
@@ -461,7 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a generation may take from submission, then 504 (default: no limit)")
     s.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (413 beyond it)")
     s.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $LARP_RT_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on every route but / and /health "
+                        "(default: $LARP_RT_API_KEY)")
+    s.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated Host names the server answers to ('*' any, '*.example.com' a domain; "
+                        "default: any with an API key, else loopback and --host): other hosts get 400")
     s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     s.set_defaults(fn=_cmd_serve)
 

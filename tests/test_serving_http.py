@@ -325,7 +325,7 @@ def test_content_length_over_the_limit_is_refused_before_the_body(main):
     # raw socket: the server answers from the headers alone, without waiting for a body it will never read
     port = int(main.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
-        s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 1000000000\r\n\r\n")
         data = b""
         while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
@@ -347,8 +347,10 @@ def test_full_queue_gives_429_with_retry_after(start, ref):
             r = c.post("/v1/generate", json={"class_ids": [4], "seed": 6, "cfg_scale": 1.0})
             assert r.status_code == 429 and "queue is full" in r.json()["error"]
             assert int(r.headers["Retry-After"]) >= 1
-            r = c.post("/v1/generate", json={"class_ids": [4, 5, 6], "seed": 6})  # more than it can ever hold
-            assert r.status_code == 400 and "at most 2 class ids" in r.json()["error"]
+            # more than the queue can ever hold (every id is queued before any runs): 400, never a 429 to retry
+            r = c.post("/v1/generate", json={"class_ids": [4, 5], "seed": 6})
+            assert r.status_code == 400 and "at most 1 class ids per request (the scheduler's queue" in \
+                r.json()["error"]
             holder.release()
             r = queued.result(timeout=WAIT)
             assert r.status_code == 200 and np.array_equal(r.json()["tokens"], expected(ref, body, 5))
@@ -441,7 +443,7 @@ def test_shutdown_drains_requests_in_flight(start, ref):
 
 
 def test_api_key(start):
-    srv = start(api_key="s3cret")
+    srv = start(api_key="  s3cret ")  # the surrounding spaces (an env var, a config file) are not part of it
     with srv.client() as c:
         assert c.get("/health").status_code == 200  # probes need no key
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
@@ -534,3 +536,45 @@ def test_cli_serve_exits_on_sigterm(bundles):
         if proc.poll() is None:
             proc.kill()
             proc.wait(WAIT)
+
+
+def test_host_allow_list_and_server_errors_in_metrics(start, main):
+    """No key: only the loopback names (a page elsewhere that rebinds its name to 127.0.0.1 gets a 400); a 500
+    counts as an error in /metrics, not as a client that went away; a 400 names the bundle, not its path."""
+    with main.client() as c:
+        for host in ("127.0.0.1", "localhost:8000", "LOCALHOST", "[::1]:80"):
+            assert c.get("/health", headers={"Host": host}).status_code == 200, host
+        r = c.get("/v1/models", headers={"Host": "evil.example:8000"})
+        assert r.status_code == 400 and "Host 'evil.example:8000' is not one this server answers" in r.json()["error"]
+        assert "--allowed-hosts" in r.json()["error"]
+    open_srv = start(allowed_hosts="*.example.com, 127.0.0.1")
+    with open_srv.client() as c:
+        assert c.get("/health", headers={"Host": "api.example.com"}).status_code == 200
+        assert c.get("/health", headers={"Host": "example.org"}).status_code == 400
+        st = open_srv.server.app.state.larp
+        real = st.models
+        st.models = lambda: 1 / 0  # a bug in a route: the client gets a 500
+        try:
+            assert c.get("/v1/models").status_code == 500
+        finally:
+            st.models = real
+        text = c.get("/metrics").text
+        assert counter(text, "larp_rt_http_requests_total", route="/v1/models", outcome="error") == 1
+        assert counter(text, "larp_rt_http_requests_total", route="/v1/models", outcome="disconnected") == 0
+    keyed = start(api_key="k")  # with a key any Host is answered: a page elsewhere cannot authenticate
+    with keyed.client() as c:
+        assert c.get("/health", headers={"Host": "lb.internal"}).status_code == 200
+
+
+def test_default_server_refuses_what_its_queue_can_never_hold(main):
+    with main.client() as c:
+        r = c.post("/v1/generate", json={"class_ids": [0] * 65, "seed": 1})
+        assert r.status_code == 400 and "at most 64 class ids per request" in r.json()["error"], r.text
+        assert c.get("/v1/models").json()["limits"]["max_classes_per_request"] == 64
+
+
+def test_errors_name_the_bundle_not_its_path(start, bundles):
+    srv = start(bundles[1])  # generator only
+    with srv.client() as c:
+        r = c.post("/v1/decode", json={"tokens": [[1] * 64]})
+    assert r.status_code == 400 and str(bundles[1]) not in r.text

@@ -99,9 +99,22 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 # ----------------------------------------------------------------------------------------------------
 # the gate: API key, body size, per-route outcome counts (pure ASGI, so it sees every request, 404s included)
 # ----------------------------------------------------------------------------------------------------
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _host_name(value: str) -> str:
+    """A Host header -> its name, lowercased, without the port ('[::1]:8000' -> '::1')."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
 class _Gate:
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: ServingMetrics):
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: ServingMetrics,
+                 allowed_hosts: tuple[str, ...] = ("*",)):
         self.app, self.api_key, self.max_body, self.metrics = app, api_key, max_body_bytes, metrics
+        self.allowed_hosts = tuple(h.lower() for h in allowed_hosts)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -132,12 +145,26 @@ class _Gate:
                 return message
 
             await self.app(scope, receive_counted, send_counted)
+        except Exception:
+            status[0] = 500  # the error middleware outside answers it: the client did not go away
+            raise
         finally:
             # an SSE stream's outcome is known only at its end (the status line said 200 long before)
             self.metrics.on_http(route, scope.get("larp_rt.status", status[0]))
 
+    def _host_allowed(self, host: str) -> bool:
+        if "*" in self.allowed_hosts:
+            return True
+        name = _host_name(host)
+        return any(name == h or (h.startswith("*.") and name.endswith(h[1:])) for h in self.allowed_hosts)
+
     def _refuse(self, scope, path: str) -> Response | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host", "")
+        if not self._host_allowed(host):
+            # a page on another site that resolves its name to this machine (DNS rebinding) gets nothing here
+            return _error(400, f"Host {host!r} is not one this server answers to ({', '.join(self.allowed_hosts)}): "
+                          "start it with --allowed-hosts NAME (or '*' behind a proxy that checks the host)")
         if self.api_key is not None and path not in PUBLIC:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
@@ -199,6 +226,11 @@ class _State:
         # every core away from the generation loop
         self.limiter = anyio.CapacityLimiter(workers)
 
+    def scrub(self, message: str) -> str:
+        """A message for the client: the bundle by its name, not by where it lies on the server's disk."""
+        where = str(self.engine.bundle.path)
+        return message.replace(where, self.engine.bundle.path.name) if where else message
+
     async def work(self, fn: Callable, *args):
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
@@ -253,8 +285,8 @@ class _State:
         self.need_task("generate", "POST /v1/generate")
         ids = body.class_ids
         if len(ids) > self.max_classes:
-            raise HTTPError(400, f"at most {self.max_classes} class ids per request (what the scheduler holds: "
-                            f"max_batch + max_queue), got {len(ids)}: split the request")
+            raise HTTPError(400, f"at most {self.max_classes} class ids per request (the scheduler's queue, "
+                            f"--max-queue), got {len(ids)}: split the request")
         try:
             self.engine.check_class_ids(ids)
         except ValueError as e:
@@ -585,17 +617,25 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     request_timeout: float | None = None,
     workers: int = 2,
+    allowed_hosts=None,
 ) -> FastAPI:
     """The FastAPI app. ``scheduler`` runs over ``engine`` (its lifespan starts it and drains it at shutdown;
     None for a bundle without a generator, which serves encode / decode only);
     ``metrics``: the ServingMetrics the scheduler was built with as its observer (default: the scheduler's
     observer if it is one, else a new one that sees only the HTTP layer). ``api_key``: required as a Bearer
     token on every route but / and /health. ``request_timeout``: seconds a generation may take from submission
-    (None: no limit) -> 504. ``workers``: threads for encode / decode / video writing."""
+    (None: no limit) -> 504. ``workers``: threads for encode / decode / video writing. ``allowed_hosts``: the Host
+    header names answered (a list or a comma-separated string, '*' any, '*.example.com' a domain); None: the loopback
+    names without an API key, any with one; other hosts get 400 (DNS rebinding)."""
     if not isinstance(engine, Engine):
         raise ValueError(f"engine must be a larp_rt.Engine, got {type(engine).__name__}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise ValueError("api_key must be a non-empty string, or None for no authentication")
+    if api_key is not None:
+        api_key = api_key.strip()  # a header value carries no surrounding spaces, so a key with them never matched
+        if any(c.isspace() for c in api_key):
+            raise ValueError("api_key must not contain whitespace (a Bearer token cannot carry it)")
+    hosts = _allowed_hosts(allowed_hosts, api_key)
     if not isinstance(max_body_bytes, int) or isinstance(max_body_bytes, bool) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
     if request_timeout is not None and (not isinstance(request_timeout, (int, float)) or not request_timeout > 0
@@ -612,7 +652,8 @@ def create_app(
     if metrics is None:
         obs = None if scheduler is None else scheduler.observer
         metrics = obs if isinstance(obs, ServingMetrics) else ServingMetrics(max_batch)
-    max_classes = 0 if scheduler is None else scheduler.max_batch + scheduler.max_queue
+    # every class id of a request is queued before any of them runs: the queue's size is the most one can hold
+    max_classes = 0 if scheduler is None else scheduler.max_queue
     st = _State(engine, scheduler, metrics, api_key=api_key, max_body_bytes=max_body_bytes,
                 request_timeout=request_timeout, max_classes=max(1, max_classes), workers=workers)
 
@@ -639,8 +680,21 @@ def create_app(
     _finish_schema(app, api_key is not None)
     # the gate sits inside FastAPI's error middleware (an exception in it still becomes a 500) and outside its
     # router, so it sees every request, unknown routes included
-    app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics, allowed_hosts=hosts)
     return app
+
+
+def _allowed_hosts(allowed_hosts, api_key) -> tuple[str, ...]:
+    """The Host names the server answers to. Default: any with an API key (a page elsewhere cannot authenticate),
+    else the loopback names only, so a rebinding page cannot drive an open server from a browser."""
+    if allowed_hosts is None:
+        return ("*",) if api_key is not None else LOOPBACK_HOSTS
+    if isinstance(allowed_hosts, str):
+        allowed_hosts = [h for h in allowed_hosts.split(",")]
+    hosts = tuple(_host_name(h) if h.strip() != "*" else "*" for h in allowed_hosts if h.strip())
+    if not hosts:
+        raise ValueError("allowed_hosts must name at least one host (or '*' for any), e.g. 'localhost,example.com'")
+    return hosts
 
 
 _API_DESCRIPTION = """Video generation with LARP (a video tokenizer with a learned AR prior) and its AR generators.
@@ -691,7 +745,7 @@ def _exact_ints(published, exact) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPError)
     async def _on_http_error(request: Request, e: HTTPError):
-        return _error(e.status, e.message, e.headers)
+        return _error(e.status, request.app.state.larp.scrub(e.message), e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, e: RequestValidationError):
@@ -916,7 +970,7 @@ async def _progress_events(st: _State, job: _Job, reqs: list, waker: _Waker, t0:
         yield _sse("result", st.collect(job, reqs, t0))
     except HTTPError as e:
         scope["larp_rt.status"] = e.status
-        yield _sse("error", {"error": e.message, "status": e.status})
+        yield _sse("error", {"error": st.scrub(e.message), "status": e.status})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -953,19 +1007,23 @@ def build_server(
     request_timeout: float | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     api_key: str | None = None,
+    allowed_hosts=None,
     graceful_timeout: float | None = None,
     log_level: str = "info",
 ) -> LarpServer:
     """Scheduler + metrics + app + uvicorn server over ``engine``; ``.run()`` serves until SIGTERM / SIGINT.
-    graceful_timeout: seconds uvicorn waits for requests in flight at shutdown (None: as long as they take)."""
+    graceful_timeout: seconds uvicorn waits for requests in flight at shutdown (None: as long as they take).
+    allowed_hosts: as in create_app; None without a key: the loopback names, and ``host`` when it is one address."""
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
     metrics = ServingMetrics(max_batch)
     # a tokenizer-only bundle has nothing to generate: no scheduler, encode / decode only
     scheduler = (Scheduler(engine, max_batch=max_batch, max_queue=max_queue, observer=metrics)
                  if engine.generator_config is not None else None)
+    if allowed_hosts is None and api_key is None and host not in ("", "0.0.0.0", "::"):
+        allowed_hosts = tuple(dict.fromkeys((*LOOPBACK_HOSTS, _host_name(host))))
     app = create_app(engine, scheduler, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes,
-                     request_timeout=request_timeout)
+                     request_timeout=request_timeout, allowed_hosts=allowed_hosts)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=graceful_timeout, server_header=False)
     return LarpServer(config, app)

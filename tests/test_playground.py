@@ -391,3 +391,21 @@ def test_predict_posts_the_upload_form_and_plays_the_tokens(start, page, ref, tm
     assert page.text_content("#seed-out") == "9007199254740993"  # past 2**53: exact
     assert np.array_equal(page_tokens(page), tokens)
     assert_clip(page, T, 8, height=2 * H, width=2 * W)
+
+
+def test_without_h264_the_page_falls_back_to_a_gif(start, page, ref):
+    """A browser that cannot play H.264 (canPlayType says so) gets the GIF of the same tokens in an <img>."""
+    srv = start()
+    page.add_init_script("HTMLMediaElement.prototype.canPlayType = () => '';")
+    open_playground(page, srv.url)
+    page.locator("#classes .class-id").nth(0).fill("2")
+    set_sampling(page, seed=11, scale=2)
+    page.click("#generate")
+    wait(page, "document.getElementById('gif').complete && document.getElementById('gif').naturalWidth > 0 "
+               "|| !document.getElementById('notice').hidden")
+    assert page.locator("#notice").is_hidden(), page.text_content("#notice")
+    C, T, H, W = ref.tokenizer_config.video_shape
+    size = page.evaluate("() => { const g = document.getElementById('gif'); return [g.naturalWidth, g.naturalHeight] }")
+    assert size == [2 * W, 2 * H]
+    assert page.locator("#video-fig").is_hidden() and page.get_attribute("#download", "download").endswith(".gif")
+    assert np.array_equal(page_tokens(page), expected(ref, [2], 11))  # the fields held the bundle's defaults

@@ -326,8 +326,23 @@ def test_api_key_prompt_then_generate(start, page, ref):
     assert page.input_value("#api-key") == "s3cret"
 
 
+# what the page needs, no more: inline script and style, its own origin, blob: URLs for what it plays (and, in
+# connect-src, for assert_clip's read of the download link)
+CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' blob:; "
+       "img-src 'self' blob:; media-src 'self' blob:; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
 def test_upload_encode_decode_round_trip(start, page, ref, tmp_path):
+    """Also under a strict Content-Security-Policy on the page (it loads nothing from elsewhere)."""
     srv = start()
+    violations = []
+    page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+
+    def with_csp(route):
+        r = route.fetch()
+        route.fulfill(response=r, headers={**r.headers, "content-security-policy": CSP})
+
+    page.route(srv.url + "/", with_csp)
     open_playground(page, srv.url)
     C, T, H, W = ref.tokenizer_config.video_shape
     clip = SyntheticVideos(4, frames=T + 2, height=H + 8, width=W + 16, seed=3).render(2)  # longer, larger
@@ -343,6 +358,7 @@ def test_upload_encode_decode_round_trip(start, page, ref, tmp_path):
     assert f"kept the first {T} frames" in notes and "centre-cropped" in notes
     assert_clip(page, T, 8, height=3 * H, width=3 * W)
     assert page.locator("#source-fig").is_visible()  # the upload itself plays beside the reconstruction
+    assert not violations, violations
 
 
 def test_predict_posts_the_upload_form_and_plays_the_tokens(start, page, ref, tmp_path):

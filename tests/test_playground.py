@@ -25,6 +25,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the [serve] extra is not installed (pip install 'larp_rt[serve]')")
 pytest.importorskip("uvicorn", reason="the [serve] extra is not installed (pip install 'larp_rt[serve]')")
+httpx = pytest.importorskip("httpx", reason="the [serve] extra is not installed (pip install 'larp_rt[serve]')")
 torch = pytest.importorskip("torch")
 try:
     from playwright.sync_api import Error as PlaywrightError
@@ -36,7 +37,7 @@ except ImportError:
 from larp_rt.export import export_bundle  # noqa: E402
 from larp_rt.training.data import SyntheticVideos  # noqa: E402
 
-from larp_rt import Engine  # noqa: E402
+from larp_rt import Engine, SamplingParams  # noqa: E402
 from larp_rt.serving.app import build_server  # noqa: E402
 from larp_rt.video import fit_clip, read_video, to_frames, write_video  # noqa: E402
 
@@ -152,6 +153,14 @@ def page(browser, request, artifacts):
         except PlaywrightError as e:
             print(f"no screenshot: {e}")
         ctx.close()
+
+
+def until(pred, what: str, timeout: float = WAIT):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
 
 
 def wait(page, js: str, arg=None, timeout: float = WAIT):
@@ -425,3 +434,35 @@ def test_without_h264_the_page_falls_back_to_a_gif(start, page, ref):
     assert size == [2 * W, 2 * H]
     assert page.locator("#video-fig").is_hidden() and page.get_attribute("#download", "download").endswith(".gif")
     assert np.array_equal(page_tokens(page), expected(ref, [2], 11))  # the fields held the bundle's defaults
+
+
+def test_stop_cancels_the_generation_on_the_server(start, page):
+    """Stop aborts the fetch; the server sees the client go and cancels its rows. A request holding the scheduler's
+    loop keeps the page's request waiting until then."""
+    srv = start()
+    sched = srv.server.scheduler
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(step, total, token):
+        if not entered.is_set():
+            entered.set()
+            release.wait(WAIT)
+
+    holder = sched.submit(0, SamplingParams(seed=1), on_step=hold)
+    try:
+        assert entered.wait(WAIT)
+        open_playground(page, srv.url)
+        page.click("#generate")
+        wait(page, "document.getElementById('status').textContent === 'Generating\u2026'")  # accepted, queued
+        assert page.locator("#stop").is_enabled()
+        page.click("#stop")
+        wait(page, "document.getElementById('status').textContent === 'Stopped'")
+        assert page.locator("#notice").is_hidden() and page.locator("#generate").is_enabled()
+        # the server saw the stream's client go (the loop is still held: nothing of the request has run)
+        until(lambda: 'outcome="disconnected",route="/v1/generate"' in httpx.get(srv.url + "/metrics").text,
+              "the server to see the page disconnect")
+    finally:
+        release.set()
+    until(lambda: sched.stats()["outcomes"].get("cancelled", 0) == 1, "the page's request to be cancelled")
+    assert holder.result(timeout=WAIT).tokens.shape == (1, 64)  # the other request ran on
+    assert sched.stats()["outcomes"].get("ok", 0) == 1

@@ -69,6 +69,11 @@ ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/generate", "/v1/encode"
 # /health: what a load balancer probes; /: the playground page (static, no data: it asks for the key itself)
 PUBLIC = ("/health", "/")
 PLAYGROUND = Path(__file__).with_name("static") / "playground.html"
+# the page loads nothing from elsewhere, posts no forms, and is framed by nobody (clickjacking); blob: is the
+# clips it decodes, which it plays and offers for download
+PLAYGROUND_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                  "connect-src 'self' blob:; img-src 'self' blob:; media-src 'self' blob:; form-action 'none'; "
+                  "base-uri 'none'; frame-ancestors 'none'")
 DOCS_STATIC = "/docs-static"  # the interactive docs' own scripts, served from the package (no CDN)
 UPLOAD_ROUTES = ("/v1/encode", "/v1/predict")  # multipart only; /v1/score takes either
 # each route's body model: its field list goes into the unknown-field message
@@ -785,7 +790,9 @@ def _add_routes(app: FastAPI, st: _State) -> None:
 
     @app.get("/", include_in_schema=False)
     async def playground():
-        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"),
+                            headers={"Cache-Control": "no-cache", "Content-Security-Policy": PLAYGROUND_CSP,
+                                     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     @app.get("/health", response_model=S.Health, responses={503: {"model": S.Health}},
              summary="Liveness and readiness (open, without the key)")

@@ -311,8 +311,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= 1, got {v}")
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
-    if not args.max_body_mb > 0:
-        raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+    for flag, v in (("--max-body-mb", args.max_body_mb), ("--max-video-mpixels", args.max_video_mpixels),
+                    ("--max-upload-mpixels", args.max_upload_mpixels), ("--header-timeout", args.header_timeout)):
+        if not v > 0:
+            raise ValueError(f"{flag} must be > 0, got {v}")
+    for flag, v in (("--max-media-jobs", args.max_media_jobs), ("--max-connections", args.max_connections)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("LARP_RT_API_KEY") or None
     if api_key is not None and not api_key.strip():
         raise ValueError("--api-key must not be empty (leave it out for no authentication)")
@@ -326,7 +331,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     eng = _engine(args, preallocate=0)  # the scheduler owns (and pre-faults) the caches it serves from
     server = build_server(eng, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                           request_timeout=args.request_timeout, max_body_bytes=int(args.max_body_mb * 2**20),
-                          api_key=api_key, allowed_hosts=args.allowed_hosts, log_level=args.log_level)
+                          api_key=api_key, allowed_hosts=args.allowed_hosts, log_level=args.log_level,
+                          max_connections=args.max_connections, header_timeout=args.header_timeout,
+                          max_video_pixels=max(1, int(args.max_video_mpixels * 1e6)),
+                          max_upload_pixels=max(1, int(args.max_upload_mpixels * 1e6)),
+                          max_media_jobs=args.max_media_jobs)
     print(f"serving {args.bundle} ({eng.backend_name}, sampler {eng.sampler_name}) on http://{args.host}:{args.port}"
           f" (max batch {args.max_batch}, queue {args.max_queue}{', API key required' if api_key else ''})",
           flush=True)
@@ -463,6 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but / and /health "
                         "(default: $LARP_RT_API_KEY)")
+    s.add_argument("--max-video-mpixels", type=float, default=16.777216, metavar="M",
+                   help="one video response's budget, rows x frames x height x width x scale^2 in millions of pixels "
+                        "(a GIF counts 4x; default 16.8): beyond it 413")
+    s.add_argument("--max-upload-mpixels", type=float, default=8.388608, metavar="M",
+                   help="largest uploaded frame, width x height in millions of pixels (default 8.4, 4K fits): beyond "
+                        "it 400, before decoding")
+    s.add_argument("--max-media-jobs", type=int, default=8,
+                   help="encode / decode / upload jobs in flight at once (default 8): beyond it 429")
+    s.add_argument("--max-connections", type=int, default=256,
+                   help="connections + tasks uvicorn serves at once (limit_concurrency; default 256): beyond it 503")
+    s.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a connection may take to send a request's headers (default 10): then it is closed")
     s.add_argument("--allowed-hosts", default=None, metavar="NAMES",
                    help="comma-separated Host names the server answers to ('*' any, '*.example.com' a domain; "
                         "default: any with an API key, else loopback and --host): other hosts get 400")

@@ -22,8 +22,11 @@ class VideoError(ValueError):
     """A video file cannot be read or written; the message names the file and the reason."""
 
 
-def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[np.ndarray, float]:
-    """Decode a video file (anything FFmpeg reads) -> (frames uint8 (T, H, W, 3), fps)."""
+def read_video(path: str | os.PathLike, max_frames: int | None = None,
+               max_pixels: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode a video file (anything FFmpeg reads) -> (frames uint8 (T, H, W, 3), fps). ``max_frames``: stop
+    after that many; ``max_pixels``: refuse frames larger than that (width x height), from the stream's header
+    before anything is decoded, and for every frame decoded (a header may lie)."""
     import av
 
     p = Path(path)
@@ -36,7 +39,9 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
                 raise VideoError(f"{str(p)!r} has no video stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate) if stream.average_rate else 25.0
+            _check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
             for frame in container.decode(stream):
+                _check_pixels(frame.width, frame.height, max_pixels)
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
@@ -47,6 +52,12 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> tuple[
     if not frames:
         raise VideoError(f"video {str(p)!r} has no decodable frames")
     return np.stack(frames), fps
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise VideoError(f"frames of {width}x{height} ({width * height} pixels) are larger than the limit of "
+                         f"{max_pixels} pixels per frame: downscale the video first")
 
 
 def _resize(frame: np.ndarray, h: int, w: int) -> np.ndarray:

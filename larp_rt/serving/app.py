@@ -50,6 +50,7 @@ from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import __version__
 from ..engine import Engine
@@ -64,6 +65,11 @@ __all__ = ["create_app", "build_server", "serve", "LarpServer", "DEFAULT_MAX_BOD
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 << 20
+# resource budgets (create_app's arguments; `larp-rt serve` flags), each refused with a message naming it
+DEFAULT_MAX_VIDEO_PIXELS = 1 << 24  # one response's video: rows x frames x height x width x scale^2 (16.8 M)
+GIF_COST = 4  # a GIF's palette quantisation costs about 4x an mp4's encoding per pixel: it counts 4x
+DEFAULT_MAX_UPLOAD_PIXELS = 1 << 23  # one uploaded frame's width x height (8.4 M: 4K UHD fits)
+DEFAULT_MAX_MEDIA_JOBS = 8  # encode / decode / upload jobs admitted at once (running or waiting); more: 429
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/generate", "/v1/encode", "/v1/decode", "/v1/predict",
           "/v1/score", "/openapi.json", "/docs")
 # /health: what a load balancer probes; /: the playground page (static, no data: it asks for the key itself)
@@ -221,8 +227,11 @@ def _given(body, names) -> dict:
 
 class _State:
     def __init__(self, engine: Engine, scheduler: Scheduler | None, metrics: ServingMetrics, *, api_key, max_body_bytes,
-                 request_timeout, max_classes: int, workers: int):
+                 request_timeout, max_classes: int, workers: int, max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
+                 max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS, max_media_jobs: int = DEFAULT_MAX_MEDIA_JOBS):
         self.engine, self.scheduler, self.metrics = engine, scheduler, metrics
+        self.max_video_pixels, self.max_upload_pixels = max_video_pixels, max_upload_pixels
+        self.max_media_jobs, self.media_jobs = max_media_jobs, 0
         self.api_key, self.max_body_bytes, self.request_timeout = api_key, max_body_bytes, request_timeout
         self.max_classes = max_classes
         self.started = False  # the lifespan has started the scheduler
@@ -238,6 +247,31 @@ class _State:
 
     async def work(self, fn: Callable, *args):
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    @contextlib.asynccontextmanager
+    async def media_job(self, what: str):
+        """A slot for an encode / decode / upload job (they hold frames in memory): at most max_media_jobs at once,
+        beyond that a 429 at once rather than an unbounded wait (the event loop is single-threaded: no lock)."""
+        if self.media_jobs >= self.max_media_jobs:
+            raise HTTPError(429, f"{what}: {self.max_media_jobs} video jobs are in flight, the server's limit "
+                            "(--max-media-jobs); retry after 1 s", {"Retry-After": "1"})
+        self.media_jobs += 1
+        try:
+            yield
+        finally:
+            self.media_jobs -= 1
+
+    def check_video_budget(self, rows: int, fmt: str, scale: int) -> None:
+        """Refuse (413) a video response larger than max_video_pixels before any of its work starts."""
+        if fmt not in ("mp4", "gif", "npy"):
+            return
+        C, T, H, W = self.engine.tokenizer_config.video_shape
+        cost = rows * T * H * W * scale * scale * (GIF_COST if fmt == "gif" else 1)
+        if cost > self.max_video_pixels:
+            gif = f" (a GIF counts {GIF_COST}x)" if fmt == "gif" else ""
+            raise HTTPError(413, f"the {fmt} would hold {rows} video(s) x {T} frames x {H * scale}x{W * scale} pixels "
+                            f"= {cost} pixel units{gif}, over the server's limit of {self.max_video_pixels} "
+                            "(--max-video-mpixels): ask for fewer rows per request, a smaller scale, or mp4 / json")
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -298,6 +332,7 @@ class _State:
             raise HTTPError(400, str(e)) from None
         params = self.params(_given(body, ("cfg_scale", "temperature", "top_k", "top_p", "seed")))
         self.video_options(body.format, body.stream)
+        self.check_video_budget(len(ids), body.format, body.scale)
         return _Job(params, body.format, body.stream, body.fps, body.scale, class_ids=list(ids))
 
     def predict_job(self, form: S.PredictForm, path: str, name: str) -> _Job:
@@ -308,7 +343,7 @@ class _State:
             raise HTTPError(400, f"num_cond_frames must be an int in [1, {T}] (the tokenizer's {T} frames), got {n}")
         if form.cond_seed is not None and not form.stochastic_cond:
             raise HTTPError(400, "cond_seed seeds the stochastic conditioning draw: give it with stochastic_cond=true")
-        frames, fps = _read_upload(path, name, T)
+        frames, fps = _read_upload(path, name, T, self.max_upload_pixels)
         if len(frames) < n:
             raise HTTPError(400, f"the upload {name!r} has {len(frames)} frame(s); prediction is conditioned on the "
                             f"first num_cond_frames={n}: send a longer clip or lower num_cond_frames")
@@ -318,6 +353,7 @@ class _State:
         notes = [f"{x} (the model takes {T}x{H}x{W})" for x in notes if not x.startswith("padded")]
         params = self.params({"cfg_scale": 1.0, **_given(form, ("temperature", "top_k", "top_p", "seed"))})
         self.video_options(form.format, form.stream)
+        self.check_video_budget(1, form.format, form.scale)
         upload = {"notes": notes, "input": {"frames": t0 if t0 <= T else None, "height": h0, "width": w0, "fps": fps},
                   "model_input": {"frames": T, "height": H, "width": W}}
         return _Job(params, form.format, form.stream, form.fps, form.scale, clip=clip[None], num_cond_frames=n,
@@ -399,7 +435,7 @@ class _State:
         T, H, W = self.engine.tokenizer_config.video_shape[1:]
         clips, uploads = [], []
         for path, name in files:
-            frames, _ = _read_upload(path, name, T)
+            frames, _ = _read_upload(path, name, T, self.max_upload_pixels)
             clip, notes = fit_clip(frames, T, H, W)
             clips.append(clip)
             uploads.append({"notes": [f"{x} (the model takes {T}x{H}x{W})" for x in notes]})
@@ -421,7 +457,7 @@ class _State:
     def encode_file(self, path: str, name: str) -> dict:
         C, T, H, W = self.engine.tokenizer_config.video_shape
         # T + 1 frames at most: enough to know there were more, without decoding a long upload whole
-        frames, fps = _read_upload(path, name, T + 1)
+        frames, fps = _read_upload(path, name, T + 1, self.max_upload_pixels)
         t0, h0, w0 = frames.shape[:3]
         notes = []
         if t0 > T:
@@ -465,7 +501,9 @@ class _State:
             "created_by": m.get("created_by"),
             "limits": {"max_body_bytes": self.max_body_bytes, "request_timeout": self.request_timeout,
                        "max_classes_per_request": self.max_classes, "max_token_rows": S.MAX_TOKEN_ROWS,
-                       "max_uploads_per_score": S.MAX_UPLOADS},
+                       "max_uploads_per_score": S.MAX_UPLOADS, "max_video_pixels": self.max_video_pixels,
+                       "gif_cost": GIF_COST, "max_upload_pixels": self.max_upload_pixels,
+                       "max_media_jobs": self.max_media_jobs, "fps": [S.MIN_FPS, S.MAX_FPS]},
         }
         for k in parts:
             out[k] = m[k]
@@ -474,10 +512,11 @@ class _State:
         return out
 
 
-def _read_upload(path: str, name: str, max_frames: int) -> tuple[np.ndarray, float | None]:
-    """An uploaded file's first ``max_frames`` frames; a 400 naming the upload (never the server's temp path)."""
+def _read_upload(path: str, name: str, max_frames: int, max_pixels: int) -> tuple[np.ndarray, float | None]:
+    """An uploaded file's first ``max_frames`` frames (the reader stops there), each at most ``max_pixels``; a 400
+    naming the upload (never the server's temp path)."""
     try:
-        return read_video(path, max_frames=max_frames)
+        return read_video(path, max_frames=max_frames, max_pixels=max_pixels)
     except (VideoError, ValueError, OSError) as e:
         raise HTTPError(400, f"unreadable upload {name!r}: {str(e).replace(repr(path), repr(name))}") from None
 
@@ -623,6 +662,9 @@ def create_app(
     request_timeout: float | None = None,
     workers: int = 2,
     allowed_hosts=None,
+    max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
+    max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
+    max_media_jobs: int = DEFAULT_MAX_MEDIA_JOBS,
 ) -> FastAPI:
     """The FastAPI app. ``scheduler`` runs over ``engine`` (its lifespan starts it and drains it at shutdown;
     None for a bundle without a generator, which serves encode / decode only);
@@ -631,7 +673,10 @@ def create_app(
     token on every route but / and /health. ``request_timeout``: seconds a generation may take from submission
     (None: no limit) -> 504. ``workers``: threads for encode / decode / video writing. ``allowed_hosts``: the Host
     header names answered (a list or a comma-separated string, '*' any, '*.example.com' a domain); None: the loopback
-    names without an API key, any with one; other hosts get 400 (DNS rebinding)."""
+    names without an API key, any with one; other hosts get 400 (DNS rebinding). Budgets: ``max_video_pixels``, one
+    video response's rows x frames x height x width x scale^2 (a GIF counts GIF_COST x) -> 413;
+    ``max_upload_pixels``, an uploaded frame's width x height -> 400; ``max_media_jobs``, encode / decode / upload
+    jobs in flight -> 429."""
     if not isinstance(engine, Engine):
         raise ValueError(f"engine must be a larp_rt.Engine, got {type(engine).__name__}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
@@ -647,8 +692,10 @@ def create_app(
                                         or isinstance(request_timeout, bool) or not math.isfinite(request_timeout)):
         raise ValueError(f"request_timeout must be a number of seconds > 0, or None for no limit, got "
                          f"{request_timeout!r}")
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    for name, v in (("workers", workers), ("max_video_pixels", max_video_pixels),
+                    ("max_upload_pixels", max_upload_pixels), ("max_media_jobs", max_media_jobs)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
     if scheduler is None and engine.generator_config is not None:
         raise ValueError("the bundle has a generator: give create_app a Scheduler over the engine")
     if scheduler is not None and (not isinstance(scheduler, Scheduler) or scheduler.engine is not engine):
@@ -660,7 +707,8 @@ def create_app(
     # every class id of a request is queued before any of them runs: the queue's size is the most one can hold
     max_classes = 0 if scheduler is None else scheduler.max_queue
     st = _State(engine, scheduler, metrics, api_key=api_key, max_body_bytes=max_body_bytes,
-                request_timeout=request_timeout, max_classes=max(1, max_classes), workers=workers)
+                request_timeout=request_timeout, max_classes=max(1, max_classes), workers=workers,
+                max_video_pixels=max_video_pixels, max_upload_pixels=max_upload_pixels, max_media_jobs=max_media_jobs)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -836,7 +884,8 @@ def _add_routes(app: FastAPI, st: _State) -> None:
             with _spooled([form.file]) as files:
                 return st.predict_job(form, *files[0])
 
-        job = await st.work(prepare)
+        async with st.media_job("POST /v1/predict"):
+            job = await st.work(prepare)
         # the conditioning clip is encoded on submission: a thread, as every encode is
         return await _run_job(st, job, request, lambda hook: _in_thread(st, st.submit, job, hook),
                               {"num_cond_frames": job.num_cond_frames, "seed": job.params.seed})
@@ -850,7 +899,8 @@ def _add_routes(app: FastAPI, st: _State) -> None:
             with _spooled([form.file]) as files:
                 return st.encode_file(*files[0])
 
-        return await st.work(run)
+        async with st.media_job("POST /v1/encode"):
+            return await st.work(run)
 
     @app.post("/v1/decode", response_class=Response, summary="Tokens -> a video (mp4 / gif / npy)",
               responses={200: {"content": {"video/mp4": BINARY, "image/gif": BINARY, "application/x-npy": BINARY}}})
@@ -865,7 +915,9 @@ def _add_routes(app: FastAPI, st: _State) -> None:
             tokens = engine.check_tokens(_tokens_array(body.tokens))
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
-        data = await st.work(st.render, tokens, fmt, body.fps, body.scale)
+        st.check_video_budget(len(tokens), fmt, 1 if fmt == "npy" else body.scale)
+        async with st.media_job("POST /v1/decode"):
+            data = await st.work(st.render, tokens, fmt, body.fps, body.scale)
         return Response(content=data, media_type=MEDIA[fmt],
                         headers={"Content-Disposition": f'inline; filename="decoded.{fmt}"'})
 
@@ -892,7 +944,8 @@ def _add_routes(app: FastAPI, st: _State) -> None:
                     with _spooled(up.file) as files:
                         return st.score_files(files, up.method, t0)
 
-                return await st.work(run)
+                async with st.media_job("POST /v1/score"):
+                    return await st.work(run)
         if ctype and not ctype.startswith("application/json"):
             raise HTTPError(415, "POST /v1/score takes JSON tokens (Content-Type: application/json) or videos as "
                             f"multipart/form-data (curl -F file=@clip.mp4 ...), got Content-Type {ctype!r}")
@@ -983,6 +1036,51 @@ async def _progress_events(st: _State, job: _Job, reqs: list, waker: _Waker, t0:
 # ----------------------------------------------------------------------------------------------------
 # uvicorn
 # ----------------------------------------------------------------------------------------------------
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds a connection may take to send a request's headers
+DEFAULT_MAX_CONNECTIONS = 256  # uvicorn's limit_concurrency: connections + tasks, beyond it 503
+
+
+class _HeaderTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request's headers: a connection that opens and never
+    finishes them (slowloris) is closed after ``header_timeout`` s, from its opening and after each response
+    (uvicorn itself times out only idle keep-alive connections, and any byte resets that)."""
+
+    header_timeout = DEFAULT_HEADER_TIMEOUT
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._armed_for = self.cycle
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _disarm(self) -> None:
+        timer, self._header_timer = getattr(self, "_header_timer", None), None
+        if timer is not None:
+            timer.cancel()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._header_timer is not None and self.cycle is not self._armed_for:  # a request's headers arrived
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        self._arm()  # before the base class, which may start the next pipelined request at once
+        super().on_response_complete()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.cycle is self._armed_for and not self.transport.is_closing():
+            self.transport.close()
+
+
 class LarpServer(uvicorn.Server):
     """uvicorn's server; SIGTERM / SIGINT first mark the app draining (/health 503, new work 503), then uvicorn's
     graceful shutdown stops accepting, waits for the requests in flight, and the lifespan drains the scheduler."""
@@ -1017,10 +1115,21 @@ def build_server(
     allowed_hosts=None,
     graceful_timeout: float | None = None,
     log_level: str = "info",
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    keep_alive_timeout: int = 5,
+    **budgets,
 ) -> LarpServer:
     """Scheduler + metrics + app + uvicorn server over ``engine``; ``.run()`` serves until SIGTERM / SIGINT.
     graceful_timeout: seconds uvicorn waits for requests in flight at shutdown (None: as long as they take).
-    allowed_hosts: as in create_app; None without a key: the loopback names, and ``host`` when it is one address."""
+    allowed_hosts: as in create_app; None without a key: the loopback names, and ``host`` when it is one address.
+    max_connections: uvicorn's limit_concurrency (beyond it 503); header_timeout: seconds to send a request's
+    headers; keep_alive_timeout: seconds an idle connection stays open. ``budgets``: create_app's max_video_pixels,
+    max_upload_pixels, max_media_jobs."""
+    if not isinstance(max_connections, int) or isinstance(max_connections, bool) or max_connections < 1:
+        raise ValueError(f"max_connections must be a positive int, got {max_connections!r}")
+    if not isinstance(header_timeout, (int, float)) or isinstance(header_timeout, bool) or not header_timeout > 0:
+        raise ValueError(f"header_timeout must be a number of seconds > 0, got {header_timeout!r}")
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in [0, 65535], got {port!r}")
     metrics = ServingMetrics(max_batch)
@@ -1030,9 +1139,11 @@ def build_server(
     if allowed_hosts is None and api_key is None and host not in ("", "0.0.0.0", "::"):
         allowed_hosts = tuple(dict.fromkeys((*LOOPBACK_HOSTS, _host_name(host))))
     app = create_app(engine, scheduler, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes,
-                     request_timeout=request_timeout, allowed_hosts=allowed_hosts)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                            timeout_graceful_shutdown=graceful_timeout, server_header=False)
+                     request_timeout=request_timeout, allowed_hosts=allowed_hosts, **budgets)
+    protocol = type("HeaderTimeoutH11", (_HeaderTimeoutH11,), {"header_timeout": float(header_timeout)})
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", http=protocol,
+                            timeout_graceful_shutdown=graceful_timeout, server_header=False,
+                            limit_concurrency=max_connections, timeout_keep_alive=keep_alive_timeout)
     return LarpServer(config, app)
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from ..sampling import MAX_SEED
 
 __all__ = [
-    "RULES", "DecodeFormat", "MAX_CLASS_IDS", "MAX_TOKEN_ROWS", "MAX_FPS", "MAX_SCALE", "MAX_UPLOADS",
+    "RULES", "DecodeFormat", "MAX_CLASS_IDS", "MIN_FPS", "MAX_TOKEN_ROWS", "MAX_FPS", "MAX_SCALE", "MAX_UPLOADS",
     "GenerateRequest", "DecodeRequest", "ScoreTokensRequest", "PredictForm", "EncodeForm", "ScoreUploadForm",
     "GenerateResult", "ModelsInfo", "PredictResult", "EncodeResult", "ScoreResult", "ErrorBody", "Health",
     "validation_message",
@@ -27,7 +27,7 @@ __all__ = [
 
 MAX_CLASS_IDS = 1024  # the schema's cap; a server holds at most max_batch + max_queue (GET /v1/models says)
 MAX_TOKEN_ROWS = 256  # token rows per decode / score request
-MAX_FPS = 240.0
+MIN_FPS, MAX_FPS = 1.0, 120.0  # mp4 time bases and GIF frame delays (10 ms units) hold these exactly
 MAX_SCALE = 16
 MAX_UPLOADS = 16  # videos per POST /v1/score
 
@@ -44,7 +44,7 @@ RULES: dict[str, tuple[str, str]] = {
     "seed": ("SamplingParams.seed", f"None or an int in [0, {MAX_SEED}]"),
     "format": ("format", "one of {choices}"),
     "stream": ("stream", "true or false"),
-    "fps": ("fps", f"a number in (0, {MAX_FPS:g}]"),
+    "fps": ("fps", f"a number in [{MIN_FPS:g}, {MAX_FPS:g}]"),
     "scale": ("scale", f"an int in [1, {MAX_SCALE}] (nearest upscaling)"),
     "tokens": ("tokens", f"a (B, N) list of at most {MAX_TOKEN_ROWS} lists of ints (or one list of N)"),
     "num_cond_frames": ("num_cond_frames", "an int >= 1 (at most the tokenizer's frame count)"),
@@ -84,7 +84,7 @@ class GenerateRequest(_Sampling):
                                                    "the decoded videos tiled in one clip.")
     stream: StrictBool = _field("stream", False, description="Server-sent events: accepted, progress per token, "
                                 "then result (format json only).")
-    fps: float = _field("fps", 8.0, gt=0.0, le=MAX_FPS, description="Frame rate of an mp4 / gif.")
+    fps: float = _field("fps", 8.0, ge=MIN_FPS, le=MAX_FPS, description="Frame rate of an mp4 / gif.")
     scale: StrictInt = _field("scale", 1, ge=1, le=MAX_SCALE, description="Nearest upscaling of an mp4 / gif.")
 
 
@@ -95,7 +95,7 @@ class DecodeRequest(_Body):
                                                              description="Token ids in [0, codebook).")
     format: DecodeFormat | None = _field("format", description="mp4 (default), gif, or npy (the "
                                                          "float32 (B, C, T, H, W) videos).")
-    fps: float = _field("fps", 8.0, gt=0.0, le=MAX_FPS)
+    fps: float = _field("fps", 8.0, ge=MIN_FPS, le=MAX_FPS)
     scale: StrictInt = _field("scale", 1, ge=1, le=MAX_SCALE)
 
 
@@ -134,7 +134,7 @@ class PredictForm(_Form):
     cond_seed: int | None = _field("cond_seed", ge=0, le=2**63 - 1)
     format: Literal["json", "mp4", "gif"] = _field("format", "json")
     stream: bool = _field("stream", False, description="Server-sent events, as for /v1/generate (format json).")
-    fps: float = _field("fps", 8.0, gt=0.0, le=MAX_FPS)
+    fps: float = _field("fps", 8.0, ge=MIN_FPS, le=MAX_FPS)
     scale: int = _field("scale", 1, ge=1, le=MAX_SCALE)
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from .config import ConfigError, GeneratorConfig, TokenizerConfig
 
-__all__ = ["BundleError", "Bundle", "BundleWriter", "sha256_file", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["BundleError", "PlanError", "Bundle", "BundleWriter", "sha256_file", "FORMAT", "FORMAT_VERSION",
+           "build_command", "export_command", "plan_files"]
 
 FORMAT = "larp_rt.bundle"
 # 2: the decode step takes a position per row (``pos`` (B,)) and the fused graph ``sample_rows`` + per-request steps
@@ -32,6 +33,70 @@ GRAPHS = ("encoder", "decoder", "prefill", "decode", "sample", "decode_sample", 
 
 class BundleError(ValueError):
     """A bundle is missing, altered, of an unknown version or inconsistent; the message says what to do."""
+
+
+class PlanError(BundleError):
+    """A TensorRT plan of the bundle is missing, altered or stale; the message names the ``larp-rt build`` command."""
+
+
+TRT_FLAGS = {"tensorrt-rtx": "rtx", "tensorrt": "tensorrt"}  # a plan's recorded flavour -> `larp-rt build --trt`
+
+
+def build_command(path: str | os.PathLike, manifest: dict[str, Any], entry: dict[str, Any] | None = None, *,
+                  flavour: str | None = None, cc: str | None = None) -> str:
+    """The ``larp-rt build`` command that rebuilds the bundle's plans with the options the manifest recorded
+    (builder, batch buckets, TensorRT-RTX targets, KV length, weight stripping). ``entry``: the plan entry to
+    reproduce (default: the first one); ``flavour``: another builder (its recorded targets are then left out);
+    ``cc``: target this compute capability instead of the recorded ones. One build makes every plan of the
+    bundle, so the command rebuilds them all."""
+    trt = manifest.get("tensorrt") or {}
+    e = entry if entry is not None else next(iter((manifest.get("plans") or {}).values()), {})
+    recorded = e.get("flavour") or trt.get("flavour")
+    fl = flavour or recorded
+    cmd = f"larp-rt build {path} --trt {TRT_FLAGS.get(fl, 'auto')}"
+    buckets = e.get("buckets") or trt.get("buckets")
+    if buckets:
+        cmd += " --batch " + ",".join(map(str, buckets))
+    targets = [cc] if cc else (e.get("compute_capabilities") if fl == recorded == "tensorrt-rtx" else None)
+    if targets:  # datacenter TensorRT targets the GPU it builds on: nothing to repeat
+        cmd += " --compute-capability " + ",".join(map(str, targets))
+    kv_max = ((manifest.get("generator") or {}).get("kv_cache") or {}).get("max_seq")
+    if trt.get("max_seq") and kv_max and trt["max_seq"] != kv_max:
+        cmd += f" --max-seq {trt['max_seq']}"
+    if e.get("weights") == "stripped":
+        cmd += " --strip-weights"
+    return cmd
+
+
+def export_command(path: str | os.PathLike, manifest: dict[str, Any]) -> str:
+    """The ``larp-rt export`` command that rewrites the bundle with the options its manifest recorded (precision,
+    tokenizer precision, KV-cache type, opset, fused sampler, checkpoints or not). The manifest does not record
+    the checkpoint folders it was exported from: TOKENIZER_DIR / GENERATOR_DIR stand for them."""
+    cmd = f"larp-rt export {path} --force"
+    tok, gen = manifest.get("tokenizer"), manifest.get("generator")
+    if tok:
+        cmd += " --tokenizer TOKENIZER_DIR"
+    if gen:
+        cmd += " --generator GENERATOR_DIR"
+    cmd += f" --precision {manifest.get('precision', 'fp32')}"
+    if isinstance(tok, dict) and tok.get("precision"):
+        cmd += f" --tokenizer-precision {tok['precision']}"
+    kv = (gen.get("kv_cache") or {}) if isinstance(gen, dict) else {}
+    if kv.get("dtype"):
+        cmd += f" --kv-dtype {kv['dtype']}"
+    opset = (manifest.get("created_by") or {}).get("opset")
+    if opset:
+        cmd += f" --opset {opset}"
+    if gen:
+        cmd += " --fused-sampler" if (manifest.get("sampler") or {}).get("fused") else " --no-fused-sampler"
+    if not manifest.get("checkpoints"):
+        cmd += " --onnx-only"
+    return cmd
+
+
+def plan_files(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's plan files (relative path -> plan entry)."""
+    return {e["file"]: e for e in (manifest.get("plans") or {}).values() if isinstance(e, dict) and "file" in e}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -123,14 +188,26 @@ class Bundle:
             raise BundleError(f"{str(mpath)!r}: {why}; re-export the bundle (larp-rt export --tokenizer DIR)")
 
     def verify(self) -> None:
-        """Check every listed file exists and has its recorded sha256."""
+        """Check every listed file exists and has its recorded sha256. A TensorRT plan's failure (PlanError) names
+        the ``larp-rt build`` command that rebuilds it, any other file's the ``larp-rt export`` one."""
+        plans = plan_files(self.manifest)
         for rel, digest in self.files.items():
             p = self.path / rel
+            if rel in plans:
+                rebuild = build_command(self.path, self.manifest, plans[rel])
+                if not p.is_file():
+                    raise PlanError(f"plan {str(p)!r} is missing; rebuild the plans with `{rebuild}`")
+                if sha256_file(p) != digest:
+                    raise PlanError(f"plan {str(p)!r} was altered (sha256 mismatch with manifest.json); rebuild the "
+                                    f"plans with `{rebuild}`")
+                continue
             if not p.is_file():
-                raise BundleError(f"bundle file {str(p)!r} is missing; re-export the bundle")
+                raise BundleError(f"bundle file {str(p)!r} is missing; re-export the bundle "
+                                  f"(`{export_command(self.path, self.manifest)}`)")
             if sha256_file(p) != digest:
                 raise BundleError(
-                    f"bundle file {str(p)!r} was altered (sha256 mismatch with manifest.json); re-export the bundle"
+                    f"bundle file {str(p)!r} was altered (sha256 mismatch with manifest.json); re-export the bundle "
+                    f"(`{export_command(self.path, self.manifest)}`)"
                 )
 
     # ------------------------------------------------------------------------------------------

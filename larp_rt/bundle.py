@@ -20,7 +20,7 @@ from typing import Any
 from .config import ConfigError, GeneratorConfig, TokenizerConfig
 
 __all__ = ["BundleError", "PlanError", "Bundle", "BundleWriter", "sha256_file", "FORMAT", "FORMAT_VERSION",
-           "build_command", "export_command", "plan_files"]
+           "build_command", "export_command", "plan_files", "read_manifest", "MANIFEST"]
 
 FORMAT = "larp_rt.bundle"
 # 2: the decode step takes a position per row (``pos`` (B,)) and the fused graph ``sample_rows`` + per-request steps
@@ -123,26 +123,35 @@ class GraphInfo:
         return [o["name"] for o in self.outputs]
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """A bundle directory's ``manifest.json`` as a dict, checked only for being a larp_rt bundle manifest (``Bundle``
+    validates the rest)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"bundle {str(path)!r} does not exist or is not a directory; "
+                          "create one with `larp-rt export`")
+    mpath = path / MANIFEST
+    try:
+        m = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise BundleError(
+            f"{str(mpath)!r} is missing: not a larp_rt bundle (create one with `larp-rt export`)"
+        ) from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{str(mpath)!r} is not valid JSON ({e}); re-export the bundle") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise BundleError(f"{str(mpath)!r} is not a larp_rt bundle manifest (format != {FORMAT!r}); re-export")
+    return m
+
+
 class Bundle:
     """A validated bundle directory (read-only)."""
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise BundleError(f"bundle {str(self.path)!r} does not exist or is not a directory; "
-                              "create one with `larp-rt export`")
-        mpath = self.path / MANIFEST
-        try:
-            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise BundleError(
-                f"{str(mpath)!r} is missing: not a larp_rt bundle (create one with `larp-rt export`)"
-            ) from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{str(mpath)!r} is not valid JSON ({e}); re-export the bundle") from e
+        self.manifest: dict[str, Any] = read_manifest(self.path)
         m = self.manifest
-        if not isinstance(m, dict) or m.get("format") != FORMAT:
-            raise BundleError(f"{str(mpath)!r} is not a larp_rt bundle manifest (format != {FORMAT!r}); re-export")
+        mpath = self.path / MANIFEST
         version = m.get("format_version")
         if version != FORMAT_VERSION:
             if isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION:

@@ -187,14 +187,20 @@ def read_plan_header(path: str | os.PathLike) -> dict:
 class PlanIssue:
     """One thing wrong with one plan: ``phase`` 0 its file (missing, altered, stale), 1 the builder installed here
     (``not_installed``: none of its flavour), 2 its header against its manifest entry; ``error`` the exception
-    class ``check_plans`` raises for it; ``message`` names the ``larp-rt build`` command that fixes it."""
+    class ``check_plans`` raises for it; ``reason`` what is wrong, ``fix`` the ``larp-rt build`` command."""
 
     plan: str
     file: str
     phase: int
     error: type
-    message: str
+    reason: str
+    fix: str
+    after: str = ""  # what the fix needs first (pip install ...)
     not_installed: bool = False
+
+    @property
+    def message(self) -> str:
+        return f"{self.reason}; rebuild with `{self.fix}`" + (f" {self.after}" if self.after else "")
 
 
 _ENTRY_KEYS = ("file", "sha256", "flavour", "version", "compute_capabilities")
@@ -211,56 +217,53 @@ def plan_issues(root: str | os.PathLike, manifest: dict, mach: Machine, *, sha=s
     for name, e in (manifest.get("plans") or {}).items():
         if not isinstance(e, dict) or any(k not in e for k in _ENTRY_KEYS):
             miss = [k for k in _ENTRY_KEYS if not isinstance(e, dict) or k not in e]
-            file = e.get("file", f"plans/{name}") if isinstance(e, dict) else f"plans/{name}"
-            out.append(PlanIssue(name, str(file), 0, PlanError,
-                                 f"manifest.json's plan entry {name!r} is malformed (no {', '.join(miss)}); rebuild "
-                                 f"with `{build_command(root, manifest, flavour='auto')}`"))
+            file = str(e.get("file", f"plans/{name}")) if isinstance(e, dict) else f"plans/{name}"
+            out.append(PlanIssue(name, file, 0, PlanError, f"manifest.json's plan entry {name!r} is malformed (no "
+                                 f"{', '.join(miss)})", build_command(root, manifest, flavour="auto")))
             continue
         fix = build_command(root, manifest, e)
         p = root / e["file"]
-        first = len(out)
+
+        def issue(phase: int, reason: str, error: type = PlanError, **kw) -> None:
+            out.append(PlanIssue(name, e["file"], phase, error, reason, fix, **kw))  # noqa: B023 (called at once)
+
         if not p.is_file():
-            out.append(PlanIssue(name, e["file"], 0, PlanError, f"plan {str(p)!r} is missing; rebuild with `{fix}`"))
+            issue(0, f"plan {str(p)!r} is missing")
             continue
         size = p.stat().st_size
+        damaged = True
         if isinstance(e.get("size"), int) and size != e["size"]:
-            out.append(PlanIssue(name, e["file"], 0, PlanError,
-                                 f"plan {str(p)!r} was altered: {size} bytes where manifest.json records {e['size']} "
-                                 f"(truncated or overwritten); rebuild with `{fix}`"))
+            issue(0, f"plan {str(p)!r} was altered: {size} bytes where manifest.json records {e['size']} "
+                     "(truncated or overwritten)")
         elif sha(p) != e["sha256"]:
-            out.append(PlanIssue(name, e["file"], 0, PlanError,
-                                 f"plan {str(p)!r} was altered (sha256 mismatch with manifest.json); rebuild with "
-                                 f"`{fix}`"))
+            issue(0, f"plan {str(p)!r} was altered (sha256 mismatch with manifest.json)")
+        else:
+            damaged = False
         g = graphs.get(name)
         if isinstance(g, dict) and "file" in g and (root / g["file"]).is_file() and \
                 sha(root / g["file"]) != e.get("onnx_sha256"):
-            out.append(PlanIssue(name, e["file"], 0, PlanError,
-                                 f"plan {e['file']!r} was built from another {g['file']} than the bundle holds now; "
-                                 f"rebuild with `{fix}`"))
+            issue(0, f"plan {e['file']!r} was built from another {g['file']} than the bundle holds now")
         fl, ver = e["flavour"], str(e["version"])
         have = mach.versions.get(fl)
         if have is None or not _same_version(have, ver):
             here = f"{fl} {have}" if have else f"no {fl}"
-            out.append(PlanIssue(
-                name, e["file"], 1, PlanMismatchError,
-                f"plan {e['file']!r} ({name}) was built with {fl} {ver} for compute capability "
-                f"{', '.join(e['compute_capabilities'])}; {mach.describe()} ({here}). Plans only load in the "
-                f"TensorRT they were built with: rebuild with `{build_command(root, manifest, e, flavour=fl)}`"
-                + ("" if have else f" after pip install {fl}=={ver}"), not_installed=have is None))
-        if len(out) > first and any(i.phase == 0 for i in out[first:]):
+            issue(1, f"plan {e['file']!r} ({name}) was built with {fl} {ver} for compute capability "
+                     f"{', '.join(e['compute_capabilities'])}; {mach.describe()} ({here}). Plans only load in the "
+                     "TensorRT they were built with", PlanMismatchError,
+                  after="" if have else f"after pip install {fl}=={ver}", not_installed=have is None)
+        if damaged:
             continue  # a damaged file's header says nothing
         head = read_plan_header(p)
         if head["flavour"] is None:
-            why = f"is not a TensorRT plan (it starts with {head['magic']!r}, not {', '.join(map(repr, PLAN_MAGIC))})"
+            issue(2, f"plan {str(p)!r} is not a TensorRT plan (it starts with {head['magic']!r}, not "
+                     f"{', '.join(repr(k.decode()) for k in PLAN_MAGIC)})")
         elif head["flavour"] != fl:
-            why = f"is a {head['flavour']} plan by its header, and manifest.json says {fl}"
+            issue(2, f"plan {str(p)!r} is a {head['flavour']} plan by its header, and manifest.json says {fl}")
         elif head["version"] is not None and not _same_version(head["version"], ver):
-            why = f"was built with {fl} {head['version']} by its header, and manifest.json says {ver}"
+            issue(2, f"plan {str(p)!r} was built with {fl} {head['version']} by its header, and manifest.json "
+                     f"says {ver}")
         elif head["size"] is not None and head["size"] != size:
-            why = f"is {size} bytes, and its header says {head['size']}"
-        else:
-            continue
-        out.append(PlanIssue(name, e["file"], 2, PlanError, f"plan {str(p)!r} {why}; rebuild with `{fix}`"))
+            issue(2, f"plan {str(p)!r} is {size} bytes, and its header says {head['size']}")
     return out
 
 

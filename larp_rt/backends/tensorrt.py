@@ -185,18 +185,23 @@ def read_plan_header(path: str | os.PathLike) -> dict:
 
 @dataclass(frozen=True)
 class PlanIssue:
-    """One thing wrong with one plan: ``phase`` 0 its file (missing, altered, stale), 1 the builder installed here
-    (``not_installed``: none of its flavour), 2 its header against its manifest entry; ``error`` the exception
-    class ``check_plans`` raises for it; ``reason`` what is wrong, ``fix`` the ``larp-rt build`` command."""
+    """One thing wrong with one plan: ``phase`` 0 its file (``kind`` malformed, missing, altered, stale: built from
+    another ONNX file than the bundle's), 1 the builder installed here (version; not_installed: none of the plan's
+    flavour), 2 its header against its manifest entry (header); ``error`` the exception class ``check_plans`` raises
+    for it; ``reason`` what is wrong, ``fix`` the ``larp-rt build`` command."""
 
     plan: str
     file: str
     phase: int
+    kind: str
     error: type
     reason: str
     fix: str
     after: str = ""  # what the fix needs first (pip install ...)
-    not_installed: bool = False
+
+    @property
+    def not_installed(self) -> bool:
+        return self.kind == "not_installed"
 
     @property
     def message(self) -> str:
@@ -218,52 +223,55 @@ def plan_issues(root: str | os.PathLike, manifest: dict, mach: Machine, *, sha=s
         if not isinstance(e, dict) or any(k not in e for k in _ENTRY_KEYS):
             miss = [k for k in _ENTRY_KEYS if not isinstance(e, dict) or k not in e]
             file = str(e.get("file", f"plans/{name}")) if isinstance(e, dict) else f"plans/{name}"
-            out.append(PlanIssue(name, file, 0, PlanError, f"manifest.json's plan entry {name!r} is malformed (no "
-                                 f"{', '.join(miss)})", build_command(root, manifest, flavour="auto")))
+            out.append(PlanIssue(name, file, 0, "malformed", PlanError,
+                                 f"manifest.json's plan entry {name!r} is malformed (no {', '.join(miss)})",
+                                 build_command(root, manifest, flavour="auto")))
             continue
         fix = build_command(root, manifest, e)
         p = root / e["file"]
 
-        def issue(phase: int, reason: str, error: type = PlanError, **kw) -> None:
-            out.append(PlanIssue(name, e["file"], phase, error, reason, fix, **kw))  # noqa: B023 (called at once)
+        def issue(phase: int, kind: str, reason: str, error: type = PlanError, **kw) -> None:
+            out.append(PlanIssue(name, e["file"], phase, kind, error, reason, fix, **kw))  # noqa: B023 (called at once)
 
         if not p.is_file():
-            issue(0, f"plan {str(p)!r} is missing")
+            issue(0, "missing", f"plan {str(p)!r} is missing")
             continue
         size = p.stat().st_size
         damaged = True
         if isinstance(e.get("size"), int) and size != e["size"]:
-            issue(0, f"plan {str(p)!r} was altered: {size} bytes where manifest.json records {e['size']} "
+            issue(0, "altered", f"plan {str(p)!r} was altered: {size} bytes where manifest.json records {e['size']} "
                      "(truncated or overwritten)")
         elif sha(p) != e["sha256"]:
-            issue(0, f"plan {str(p)!r} was altered (sha256 mismatch with manifest.json)")
+            issue(0, "altered", f"plan {str(p)!r} was altered (sha256 mismatch with manifest.json)")
         else:
             damaged = False
         g = graphs.get(name)
         if isinstance(g, dict) and "file" in g and (root / g["file"]).is_file() and \
                 sha(root / g["file"]) != e.get("onnx_sha256"):
-            issue(0, f"plan {e['file']!r} was built from another {g['file']} than the bundle holds now")
+            issue(0, "stale", f"plan {e['file']!r} was built from another {g['file']} than the bundle holds now")
         fl, ver = e["flavour"], str(e["version"])
         have = mach.versions.get(fl)
         if have is None or not _same_version(have, ver):
-            here = f"{fl} {have}" if have else f"no {fl}"
-            issue(1, f"plan {e['file']!r} ({name}) was built with {fl} {ver} for compute capability "
-                     f"{', '.join(e['compute_capabilities'])}; {mach.describe()} ({here}). Plans only load in the "
-                     "TensorRT they were built with", PlanMismatchError,
-                  after="" if have else f"after pip install {fl}=={ver}", not_installed=have is None)
+            issue(1, "version" if have else "not_installed",
+                  f"plan {e['file']!r} ({name}) was built with {fl} {ver} for compute capability "
+                  f"{', '.join(e['compute_capabilities'])}; {mach.describe()}. Plans only load in the "
+                  "TensorRT they were built with", PlanMismatchError,
+                  after="" if have else f"after pip install {fl}=={ver}")
         if damaged:
             continue  # a damaged file's header says nothing
         head = read_plan_header(p)
         if head["flavour"] is None:
-            issue(2, f"plan {str(p)!r} is not a TensorRT plan (it starts with {head['magic']!r}, not "
-                     f"{', '.join(repr(k.decode()) for k in PLAN_MAGIC)})")
+            why = (f"is not a TensorRT plan (it starts with {head['magic']!r}, not "
+                   f"{', '.join(repr(k.decode()) for k in PLAN_MAGIC)})")
         elif head["flavour"] != fl:
-            issue(2, f"plan {str(p)!r} is a {head['flavour']} plan by its header, and manifest.json says {fl}")
+            why = f"is a {head['flavour']} plan by its header, and manifest.json says {fl}"
         elif head["version"] is not None and not _same_version(head["version"], ver):
-            issue(2, f"plan {str(p)!r} was built with {fl} {head['version']} by its header, and manifest.json "
-                     f"says {ver}")
+            why = f"was built with {fl} {head['version']} by its header, and manifest.json says {ver}"
         elif head["size"] is not None and head["size"] != size:
-            issue(2, f"plan {str(p)!r} is {size} bytes, and its header says {head['size']}")
+            why = f"is {size} bytes, and its header says {head['size']}"
+        else:
+            continue
+        issue(2, "header", f"plan {str(p)!r} {why}")
     return out
 
 

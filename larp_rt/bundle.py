@@ -147,7 +147,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 class Bundle:
     """A validated bundle directory (read-only)."""
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True, verify_plans: bool = True):
+        """``verify``: check every file's sha256 (``verify_plans=False``: all but the TensorRT plans', for
+        ``larp-rt build``, which replaces them)."""
         self.path = Path(path)
         self.manifest: dict[str, Any] = read_manifest(self.path)
         m = self.manifest
@@ -187,7 +189,7 @@ class Bundle:
             if self.path.resolve() not in p.parents:
                 raise BundleError(f"{str(mpath)!r}: file {rel!r} points outside the bundle")
         if verify:
-            self.verify()
+            self.verify(plans=verify_plans)
         why = check_graph_precision(self)
         if why is not None:
             raise BundleError(f"{str(mpath)!r}: {why}; re-export the bundle "
@@ -196,14 +198,17 @@ class Bundle:
         if why is not None:
             raise BundleError(f"{str(mpath)!r}: {why}; re-export the bundle (larp-rt export --tokenizer DIR)")
 
-    def verify(self) -> None:
-        """Check every listed file exists and has its recorded sha256. A TensorRT plan's failure (PlanError) names
-        the ``larp-rt build`` command that rebuilds it, any other file's the ``larp-rt export`` one."""
-        plans = plan_files(self.manifest)
+    def verify(self, *, plans: bool = True) -> None:
+        """Check every listed file (``plans=False``: but the TensorRT plans) exists and has its recorded sha256. A
+        plan's failure (PlanError) names the ``larp-rt build`` command that rebuilds it, any other file's the
+        ``larp-rt export`` one."""
+        plan_entries = plan_files(self.manifest)
         for rel, digest in self.files.items():
             p = self.path / rel
-            if rel in plans:
-                rebuild = build_command(self.path, self.manifest, plans[rel])
+            if rel in plan_entries:
+                if not plans:
+                    continue
+                rebuild = build_command(self.path, self.manifest, plan_entries[rel])
                 if not p.is_file():
                     raise PlanError(f"plan {str(p)!r} is missing; rebuild the plans with `{rebuild}`")
                 if sha256_file(p) != digest:

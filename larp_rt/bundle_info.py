@@ -261,6 +261,10 @@ def _wrap(head: str, d: dict | None, indent: str = "    ") -> list[str]:
                          break_long_words=False, break_on_hyphens=False) or [head.rstrip()]
 
 
+def _fill(text: str, indent: str = "    ") -> list[str]:
+    return textwrap.wrap(text, width=118, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+
+
 def _bytes(n: int | None) -> str:
     if n is None:
         return "missing"
@@ -268,7 +272,8 @@ def _bytes(n: int | None) -> str:
 
 
 def _profile(p: dict) -> str:
-    return ", ".join(f"{sym} {lo}..{hi} (opt {opt})" for sym, (lo, opt, hi) in p.items())
+    return ", ".join(f"{sym} {r[0]}..{r[2]} (opt {r[1]})" if isinstance(r, list | tuple) and len(r) == 3
+                     else f"{sym} {r}" for sym, r in p.items())
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -290,9 +295,9 @@ def format_info(info: dict[str, Any]) -> str:
         pkv = prior.get("kv_cache") or {}
         fused = f", fused step graph {prior['fused_graph']} ({prior.get('fused_attention')})" \
             if prior.get("fused_graph") else ""
-        L.append(f"prior: step graph {prior.get('graph')}, score graph {prior.get('score_graph')}{fused}; "
-                 f"KV cache {pkv.get('dtype')}, {pkv.get('max_seq')} slots x {pkv.get('layers')} layers x "
-                 f"{pkv.get('heads')} heads x {pkv.get('head_dim')}")
+        L += _fill(f"prior: step graph {prior.get('graph')}, score graph {prior.get('score_graph')}{fused}; "
+                   f"KV cache {pkv.get('dtype')}, {pkv.get('max_seq')} slots x {pkv.get('layers')} layers x "
+                   f"{pkv.get('heads')} heads x {pkv.get('head_dim')}")
         L += _wrap("  prior config: ", prior.get("config"))
     elif tok:
         L.append("prior: none")
@@ -314,7 +319,7 @@ def format_info(info: dict[str, Any]) -> str:
                                         f"{s.get('packed_matmuls')} x {s['fused_matmul']}" if s.get("fused_matmul")
                                         else None) if x)
             fused = f"{s['fused']} ({ops}; custom ops from {s.get('custom_op_library')})"
-        L.append(f"sampler graphs: {s.get('graph')} (standard ops, float64); fused decode+sample: {fused}")
+        L += _fill(f"sampler graphs: {s.get('graph')} (standard ops, float64); fused decode+sample: {fused}")
     if info.get("quantization"):
         q = {k: v for k, v in info["quantization"].items() if not isinstance(v, dict | list)}
         L.append(f"quantization: {_kv(q)}")
@@ -334,9 +339,10 @@ def format_info(info: dict[str, Any]) -> str:
                  f"{t.get('version')}, batch buckets {','.join(map(str, t.get('buckets') or []))}, KV length "
                  f"1..{t.get('max_seq')}, built by larp_rt {t.get('built_by')}")
         for name, e in plans.items():
-            L.append(f"  {name}: {e.get('file')}, {e.get('size')} bytes, {e.get('flavour_name')} {e.get('version')} "
-                     f"({e.get('flavour')}), compute capability {', '.join(e.get('compute_capabilities') or [])}, "
-                     f"{e.get('precision')}, weights {e.get('weights')}")
+            L.append(f"  {name}: {e.get('file')}, {e.get('size')} bytes")
+            L.append(f"    {e.get('flavour_name')} {e.get('version')} ({e.get('flavour')}), compute capability "
+                     f"{', '.join(e.get('compute_capabilities') or [])}, {e.get('precision')}, weights "
+                     f"{e.get('weights')}")
             for k, p in enumerate(e.get("profiles") or []):
                 L.append(f"    profile {k}: {_profile(p)}")
     else:
@@ -355,6 +361,6 @@ def format_info(info: dict[str, Any]) -> str:
                 L.append(f"    {r}")
             L.append(f"  fix: {' && '.join(p['fix'])}")
         for note in v["notes"]:
-            L.append(f"note: {note}")
+            L += _fill(f"note: {note}")
         L.append(("OK " if v["ok"] else "FAILED ") + v["summary"])
     return "\n".join(L)

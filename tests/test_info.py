@@ -101,8 +101,8 @@ def test_info_text_shows_graphs_configs_prior_sampler_and_plans(planned, capsys)
     assert f"TensorRT plans (5): TensorRT-RTX {ver}, batch buckets 1, KV length 1..16" in out
     for name, e in m["plans"].items():
         size = (planned / e["file"]).stat().st_size
-        assert (f"  {name}: {e['file']}, {size} bytes, TensorRT-RTX {ver} (tensorrt-rtx), compute capability "
-                "8.0, 8.6, 8.9, 12.0, fp32, weights embedded") in out
+        assert (f"  {name}: {e['file']}, {size} bytes\n    TensorRT-RTX {ver} (tensorrt-rtx), compute capability "
+                "8.0, 8.6, 8.9, 12.0, fp32, weights embedded\n") in out
     assert "    profile 0: B 1..1 (opt 1), S 1..16 (opt 8)" in out  # the decode / prior plans' KV range
     assert "PyTorch checkpoints: tokenizer torch/tokenizer, generator torch/generator" in out
     assert "verified" not in out  # no --verify, no verification

@@ -19,7 +19,8 @@ from typing import Any
 
 from .config import ConfigError, GeneratorConfig, TokenizerConfig
 
-__all__ = ["BundleError", "Bundle", "BundleWriter", "sha256_file", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["BundleError", "PlanError", "Bundle", "BundleWriter", "sha256_file", "FORMAT", "FORMAT_VERSION",
+           "build_command", "export_command", "plan_files", "read_manifest", "MANIFEST"]
 
 FORMAT = "larp_rt.bundle"
 # 2: the decode step takes a position per row (``pos`` (B,)) and the fused graph ``sample_rows`` + per-request steps
@@ -32,6 +33,70 @@ GRAPHS = ("encoder", "decoder", "prefill", "decode", "sample", "decode_sample", 
 
 class BundleError(ValueError):
     """A bundle is missing, altered, of an unknown version or inconsistent; the message says what to do."""
+
+
+class PlanError(BundleError):
+    """A TensorRT plan of the bundle is missing, altered or stale; the message names the ``larp-rt build`` command."""
+
+
+TRT_FLAGS = {"tensorrt-rtx": "rtx", "tensorrt": "tensorrt"}  # a plan's recorded flavour -> `larp-rt build --trt`
+
+
+def build_command(path: str | os.PathLike, manifest: dict[str, Any], entry: dict[str, Any] | None = None, *,
+                  flavour: str | None = None, cc: str | None = None) -> str:
+    """The ``larp-rt build`` command that rebuilds the bundle's plans with the options the manifest recorded
+    (builder, batch buckets, TensorRT-RTX targets, KV length, weight stripping). ``entry``: the plan entry to
+    reproduce (default: the first one); ``flavour``: another builder (its recorded targets are then left out);
+    ``cc``: target this compute capability instead of the recorded ones. One build makes every plan of the
+    bundle, so the command rebuilds them all."""
+    trt = manifest.get("tensorrt") or {}
+    e = entry if entry is not None else next(iter((manifest.get("plans") or {}).values()), {})
+    recorded = e.get("flavour") or trt.get("flavour")
+    fl = flavour or recorded
+    cmd = f"larp-rt build {path} --trt {TRT_FLAGS.get(fl, 'auto')}"
+    buckets = e.get("buckets") or trt.get("buckets")
+    if buckets:
+        cmd += " --batch " + ",".join(map(str, buckets))
+    targets = [cc] if cc else (e.get("compute_capabilities") if fl == recorded == "tensorrt-rtx" else None)
+    if targets:  # datacenter TensorRT targets the GPU it builds on: nothing to repeat
+        cmd += " --compute-capability " + ",".join(map(str, targets))
+    kv_max = ((manifest.get("generator") or {}).get("kv_cache") or {}).get("max_seq")
+    if trt.get("max_seq") and kv_max and trt["max_seq"] != kv_max:
+        cmd += f" --max-seq {trt['max_seq']}"
+    if e.get("weights") == "stripped":
+        cmd += " --strip-weights"
+    return cmd
+
+
+def export_command(path: str | os.PathLike, manifest: dict[str, Any]) -> str:
+    """The ``larp-rt export`` command that rewrites the bundle with the options its manifest recorded (precision,
+    tokenizer precision, KV-cache type, opset, fused sampler, checkpoints or not). The manifest does not record
+    the checkpoint folders it was exported from: TOKENIZER_DIR / GENERATOR_DIR stand for them."""
+    cmd = f"larp-rt export {path} --force"
+    tok, gen = manifest.get("tokenizer"), manifest.get("generator")
+    if tok:
+        cmd += " --tokenizer TOKENIZER_DIR"
+    if gen:
+        cmd += " --generator GENERATOR_DIR"
+    cmd += f" --precision {manifest.get('precision', 'fp32')}"
+    if isinstance(tok, dict) and tok.get("precision"):
+        cmd += f" --tokenizer-precision {tok['precision']}"
+    kv = (gen.get("kv_cache") or {}) if isinstance(gen, dict) else {}
+    if kv.get("dtype"):
+        cmd += f" --kv-dtype {kv['dtype']}"
+    opset = (manifest.get("created_by") or {}).get("opset")
+    if opset:
+        cmd += f" --opset {opset}"
+    if gen:
+        cmd += " --fused-sampler" if (manifest.get("sampler") or {}).get("fused") else " --no-fused-sampler"
+    if not manifest.get("checkpoints"):
+        cmd += " --onnx-only"
+    return cmd
+
+
+def plan_files(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's plan files (relative path -> plan entry)."""
+    return {e["file"]: e for e in (manifest.get("plans") or {}).values() if isinstance(e, dict) and "file" in e}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -58,26 +123,37 @@ class GraphInfo:
         return [o["name"] for o in self.outputs]
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """A bundle directory's ``manifest.json`` as a dict, checked only for being a larp_rt bundle manifest (``Bundle``
+    validates the rest)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"bundle {str(path)!r} does not exist or is not a directory; "
+                          "create one with `larp-rt export`")
+    mpath = path / MANIFEST
+    try:
+        m = json.loads(mpath.read_text())
+    except FileNotFoundError:
+        raise BundleError(
+            f"{str(mpath)!r} is missing: not a larp_rt bundle (create one with `larp-rt export`)"
+        ) from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{str(mpath)!r} is not valid JSON ({e}); re-export the bundle") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise BundleError(f"{str(mpath)!r} is not a larp_rt bundle manifest (format != {FORMAT!r}); re-export")
+    return m
+
+
 class Bundle:
     """A validated bundle directory (read-only)."""
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True, verify_plans: bool = True):
+        """``verify``: check every file's sha256 (``verify_plans=False``: all but the TensorRT plans', for
+        ``larp-rt build``, which replaces them)."""
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise BundleError(f"bundle {str(self.path)!r} does not exist or is not a directory; "
-                              "create one with `larp-rt export`")
-        mpath = self.path / MANIFEST
-        try:
-            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise BundleError(
-                f"{str(mpath)!r} is missing: not a larp_rt bundle (create one with `larp-rt export`)"
-            ) from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{str(mpath)!r} is not valid JSON ({e}); re-export the bundle") from e
+        self.manifest: dict[str, Any] = read_manifest(self.path)
         m = self.manifest
-        if not isinstance(m, dict) or m.get("format") != FORMAT:
-            raise BundleError(f"{str(mpath)!r} is not a larp_rt bundle manifest (format != {FORMAT!r}); re-export")
+        mpath = self.path / MANIFEST
         version = m.get("format_version")
         if version != FORMAT_VERSION:
             if isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION:
@@ -113,7 +189,7 @@ class Bundle:
             if self.path.resolve() not in p.parents:
                 raise BundleError(f"{str(mpath)!r}: file {rel!r} points outside the bundle")
         if verify:
-            self.verify()
+            self.verify(plans=verify_plans)
         why = check_graph_precision(self)
         if why is not None:
             raise BundleError(f"{str(mpath)!r}: {why}; re-export the bundle "
@@ -122,15 +198,30 @@ class Bundle:
         if why is not None:
             raise BundleError(f"{str(mpath)!r}: {why}; re-export the bundle (larp-rt export --tokenizer DIR)")
 
-    def verify(self) -> None:
-        """Check every listed file exists and has its recorded sha256."""
+    def verify(self, *, plans: bool = True) -> None:
+        """Check every listed file (``plans=False``: but the TensorRT plans) exists and has its recorded sha256. A
+        plan's failure (PlanError) names the ``larp-rt build`` command that rebuilds it, any other file's the
+        ``larp-rt export`` one."""
+        plan_entries = plan_files(self.manifest)
         for rel, digest in self.files.items():
             p = self.path / rel
+            if rel in plan_entries:
+                if not plans:
+                    continue
+                rebuild = build_command(self.path, self.manifest, plan_entries[rel])
+                if not p.is_file():
+                    raise PlanError(f"plan {str(p)!r} is missing; rebuild the plans with `{rebuild}`")
+                if sha256_file(p) != digest:
+                    raise PlanError(f"plan {str(p)!r} was altered (sha256 mismatch with manifest.json); rebuild the "
+                                    f"plans with `{rebuild}`")
+                continue
             if not p.is_file():
-                raise BundleError(f"bundle file {str(p)!r} is missing; re-export the bundle")
+                raise BundleError(f"bundle file {str(p)!r} is missing; re-export the bundle "
+                                  f"(`{export_command(self.path, self.manifest)}`)")
             if sha256_file(p) != digest:
                 raise BundleError(
-                    f"bundle file {str(p)!r} was altered (sha256 mismatch with manifest.json); re-export the bundle"
+                    f"bundle file {str(p)!r} was altered (sha256 mismatch with manifest.json); re-export the bundle "
+                    f"(`{export_command(self.path, self.manifest)}`)"
                 )
 
     # ------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """``larp-rt`` command line.
 
-Verbs defined here: ``demo``, ``info``, ``presets``. Subsystems add their own verbs: each module named in
+Verbs defined here: ``demo``, ``info`` (a bundle: ``larp_rt.bundle_info``; a checkpoint), ``presets``. Subsystems
+add their own verbs: each module named in
 ``VERB_MODULES`` has ``register(subparsers)``, which adds sub-parsers whose ``fn(args) -> int`` runs the verb.
 Those modules must not import torch at import time (the CLI starts without it).
 """
@@ -45,6 +46,13 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .bundle_info import is_bundle
+
+    if is_bundle(args.checkpoint):
+        return _info_bundle(args)
+    if args.verify:
+        raise ValueError(f"--verify checks a bundle's files against its manifest.json, and {args.checkpoint!r} is no "
+                         "bundle; info loads a checkpoint strictly, which checks its weights against its config")
     from .checkpoint import load_pretrained, read_config
 
     kind, cfg, dialect = read_config(args.checkpoint, revision=args.revision)
@@ -53,6 +61,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if kind == "tokenizer":
         info["has_prior"] = model.prior_model is not None
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def _info_bundle(args: argparse.Namespace) -> int:
+    from .bundle_info import bundle_info, format_info
+
+    if args.revision is not None:
+        raise ValueError(f"--revision is for hub repo ids; {args.checkpoint!r} is a bundle folder")
+    info = bundle_info(args.checkpoint, verify=args.verify)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    v = info.get("verify")
+    if v is not None and not v["ok"]:
+        bad = ", ".join(p["file"] for p in v["problems"])
+        print(f"larp-rt info: {args.checkpoint}: {v['summary']} ({bad}); the fixes are listed above", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -526,10 +549,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--force", action="store_true", help="replace a non-empty REPO")
     tr.set_defaults(fn=_cmd_triton)
 
-    i = sub.add_parser("info", help="inspect a checkpoint folder (ours or the authors'); loads it strictly")
-    i.add_argument("checkpoint", help="folder with config.json + model.safetensors, or a Hugging Face repo id "
-                                      "(hywang66/LARP-L-long-AR-FP; resolved through the hub's cache)")
+    i = sub.add_parser("info", help="inspect a bundle (graphs, configs, plans; --verify re-hashes every file) or a "
+                                    "checkpoint folder (ours or the authors'; loads it strictly)")
+    i.add_argument("checkpoint", metavar="BUNDLE_OR_CHECKPOINT",
+                   help="bundle folder (manifest.json), folder with config.json + model.safetensors, or a Hugging "
+                        "Face repo id (hywang66/LARP-L-long-AR-FP; resolved through the hub's cache)")
     i.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of a repo id")
+    i.add_argument("--json", action="store_true", help="a bundle: one JSON document instead of text (a checkpoint's "
+                                                       "info is JSON already)")
+    i.add_argument("--verify", action="store_true",
+                   help="a bundle: re-hash every file and plan against manifest.json and check the plans against the "
+                        "TensorRT installed here (no GPU needed); exits 1 naming each bad file and the larp-rt "
+                        "build / export command that fixes it")
     i.set_defaults(fn=_cmd_info)
 
     r = sub.add_parser("presets", help="list model presets with parameter counts")

@@ -18,6 +18,7 @@ from larp_rt.export import export_bundle, trt_build
 
 from larp_rt import Bundle, BundleError, GeneratorConfig, TokenizerConfig, save_pretrained
 from larp_rt.backends import tensorrt as trt_backend
+from larp_rt.bundle import PlanError
 from larp_rt.models import LARPGenerator, LARPTokenizer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
@@ -201,10 +202,35 @@ def test_a_plan_edited_by_one_byte_gets_a_sha256_error(built, tmp_path):
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 1
     p.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="altered"):
+    # the loader names the rebuild, not a re-export: the plan is the bad file, the graphs are fine
+    with pytest.raises(PlanError, match=r"plan .*decode-.*was altered \(sha256 mismatch with manifest.json\); rebuild "
+                                        rf"the plans with `larp-rt build {dst} --trt rtx --batch 1,2") as ei:
         Bundle(dst)
+    assert "re-export" not in str(ei.value) and "larp-rt export" not in str(ei.value)
     with pytest.raises(BundleError, match=r"plan .*decode-.*altered \(sha256.*larp-rt build"):
         trt_backend.check_plans(Bundle(dst, verify=False), trt_backend.machine(probe=False), need_gpu=False)
+
+
+def test_build_replaces_damaged_or_missing_plans_but_not_damaged_graphs(built, tmp_path):
+    """The command a plan error names works: `larp-rt build` rebuilds over an altered or missing plan (it replaces
+    them); an altered graph is still refused, naming `larp-rt export`."""
+    dst = tmp_path / "b"
+    shutil.copytree(built[0], dst)
+    plans = Bundle(dst).manifest["plans"]
+    (dst / plans["decoder"]["file"]).unlink()
+    (dst / plans["decode"]["file"]).write_bytes(b"")
+    with pytest.raises(PlanError, match="larp-rt build"):
+        Bundle(dst)
+    trt_build.build_plans(dst, batch=BATCH, printer=_quiet)
+    assert set(Bundle(dst).manifest["plans"]) == planned(dst)  # every file verified again
+    graph = dst / "decode.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 1
+    graph.write_bytes(bytes(data))
+    before = snapshot(dst)
+    with pytest.raises(BundleError, match=r"decode.onnx' was altered.*re-export the bundle \(`larp-rt export ") as ei:
+        trt_build.build_plans(dst, batch=BATCH, printer=_quiet)
+    assert not isinstance(ei.value, PlanError) and snapshot(dst) == before
 
 
 def _edit_plans(dst: Path, **fields) -> None:

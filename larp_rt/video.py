@@ -32,7 +32,9 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None,
     p = Path(path)
     if not p.is_file():
         raise VideoError(f"video file {str(p)!r} does not exist")
-    frames = []
+    frames: list[np.ndarray] = []
+    out = None  # with max_frames: one array filled in place (no second copy of a large upload's frames)
+    n = 0
     try:
         with av.open(str(p)) as container:
             if not container.streams.video:
@@ -42,16 +44,26 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None,
             _check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
             for frame in container.decode(stream):
                 _check_pixels(frame.width, frame.height, max_pixels)
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames is not None and len(frames) >= max_frames:
+                x = frame.to_ndarray(format="rgb24")
+                if max_frames is None:
+                    frames.append(x)
+                else:
+                    if out is None:
+                        out = np.empty((max_frames, *x.shape), np.uint8)
+                    elif x.shape != out.shape[1:]:
+                        raise VideoError(f"{str(p)!r} changes frame size mid-stream ({out.shape[1:3]} -> "
+                                         f"{x.shape[:2]})")
+                    out[n] = x
+                n += 1
+                if max_frames is not None and n >= max_frames:
                     break
     except VideoError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as e:
         raise VideoError(f"cannot read video {str(p)!r}: {e}") from e
-    if not frames:
+    if n == 0:
         raise VideoError(f"video {str(p)!r} has no decodable frames")
-    return np.stack(frames), fps
+    return (np.stack(frames) if out is None else out[:n]), fps
 
 
 def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:

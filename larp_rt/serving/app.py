@@ -69,6 +69,7 @@ DEFAULT_MAX_BODY_BYTES = 64 << 20
 DEFAULT_MAX_VIDEO_PIXELS = 1 << 24  # one response's video: rows x frames x height x width x scale^2 (16.8 M)
 GIF_COST = 4  # a GIF's palette quantisation costs about 4x an mp4's encoding per pixel: it counts 4x
 DEFAULT_MAX_UPLOAD_PIXELS = 1 << 23  # one uploaded frame's width x height (8.4 M: 4K UHD fits)
+DECODE_CHUNK = 16  # token rows per decoder run when a response decodes many
 DEFAULT_MAX_MEDIA_JOBS = 8  # encode / decode / upload jobs admitted at once (running or waiting); more: 429
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/generate", "/v1/encode", "/v1/decode", "/v1/predict",
           "/v1/score", "/openapi.json", "/docs")
@@ -444,7 +445,10 @@ class _State:
 
     # -- video (threads) --------------------------------------------------------------------------------
     def render(self, tokens: np.ndarray, fmt: str, fps: float, scale: int) -> bytes:
-        videos = self.engine.decode(tokens)  # (B, 3, T, H, W) float32
+        # (B, 3, T, H, W) float32, decoded DECODE_CHUNK rows at a time: the decoder's activations (and the arena
+        # ONNX Runtime keeps for them) grow with the batch, the videos themselves are small beside them
+        videos = np.concatenate([self.engine.decode(tokens[i : i + DECODE_CHUNK])
+                                 for i in range(0, len(tokens), DECODE_CHUNK)])
         if fmt == "npy":
             buf = io.BytesIO()
             np.save(buf, videos, allow_pickle=False)

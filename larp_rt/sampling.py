@@ -295,7 +295,8 @@ def cfg_mix(cond: np.ndarray, uncond: np.ndarray | None, cfg_scale: np.ndarray) 
     if uncond is None:
         return cond
     s = np.asarray(cfg_scale, np.float32).reshape(-1, 1)
-    mixed = uncond + (cond - uncond) * s
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the caller's to refuse (``sample`` does)
+        mixed = uncond + (cond - uncond) * s
     return np.where(s != 1.0, mixed, cond)
 
 

@@ -10,8 +10,9 @@
   (z desc, index asc) order from TopK, sequential float64 CumSum for the top-p cut and the draw); the only
   difference is the float64 exp/log of the runtime vs numpy's (last-bit), so logprobs agree to ~1e-15 and a token
   can differ only if ``u * total`` falls within rounding of a cumulative boundary. A row whose logits are
-  non-finite gets token -1 and logprob NaN (a graph cannot raise; the engine does). Float64 keeps it out of
-  TensorRT (no double there): TensorRT deployments launch the CUDA kernel beside the plan instead.
+  non-finite (or whose float32 CFG mix overflows) gets token -1 and logprob NaN (a graph cannot raise; the engine
+  does, and checks the parameters against the bounds of ``larp_rt.sampling`` before the run). Float64 keeps it out
+  of TensorRT (no double there): TensorRT deployments launch the CUDA kernel beside the plan instead.
 * ``decode_sample.onnx`` (``fuse_decode_sample``): the decode step with the custom ``larp_rt::Sample`` op on its
   logits (``liblarp_rt_ort.so``, bit-exact with the reference): one session run per token returns the token ids
   and the new cache entries; the logits never leave the graph. For float32 bundles its attention is the custom
@@ -87,7 +88,7 @@ def _sampler_nodes(g: _G, logits: str, cfg_scale: str, temperature: str, top_k: 
     # non-finite rows: cond always, uncond where guided -> token -1
     def nonfinite(x):
         return g("Or", g("IsNaN", x), g("IsInf", x))
-    bad = g("Or", nonfinite(cond), g("And", guided, nonfinite(uncond)))
+    bad = g("Or", g("Or", nonfinite(cond), g("And", guided, nonfinite(uncond))), nonfinite(l))  # l: mix overflow
     bad_row = g("Greater", g("ReduceMax", g("Cast", bad, to=TP.FLOAT), axes=[1], keepdims=0),
                 g.const(0.0, np.float32))  # (B,)
     # 2. greedy: argmax, first index on ties

@@ -33,6 +33,7 @@ __all__ = [
     "library_dir", "cpu_library", "cuda_library", "ort_custom_op_library", "sample_numpy", "register_torch_op",
     "sample_torch", "launch_cuda", "set_num_threads", "DTYPE_CODES", "decode_attention", "attention_isa",
     "quantize_kv", "KV_DTYPE_CODES", "pack_matmul_weights", "packed_matmul", "matmul_isa", "MATMUL_PANEL",
+    "sample_bounds", "TOKEN_NON_FINITE", "TOKEN_BAD_PARAMS",
 ]
 
 ENV_DISABLE = "LARP_RT_DISABLE_KERNELS"
@@ -42,6 +43,9 @@ CUDA_LIB = "liblarp_sampling_cuda.so"
 ORT_LIB = "liblarp_rt_ort.so"
 ABI_VERSION = 2  # cpp_ext/include/larp_rt/larp_sampling.h LARP_SAMPLING_ABI_VERSION
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+# the tokens a device kernel writes for a row it cannot sample (sample_args.h LARP_TOKEN_*; a host kernel raises)
+TOKEN_NON_FINITE = -1  # NaN/Inf logits
+TOKEN_BAD_PARAMS = -2  # a parameter outside the bounds of larp_rt.sampling (MAX_CFG_SCALE, ...)
 
 _lock = threading.RLock()
 _disabled_override: bool | None = None
@@ -244,6 +248,20 @@ def available() -> dict:
         "library_dir": str(library_dir()),
         "errors": dict(_errors),
     }
+
+
+def sample_bounds() -> dict[str, float] | None:
+    """The parameter bounds the built kernels enforce (sample_args.h, as float32 values widened to float):
+    {'max_cfg_scale', 'min_temperature', 'max_temperature', 'min_top_p'}; None when the CPU kernels are not built.
+    They mirror ``larp_rt.sampling.MAX_CFG_SCALE`` etc. (rounded to float32)."""
+    lib = cpu_library()
+    if lib is None:
+        return None
+    out = (ctypes.c_float * 4)()
+    if lib.larp_sample_bounds(out) != 0:
+        _raise(lib)
+    return dict(zip(("max_cfg_scale", "min_temperature", "max_temperature", "min_top_p"), map(float, out),
+                    strict=True))
 
 
 def _raise(lib: ctypes.CDLL, rc: int = 1, cuda: bool = False) -> None:
@@ -529,8 +547,10 @@ def launch_cuda(
     ``cond``/``uncond`` logits [batch, vocab] (row strides ``ld_*`` in elements, default vocab), per-row
     float32 ``cfg_scale``/``temperature``/``top_p``, int64 ``top_k``, uint64 ``seed``/``stream_ids``, outputs
     int64 ``tokens`` and optional float64 ``logprobs``; the step from ``steps_ptr`` (device int64 [batch], one per
-    row: read as uint64, not checked) when given, else ``step_ptr`` (device int64), else ``step``.
-    Never synchronises. Raises RuntimeError when the CUDA kernels are not built, ValueError on bad arguments."""
+    row: read as uint64, not checked) when given, else ``step_ptr`` (device int64), else ``step``. A row the kernel
+    cannot sample gets token TOKEN_NON_FINITE (NaN/Inf logits) or TOKEN_BAD_PARAMS (a parameter outside the
+    bounds of ``larp_rt.sampling``: the parameters are in device memory, so the kernel checks them). Never
+    synchronises. Raises RuntimeError when the CUDA kernels are not built, ValueError on bad arguments."""
     lib = cuda_library()
     if lib is None:
         raise RuntimeError(f"CUDA sampling kernels unavailable: {_errors.get(CUDA_LIB, 'not built')}")

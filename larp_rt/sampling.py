@@ -4,7 +4,7 @@ Semantics (identical in every backend and kernel; this module is the oracle):
 
 1. CFG: ``l = u + (c - u) * cfg_scale`` in float32 when the row has null-class logits ``u`` and
    ``cfg_scale != 1``; otherwise ``l = c`` (so a request without guidance gives the same tokens whether or not
-   its batch carries CFG rows).
+   its batch carries CFG rows). Non-finite logits (inputs, or a mix that overflows float32) are refused.
 2. ``temperature == 0``: greedy, ``argmax l`` (the lowest index wins ties). Otherwise ``z = float64(l) / T``.
 3. top-k (0 = off, any k up to V): keep the k largest ``z``; ties at the boundary go to the lower index.
 4. top-p (1.0 = off): order the kept tokens by (z descending, index ascending), weights ``w = exp(z - max z)``;
@@ -33,7 +33,8 @@ import numpy as np
 
 __all__ = [
     "SamplingParams", "RowParams", "resolve_params", "philox4x32", "uniform", "uniform_table", "sample",
-    "cfg_mix", "filtered_distribution", "check_step",
+    "cfg_mix", "filtered_distribution", "check_step", "check_row_params", "MAX_CFG_SCALE", "MAX_TEMPERATURE",
+    "MIN_TEMPERATURE", "MIN_TOP_P",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -41,14 +42,39 @@ PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 MAX_SEED = 2**64 - 1
 
+# The parameter bounds every sampler enforces (``SamplingParams.validate`` on the request's float64 values, the
+# kernels on the float32 copies they receive; mirrored in cpp_ext/include/larp_rt/sample_args.h as LARP_MAX_CFG_SCALE,
+# ..., and a test checks that the two agree). Inside them the float32 / float64 arithmetic of every sampler stays
+# finite and normal:
+# - cfg_scale <= 1e4: the float32 mix u + (c - u) * s cannot overflow for logits differences below ~3.4e34
+#   (float32 max / 1e4); 3.5e38 or 1e308 would round to inf in float32 before any logit is read.
+# - temperature 0 (greedy) or in [1e-4, 1e4]: z = l / T is taken in float64 (|z| <= 3.4e38 * 1e4, far from the
+#   float64 max) and T is a normal float32 (no denormal that a flush-to-zero unit would read as 0: division by 0);
+#   1e308 would be inf in float32.
+# - top_p >= the smallest normal float32 (1.1754944e-38): 1e-300 or 5e-324 round to 0 in float32 (refused as
+#   top_p = 0), and a denormal top_p would read as 0 where denormals are flushed (the CUDA kernel: top-p off).
+MAX_CFG_SCALE = 1e4
+MAX_TEMPERATURE = 1e4
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = float(np.finfo(np.float32).tiny)
+
+# the rule of each parameter, as every check words it ("<name> must be <rule>, got <value>")
+_RULES = {
+    "cfg_scale": f"a finite number in [0, {MAX_CFG_SCALE:g}] (1.0 = no guidance)",
+    "temperature": f"a finite number: 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",
+    "top_p": f"in (0, 1], at least {float(np.float32(MIN_TOP_P)):.8g} (the smallest normal float32; 1.0 = off)",
+}
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to draw tokens for one request (or, given once, for every row of a batch).
 
-    cfg_scale: classifier-free guidance scale (>= 0; 1.0 = no guidance, no null-class rows).
-    temperature: >= 0; 0 = greedy. top_k: 0 = off, else 1..vocab. top_p: in (0, 1]; 1.0 = off.
-    seed: 0..2**64-1, or None to draw a fresh one (the engine reports it).
+    cfg_scale: classifier-free guidance scale in [0, MAX_CFG_SCALE] (1.0 = no guidance, no null-class rows).
+    temperature: 0 = greedy, else in [MIN_TEMPERATURE, MAX_TEMPERATURE]. top_k: 0 = off, else 1..vocab.
+    top_p: in [MIN_TOP_P, 1]; 1.0 = off. seed: 0..2**64-1, or None to draw a fresh one (the engine reports it).
+    The bounds keep every sampler's float32 arithmetic finite (see MAX_CFG_SCALE above): a value that passes
+    ``validate`` is sampled by every kernel, and every kernel refuses what ``validate`` refuses.
     """
 
     cfg_scale: float = 1.0
@@ -64,16 +90,18 @@ class SamplingParams:
         def is_num(v) -> bool:
             return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
-        if not is_num(self.cfg_scale) or not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
-            raise bad("cfg_scale", "a finite number >= 0 (1.0 = no guidance)")
-        if not is_num(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a finite number >= 0 (0 = greedy)")
+        # comparisons, not float(): a huge int compares exactly, NaN fails every one
+        if not is_num(self.cfg_scale) or not 0 <= self.cfg_scale <= MAX_CFG_SCALE:
+            raise bad("cfg_scale", _RULES["cfg_scale"])
+        t = self.temperature
+        if not is_num(t) or not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            raise bad("temperature", _RULES["temperature"])
         if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise bad("top_k", "an int >= 0 (0 = off)")
         if vocab_size is not None and self.top_k > vocab_size:
             raise bad("top_k", f"at most the vocabulary size {vocab_size} (0 = off)")
-        if not is_num(self.top_p) or not (0.0 < self.top_p <= 1.0):
-            raise bad("top_p", "in (0, 1] (1.0 = off)")
+        if not is_num(self.top_p) or not MIN_TOP_P <= self.top_p <= 1.0:
+            raise bad("top_p", _RULES["top_p"])
         int_seed = isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
         if self.seed is not None and (not int_seed or not 0 <= self.seed <= MAX_SEED):
             raise bad("seed", f"None or an int in [0, {MAX_SEED}]")
@@ -203,6 +231,46 @@ def check_step(step, batch: int, name: str = "step") -> int | np.ndarray:
     return a.astype(np.uint64)
 
 
+_F32_BOUNDS = tuple(float(np.float32(v)) for v in (MAX_CFG_SCALE, MIN_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_P))
+
+
+def check_row_params(params: RowParams, vocab: int | None = None) -> None:
+    """The kernels' check of per-row parameters (``larp_sample_cpu``'s, same bounds on the same float32 values,
+    same message): raises ValueError naming the first bad row, e.g. "cfg_scale[3] = inf: must be ...". The
+    values ``SamplingParams.validate`` accepts always pass. ``vocab``: also check top_k <= vocab."""
+    max_cfg, min_t, max_t, min_p = _F32_BOUNDS
+    s = np.asarray(params.cfg_scale, np.float32)
+    t = np.asarray(params.temperature, np.float32)
+    k = np.asarray(params.top_k)
+    p = np.asarray(params.top_p, np.float32)
+    with np.errstate(invalid="ignore"):
+        checks = [
+            ("cfg_scale", s, ~((s >= 0) & (s <= max_cfg)), _RULES["cfg_scale"]),
+            ("temperature", t, ~((t == 0) | ((t >= min_t) & (t <= max_t))), _RULES["temperature"]),
+            ("top_k", k, (k < 0) | (k > vocab) if vocab is not None else k < 0,
+             f"in [0, vocab = {vocab}] (0 = off)" if vocab is not None else ">= 0 (0 = off)"),
+            ("top_p", p, ~((p >= min_p) & (p <= 1)), _RULES["top_p"]),
+        ]
+    first = [int(np.argmax(bad)) if bad.any() else len(s) for _, _, bad, _ in checks]
+    r = min(first)
+    if r == len(s):
+        return
+    name, v, _, rule = checks[first.index(r)]
+    raise ValueError(f"{name}[{r}] = {_f32(v[r])}: must be {rule}")
+
+
+def _f32(x) -> str:
+    """The shortest "%g" text (6 to 9 significant digits) that reads back as float32 x (the C++ messages' too)."""
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    x = np.float32(x)
+    for prec in range(6, 10):
+        s = f"{float(x):.{prec}g}"
+        if np.float32(s) == x:
+            return s
+    return s
+
+
 def _check_logits(name: str, x: np.ndarray, rows: int | None = None) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2 or (rows is not None and x.shape[0] != rows):
@@ -227,7 +295,8 @@ def cfg_mix(cond: np.ndarray, uncond: np.ndarray | None, cfg_scale: np.ndarray) 
     if uncond is None:
         return cond
     s = np.asarray(cfg_scale, np.float32).reshape(-1, 1)
-    mixed = uncond + (cond - uncond) * s
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the caller's to refuse (``sample`` does)
+        mixed = uncond + (cond - uncond) * s
     return np.where(s != 1.0, mixed, cond)
 
 
@@ -278,7 +347,16 @@ def sample(
     if uncond is not None and uncond.shape != cond.shape:
         raise ValueError(f"uncond_logits shape {uncond.shape} must equal cond_logits shape {cond.shape}")
     step = check_step(step, B)
+    check_row_params(params, cond.shape[1])
     l = cfg_mix(cond, uncond, params.cfg_scale)
+    if uncond is not None:  # finite inputs, but the float32 mix may overflow (huge logits times cfg_scale)
+        bad = ~np.isfinite(l)
+        if bad.any():
+            r, i = np.argwhere(bad)[0]
+            raise ValueError(
+                f"guided logits contain NaN/Inf (first at row {r}, token {i}): cond and uncond are finite but "
+                "uncond + (cond - uncond) * cfg_scale overflows float32; check the logits' scale or lower cfg_scale"
+            )
     if u is None:
         u = uniform(params.seed, params.stream, step)
     tokens = np.empty(B, np.int64)

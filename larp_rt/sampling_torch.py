@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .sampling import PHILOX_M, PHILOX_W, RowParams, check_step
+from .sampling import PHILOX_M, PHILOX_W, RowParams, check_row_params, check_step
 
 __all__ = ["DeviceRowParams", "philox4x32", "uniform", "sample", "as_step"]
 
@@ -22,6 +22,7 @@ class DeviceRowParams:
     """RowParams as tensors on one device, built once per generation (H2D copies happen here, not per step)."""
 
     def __init__(self, params: RowParams, device: torch.device | str):
+        check_row_params(params)  # the kernels' bounds (top_k <= V is checked per call, on these host arrays)
         self.host = params
         self.cfg_scale = torch.as_tensor(params.cfg_scale, device=device)
         self.temperature = torch.as_tensor(params.temperature, device=device)
@@ -128,6 +129,7 @@ def sample(
     if uncond_logits is not None and uncond_logits.shape != cond_logits.shape:
         raise ValueError(f"uncond_logits shape {tuple(uncond_logits.shape)} must equal {tuple(cond_logits.shape)}")
     step = as_step(step, len(params), params.seed.device)
+    check_row_params(params.host, cond_logits.shape[1])  # host arrays: no device sync
     l = cfg_mix(cond_logits, uncond_logits, params.cfg_scale)  # (B, V) float32
     if check_finite and not bool(torch.isfinite(l).all()):
         raise ValueError("logits contain NaN/Inf: the model produced non-finite values; check weights and precision")

@@ -172,7 +172,7 @@ def test_inputs_are_not_mutated_and_strided_inputs_work():
         ("top_p", 0.0, r"top_p\[1\] = 0: must be in \(0, 1\]"),
         ("top_p", 1.5, r"top_p\[1\]"),
         ("top_p", np.nan, r"top_p\[1\]"),
-        ("temperature", -1.0, r"temperature\[1\] = -1: must be a finite number >= 0"),
+        ("temperature", -1.0, r"temperature\[1\] = -1: must be a finite number: 0 \(greedy\)"),
         ("temperature", np.inf, r"temperature\[1\]"),
         ("cfg_scale", np.nan, r"cfg_scale\[1\]"),
     ],

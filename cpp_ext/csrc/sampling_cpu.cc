@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -50,9 +51,20 @@ larp_rt::cpu::ExpBatchFn current_exp() {
   return larp_rt::cpu::exp_batch_libm;
 }
 
-std::string fmt(const char* f, double a, double b = 0, double c = 0) {
+std::string fmt(const char* f, double a, double b = 0, double c = 0, double d = 0) {
   char buf[512];
-  snprintf(buf, sizeof buf, f, a, b, c);
+  snprintf(buf, sizeof buf, f, a, b, c, d);
+  return buf;
+}
+
+// The shortest "%g" text (6 to 9 significant digits) that reads back as x: what numpy prints for a float32.
+std::string f32(float x) {
+  if (isnan(x)) return "nan";
+  char buf[64];
+  for (int prec = 6; prec <= 9; ++prec) {
+    snprintf(buf, sizeof buf, "%.*g", prec, (double)x);
+    if (strtof(buf, nullptr) == x) break;
+  }
   return buf;
 }
 
@@ -89,17 +101,24 @@ int check_args(const larp_sample_args* a) {
     const int64_t step = a->step_ptr ? *a->step_ptr : a->step;
     if (step < 0) return fail(fmt("step must be >= 0, got %.0f", (double)step));
   }
+  // the bounds of sample_args.h on the float32 values (NaN fails every comparison); the same rules and wording as
+  // larp_rt.sampling.check_row_params and SamplingParams.validate
   for (int64_t r = 0; r < a->batch; ++r) {
-    const double s = a->cfg_scale[r], t = a->temperature[r], p = a->top_p[r];
+    const float s = a->cfg_scale[r], t = a->temperature[r], p = a->top_p[r];
     const int64_t k = a->top_k[r];
-    if (!isfinite(s) || s < 0)
-      return fail(fmt("cfg_scale[%.0f] = %g: must be a finite number >= 0 (1.0 = no guidance)", (double)r, s));
-    if (!isfinite(t) || t < 0)
-      return fail(fmt("temperature[%.0f] = %g: must be a finite number >= 0 (0 = greedy)", (double)r, t));
+    const std::string row = "[" + std::to_string(r) + "] = ";
+    if (!(s >= 0.0f && s <= LARP_MAX_CFG_SCALE))
+      return fail("cfg_scale" + row + f32(s) + ": must be a finite number in [0, " + f32(LARP_MAX_CFG_SCALE) +
+                  "] (1.0 = no guidance)");
+    if (!(t == 0.0f || (t >= LARP_MIN_TEMPERATURE && t <= LARP_MAX_TEMPERATURE)))
+      return fail("temperature" + row + f32(t) + ": must be a finite number: 0 (greedy) or in [" +
+                  f32(LARP_MIN_TEMPERATURE) + ", " + f32(LARP_MAX_TEMPERATURE) + "]");
     if (k < 0 || k > a->vocab)
-      return fail(fmt("top_k[%.0f] = %.0f: must be in [0, vocab = %.0f] (0 = off)", (double)r, (double)k,
-                      (double)a->vocab));
-    if (!(p > 0.0 && p <= 1.0)) return fail(fmt("top_p[%.0f] = %g: must be in (0, 1] (1.0 = off)", (double)r, p));
+      return fail("top_k" + row + std::to_string(k) + ": must be in [0, vocab = " + std::to_string(a->vocab) +
+                  "] (0 = off)");
+    if (!(p >= LARP_MIN_TOP_P && p <= 1.0f))
+      return fail("top_p" + row + f32(p) + ": must be in (0, 1], at least " + f32(LARP_MIN_TOP_P) +
+                  " (the smallest normal float32; 1.0 = off)");
   }
   return 0;
 }
@@ -109,6 +128,15 @@ int check_args(const larp_sample_args* a) {
 extern "C" {
 
 int larp_sampling_abi_version(void) { return LARP_SAMPLING_ABI_VERSION; }
+
+int larp_sample_bounds(float* out) {
+  if (!out) return fail("larp_sample_bounds: out is NULL");
+  out[0] = LARP_MAX_CFG_SCALE;
+  out[1] = LARP_MIN_TEMPERATURE;
+  out[2] = LARP_MAX_TEMPERATURE;
+  out[3] = LARP_MIN_TOP_P;
+  return 0;
+}
 
 const char* larp_last_error(void) { return g_error.c_str(); }
 

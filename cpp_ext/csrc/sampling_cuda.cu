@@ -56,6 +56,9 @@ int larp_sample_cuda(const larp_sample_args* args, void* stream) {
   for (const auto& q : req)
     if (!q.p) return fail(std::string(q.name) + " is NULL");
   if (!a.steps && !a.step_ptr && a.step < 0) return fail("step must be >= 0, got " + num(a.step));
+  // The per-row parameters (cfg_scale, temperature, top_k, top_p) are in device memory: reading them here would
+  // synchronise (and break CUDA-graph capture), so the kernel checks them against the bounds of sample_args.h and
+  // marks a row outside them with token LARP_TOKEN_BAD_PARAMS (the CPU kernel's host check refuses the same rows).
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const dim3 grid((unsigned)a.batch), block(larp_rt::cuda::kThreads);
   switch (a.dtype) {

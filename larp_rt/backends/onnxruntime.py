@@ -205,6 +205,7 @@ class OnnxRuntimeBackend(Backend):
 
     # sampling through the bundle's standard-ops graph -----------------------------------------
     def _graph_sampler(self, cond, uncond, params: RowParams, step: int, u=None) -> np.ndarray:
+        sampling.check_row_params(params, cond.shape[1])  # the graph cannot raise: the kernels' check, here
         logits = cond if uncond is None else np.concatenate([cond, uncond])
         if u is None:
             u = sampling.uniform(params.seed, params.stream, step)
@@ -441,10 +442,12 @@ class _OrtRunner(StepRunner):
             self.sample_step[: len(sample.steps)] = sample.steps
             try:
                 self.sess.run_with_iobinding(self.binding)
-            except Exception as e:  # the op's CPU kernel refuses non-finite logits with the reference's message
+            except Exception as e:  # the op's CPU kernel refuses a row (NaN/Inf logits, a parameter) like the reference
                 msg = str(e)
+                if "larp_rt.Sample:" in msg:
+                    raise ValueError(msg[msg.index("larp_rt.Sample:"):].strip()) from None
                 if "NaN/Inf" in msg:
-                    raise ValueError(msg[msg.index("larp_rt.Sample"):] if "larp_rt.Sample" in msg else msg) from None
+                    raise ValueError(msg) from None
                 raise
         else:
             self.sess.run_with_iobinding(self.binding)

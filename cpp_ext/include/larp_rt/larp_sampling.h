@@ -24,6 +24,9 @@ extern "C" {
  * which argument and how to fix it) or 2 for a CUDA runtime error (larp_cuda_last_error()). */
 LARP_API int larp_sampling_abi_version(void);
 LARP_API const char* larp_last_error(void);
+/* The parameter bounds of sample_args.h into out[4]: LARP_MAX_CFG_SCALE, LARP_MIN_TEMPERATURE, LARP_MAX_TEMPERATURE,
+ * LARP_MIN_TOP_P (what the kernels were built with; the tests compare them with larp_rt.sampling's). */
+LARP_API int larp_sample_bounds(float* out);
 
 /* ---- CPU (liblarp_sampling.so) ---- */
 /* Checks every argument (including the per-row parameters and the logits' finiteness), then samples. */
@@ -72,9 +75,10 @@ LARP_API int larp_packed_matmul_cpu(const float* x, const float* p, float* y, in
 LARP_API int larp_matmul_isa(void);
 
 /* ---- CUDA (liblarp_sampling_cuda.so, which also holds the CPU functions above; also inside the ORT custom-op library when built with CUDA) ---- */
-/* Host-side checks only (pointers, shapes, dtype); the per-row parameters live in device memory and are
- * clamped in the kernel (top_k to [0, V], top_p outside (0, 1) = off); rows with non-finite logits get
- * token -1 and logprob NaN. Enqueues on `stream` (cudaStream_t; NULL = legacy default stream); never
+/* Host-side checks only (pointers, shapes, dtype, the step): the per-row parameters live in device memory, where
+ * the host cannot read them without a synchronisation, so the kernel checks them against the bounds of
+ * sample_args.h: a row outside them gets token LARP_TOKEN_BAD_PARAMS (-2) and logprob NaN; rows with non-finite
+ * logits get LARP_TOKEN_NON_FINITE (-1) and logprob NaN. Enqueues on `stream` (cudaStream_t; NULL = legacy default stream); never
  * synchronises, so it can be captured in a CUDA graph (use step_ptr, or steps per row, for the step). */
 LARP_API int larp_sample_cuda(const larp_sample_args* args, void* stream);
 /* The number of CUDA devices this library can use (0 without a driver or device). */

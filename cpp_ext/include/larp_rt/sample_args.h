@@ -9,6 +9,20 @@
 extern "C" {
 #endif
 
+/* The bounds of the per-row parameters, as float32 (mirrored from larp_rt/sampling.py MAX_CFG_SCALE, MIN_TEMPERATURE,
+ * MAX_TEMPERATURE, MIN_TOP_P; tests/test_kernels.py checks that they agree through larp_sample_bounds()). Inside
+ * them the samplers' arithmetic stays finite and normal (see sampling.py); the CPU kernel refuses a row outside
+ * them (larp_last_error names it), the CUDA kernel marks it (token LARP_TOKEN_BAD_PARAMS, logprob NaN):
+ *   cfg_scale in [0, LARP_MAX_CFG_SCALE]; temperature 0 (greedy) or in [LARP_MIN_TEMPERATURE, LARP_MAX_TEMPERATURE];
+ *   top_p in [LARP_MIN_TOP_P, 1] (LARP_MIN_TOP_P = FLT_MIN, the smallest normal float32); top_k in [0, vocab]. */
+#define LARP_MAX_CFG_SCALE 1e4f
+#define LARP_MIN_TEMPERATURE 1e-4f
+#define LARP_MAX_TEMPERATURE 1e4f
+#define LARP_MIN_TOP_P 1.17549435e-38f
+/* the tokens a device kernel writes for a row it cannot sample (a host kernel raises instead) */
+#define LARP_TOKEN_NON_FINITE (-1) /* NaN/Inf logits */
+#define LARP_TOKEN_BAD_PARAMS (-2) /* a parameter outside the bounds above */
+
 /* One call samples one token for each of `batch` rows.
  *
  * cond:   [batch, >= vocab] logits (row stride ld_cond elements; 0 = one row shared by all) of the
@@ -18,7 +32,7 @@ extern "C" {
  * dtype:  0 float32, 1 float16, 2 bfloat16 (both inputs), upcast exactly to float32.
  * Per-row parameter arrays (length batch, same memory space as the logits):
  *   cfg_scale (float32), temperature (float32, 0 = greedy), top_k (int64, 0 = off, <= vocab),
- *   top_p (float32 in (0, 1], 1 = off), seed and stream (uint64; int64 bit patterns are fine).
+ *   top_p (float32, 1 = off), each within the bounds above, seed and stream (uint64; int64 bit patterns are fine).
  * step:   the Philox counter's high half; read from *step_ptr when step_ptr != NULL (device memory for the
  *         CUDA kernel, so a captured CUDA graph picks up the current step), else the `step` field.
  * steps:  [batch] int64 per-row steps (rows at different steps: continuous batching; same memory space as the

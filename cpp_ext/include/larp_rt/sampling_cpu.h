@@ -173,7 +173,7 @@ inline float topk_filter(const float* l, int64_t V, int64_t k, Workspace& ws, bo
 }
 
 // l[i] = guided logit of token i; returns false when an input is NaN/Inf (the whole null row is checked too,
-// as the reference checks every input). Branch-free bodies so that the compiler vectorises them.
+// as the reference checks every input) or the mix overflowed float32. Branch-free bodies so that the compiler vectorises them.
 inline bool check_row(const float* c, const float* u, int64_t V) {
   float acc = 0.0f;  // x - x is 0 for finite x and NaN otherwise
   for (int64_t i = 0; i < V; ++i) acc += c[i] - c[i];
@@ -194,10 +194,10 @@ inline bool guided_row(const float* c, const float* u, bool mix, float s, int64_
       l[i] = c[i];
       acc += (c[i] - c[i]) + (u[i] - u[i]);
     }
-  } else {
+  } else {  // a non-finite c or u makes l non-finite (s is finite): checking l also catches a float32 overflow
     for (int64_t i = 0; i < V; ++i) {
       l[i] = u[i] + (c[i] - u[i]) * s;
-      acc += (c[i] - c[i]) + (u[i] - u[i]);
+      acc += l[i] - l[i];
     }
   }
   return acc == 0.0f;
@@ -216,6 +216,7 @@ inline bool guided_row_16(const uint16_t* c, const uint16_t* u, bool mix, float 
       acc += v - v;
       if (mix) y = v + (x - v) * s;
     }
+    acc += y - y;  // the mix's own overflow
     l[i] = y;
   }
   return acc == 0.0f;
@@ -306,6 +307,15 @@ inline int sample_row(const larp_sample_args& a, int64_t r, uint64_t step, ExpBa
                  "%s_logits contain NaN/Inf (first at row %lld, token %lld): the model produced non-finite values; "
                  "check the weights and the precision (fp16 overflow?)",
                  bad_c ? "cond" : "uncond", (long long)r, (long long)i);
+        return 1;
+      }
+    }
+    for (int64_t i = 0; i < V; ++i) {  // finite inputs: the float32 mix overflowed
+      if (!isfinite(l[i])) {
+        snprintf(err, errlen,
+                 "guided logits contain NaN/Inf (first at row %lld, token %lld): cond and uncond are finite but "
+                 "uncond + (cond - uncond) * cfg_scale overflows float32; check the logits' scale or lower cfg_scale",
+                 (long long)r, (long long)i);
         return 1;
       }
     }

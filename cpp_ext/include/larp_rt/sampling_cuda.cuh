@@ -174,6 +174,23 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(larp_sample_args a) {
   row.mix = row.u != nullptr && row.s != 1.0f;
   const float T = a.temperature[r];
 
+  // ---- the row's parameters against the bounds of sample_args.h (the host cannot read device memory without a
+  // synchronisation, so the check is here; the CPU kernel's host check refuses the same rows): mark the row
+  {
+    const float p = a.top_p[r];
+    const long long k = (long long)a.top_k[r];
+    const bool ok = row.s >= 0.0f && row.s <= LARP_MAX_CFG_SCALE &&
+                    (T == 0.0f || (T >= LARP_MIN_TEMPERATURE && T <= LARP_MAX_TEMPERATURE)) && k >= 0 &&
+                    k <= (long long)V && p >= LARP_MIN_TOP_P && p <= 1.0f;  // NaN fails every comparison
+    if (!ok) {  // the same for every thread of the block: it leaves before any barrier
+      if (tid == 0) {
+        a.tokens[r] = LARP_TOKEN_BAD_PARAMS;
+        if (a.logprobs) a.logprobs[r] = __longlong_as_double(0x7FF8000000000000LL);
+      }
+      return;
+    }
+  }
+
   // ---- pass 1: max / argmax / finiteness
   unsigned long long best = 0;
   long long bad = 0;
@@ -181,18 +198,20 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(larp_sample_args a) {
     const float c = load<DT>(row.c, i);
     if (!isfinite(c)) bad = 1;
     if (row.u && !isfinite(load<DT>(row.u, i))) bad = 1;
-    best = max(best, composite(float_key(guided<DT>(row, i)), i));
+    const float g = guided<DT>(row, i);
+    if (!isfinite(g)) bad = 1;  // the float32 mix overflowed (finite inputs)
+    best = max(best, composite(float_key(g), i));
   }
   best = block_max_u64(best, sh);
   bad = block_sum_i64(bad, sh);
   if (bad) {  // the reference raises; a kernel cannot: mark the row
     if (tid == 0) {
-      a.tokens[r] = -1;
+      a.tokens[r] = LARP_TOKEN_NON_FINITE;
       if (a.logprobs) a.logprobs[r] = __longlong_as_double(0x7FF8000000000000LL);
     }
     return;
   }
-  if (!(T > 0.0f)) {  // greedy (temperature 0; negative/NaN treated as 0)
+  if (T == 0.0f) {  // greedy (temperature 0; other values below the bound were refused above)
     if (tid == 0) {
       a.tokens[r] = (int64_t)(0xFFFFFFFFu - (uint32_t)best);
       if (a.logprobs) a.logprobs[r] = 0.0;
@@ -204,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(larp_sample_args a) {
   const long long k = min((long long)a.top_k[r], (long long)V);
   const float p = a.top_p[r];
   const bool use_k = k > 0 && k < V;
-  const bool use_p = p > 0.0f && p < 1.0f;
+  const bool use_p = p < 1.0f;  // p >= LARP_MIN_TOP_P (checked above)
   auto weight = [&](float x) { return exp((double)x / Td - zmax); };
 
   // ---- top-k threshold: {key > Kk} U {key == Kk, i <= cutK}

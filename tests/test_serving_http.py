@@ -278,6 +278,14 @@ def test_bad_requests_get_their_4xx_beside_good_ones(main, ref, tmp_path):
         (dict(json={"class_ids": [1], "seed": "7"}), 400, "SamplingParams.seed must be"),
         (dict(json={"class_ids": [1], "seed": 2**64}), 400, "SamplingParams.seed must be"),
         (dict(json={}), 400, "class_ids is required"),
+        # finite in float64, not in the float32 kernels: refused with the bound, never a 500 for the whole step
+        (dict(json={"class_ids": [1], "cfg_scale": 3.5e38}), 400, "SamplingParams.cfg_scale must be a finite number "
+         "in [0, 10000]"),
+        (dict(json={"class_ids": [1], "cfg_scale": 1e308}), 400, "SamplingParams.cfg_scale must be"),
+        (dict(json={"class_ids": [1], "temperature": 1e308}), 400, "or in [0.0001, 10000]"),
+        (dict(json={"class_ids": [1], "temperature": 1e-5}), 400, "SamplingParams.temperature must be"),
+        (dict(json={"class_ids": [1], "top_p": 1e-300}), 400, "the smallest normal float32"),
+        (dict(json={"class_ids": [1], "top_p": 5e-324}), 400, "SamplingParams.top_p must be"),
         (dict(content=b"", headers={"content-type": "application/json"}), 400, "the request body is empty"),
         (dict(content=b"x" * (LIMIT + 1)), 413, "request body too large"),
     ]

@@ -106,11 +106,13 @@ def test_openapi_schema_and_offline_docs(server):
     assert gen["additionalProperties"] is False and gen["required"] == ["class_ids"]
     props = gen["properties"]
     top_p = next(x for x in props["top_p"]["anyOf"] if x.get("type") == "number")
-    assert top_p["exclusiveMinimum"] == 0 and top_p["maximum"] == 1
+    assert top_p["minimum"] == pytest.approx(1.1754943508222875e-38, rel=1e-12) and top_p["maximum"] == 1
+    cfg = next(x for x in props["cfg_scale"]["anyOf"] if x.get("type") == "number")
+    assert cfg["minimum"] == 0 and cfg["maximum"] == 1e4
     seed = next(x for x in props["seed"]["anyOf"] if x.get("type") == "integer")
     assert seed["minimum"] == 0 and seed["maximum"] == 2**64 - 1
     assert props["class_ids"]["minItems"] == 1 and "SamplingParams.top_p" not in props["top_p"]["description"]
-    assert "in (0, 1]" in props["top_p"]["description"]
+    assert "the smallest normal float32" in props["top_p"]["description"]
     # the multipart and two-content-type bodies are described too
     pred = paths["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     pred = comp[pred["$ref"].rsplit("/", 1)[1]] if "$ref" in pred else pred

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-from ..sampling import MAX_SEED
+from ..sampling import MAX_CFG_SCALE, MAX_SEED, MAX_TEMPERATURE, MIN_TOP_P, PARAM_RULES
 
 __all__ = [
     "RULES", "DecodeFormat", "MAX_CLASS_IDS", "MIN_FPS", "MAX_TOKEN_ROWS", "MAX_FPS", "MAX_SCALE", "MAX_UPLOADS",
@@ -37,10 +37,10 @@ DecodeFormat = Literal["mp4", "gif", "npy"]
 RULES: dict[str, tuple[str, str]] = {
     "class_ids": ("class_ids", f"a non-empty list of at most {MAX_CLASS_IDS} ints, e.g. [0, 3]"),
     "class_ids[]": ("class_ids[{i}]", "an int"),
-    "cfg_scale": ("SamplingParams.cfg_scale", "a finite number >= 0 (1.0 = no guidance)"),
-    "temperature": ("SamplingParams.temperature", "a finite number >= 0 (0 = greedy)"),
+    "cfg_scale": ("SamplingParams.cfg_scale", PARAM_RULES["cfg_scale"]),
+    "temperature": ("SamplingParams.temperature", PARAM_RULES["temperature"]),
     "top_k": ("SamplingParams.top_k", "an int >= 0 (0 = off)"),
-    "top_p": ("SamplingParams.top_p", "in (0, 1] (1.0 = off)"),
+    "top_p": ("SamplingParams.top_p", PARAM_RULES["top_p"]),
     "seed": ("SamplingParams.seed", f"None or an int in [0, {MAX_SEED}]"),
     "format": ("format", "one of {choices}"),
     "stream": ("stream", "true or false"),
@@ -66,10 +66,10 @@ class _Body(BaseModel):
 
 
 class _Sampling(_Body):
-    temperature: float | None = _field("temperature", ge=0.0, description="Softmax temperature; unset: the "
-                                       "bundle's default.")
+    temperature: float | None = _field("temperature", ge=0.0, le=MAX_TEMPERATURE,
+                                       description="Softmax temperature; unset: the bundle's default.")
     top_k: StrictInt | None = _field("top_k", ge=0, description="Keep the k most likely tokens; unset: default.")
-    top_p: float | None = _field("top_p", gt=0.0, le=1.0, description="Nucleus mass; unset: default.")
+    top_p: float | None = _field("top_p", ge=MIN_TOP_P, le=1.0, description="Nucleus mass; unset: default.")
     seed: StrictInt | None = _field("seed", ge=0, le=MAX_SEED, description="The request's Philox seed; unset: "
                                     "the server draws one and returns it.")
 
@@ -79,7 +79,8 @@ class GenerateRequest(_Sampling):
 
     class_ids: list[StrictInt] = _field("class_ids", ..., min_length=1, max_length=MAX_CLASS_IDS,
                                         description="Class ids in [0, num_classes).")
-    cfg_scale: float | None = _field("cfg_scale", ge=0.0, description="Classifier-free guidance; unset: default.")
+    cfg_scale: float | None = _field("cfg_scale", ge=0.0, le=MAX_CFG_SCALE,
+                                     description="Classifier-free guidance; unset: default.")
     format: Literal["json", "mp4", "gif"] = _field("format", "json", description="json: the tokens; mp4 / gif: "
                                                    "the decoded videos tiled in one clip.")
     stream: StrictBool = _field("stream", False, description="Server-sent events: accepted, progress per token, "
@@ -125,9 +126,9 @@ class PredictForm(_Form):
     file: UploadFile = _field("file", ..., description="The conditioning video; its first num_cond_frames frames "
                               "are used, fitted to the model's frame size.")
     num_cond_frames: int = _field("num_cond_frames", 5, ge=1)
-    temperature: float | None = _field("temperature", ge=0.0)
+    temperature: float | None = _field("temperature", ge=0.0, le=MAX_TEMPERATURE)
     top_k: int | None = _field("top_k", ge=0)
-    top_p: float | None = _field("top_p", gt=0.0, le=1.0)
+    top_p: float | None = _field("top_p", ge=MIN_TOP_P, le=1.0)
     seed: int | None = _field("seed", ge=0, le=MAX_SEED)
     stochastic_cond: bool = _field("stochastic_cond", False, description="Encode the conditioning frames with "
                                    "the authors' stochastic SVQ (seeded by cond_seed) instead of argmax.")

@@ -30,9 +30,10 @@ sampled every 0.1 s): ``larp_scheduler_queue_depth``, ``larp_scheduler_active_re
 (counter), labelled by model and instance.
 
 Hooks (tests, diagnostics): the config parameter ``hooks`` names a Python file; its ``hook(event, model=...,
-**info)`` is called at "step" (on the scheduler thread after each decode step; ``stats``: the scheduler's stats
-function), "send" (on a sender thread before each stream response; ``request_id``, ``kind``) and "run" (before an
-encode / decode Engine call; ``inputs``: the arrays). Nothing is called without it.
+**info)`` is called at "execute" (larp_generate; ``requests``: how many), "step" (on the scheduler thread after
+each decode step; ``stats``: the scheduler's stats function), "send" (on a sender thread before each stream
+response; ``request_id``, ``kind``) and "run" (before an encode / decode Engine call; ``inputs``: the arrays).
+Nothing is called without it.
 """
 
 from __future__ import annotations
@@ -275,9 +276,14 @@ class Generate(_Model):
         subs = []
         try:
             for c, p in zip(ids, params, strict=True):
-                subs.append(self.scheduler.submit(int(c), p, on_step=on_step))
+                try:
+                    subs.append(self.scheduler.submit(int(c), p, on_step=on_step))
+                except ValueError as e:
+                    if len(ids) == 1:
+                        raise
+                    raise ValueError(f"CLASS_ID row {len(subs)}: {str(e).removeprefix('params[0]: ')}") from None
         except BaseException:
-            for s in subs:
+            for s in subs:  # withdrawn: the loop drops them at its next step boundary
                 s.cancel()
             raise
         return subs
@@ -296,6 +302,7 @@ class Generate(_Model):
         return _error("generation failed", INTERNAL)
 
     def execute(self, requests):
+        self._call("execute", requests=len(requests))
         responses: list = [None] * len(requests)
         jobs: dict[int, list] = {}
         wake = threading.Event()

@@ -5,8 +5,11 @@ always run. One server for the module, stopped in a finally (SIGINT, then SIGKIL
 """
 
 import dataclasses
+import json
 import os
 import re
+import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -278,3 +281,289 @@ def test_server_stops(bundles, tmp_path):
     srv.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+# -- isolation: the models in process, over a stand-in for the stub's triton_python_backend_utils ---------------
+# What the server tests below cannot make deterministic (a full queue, a batch of exactly these requests, a
+# response sender that blocks or fails) runs here against the real Engine and Scheduler; the server tests check
+# the same behaviour end to end through tritonserver.
+
+HOOKS = r'''
+"""Test hooks for larp_rt.triton.models (its "hooks" parameter); driven by CTL/config.json, logging to log.jsonl."""
+import json, os, threading, time
+
+CTL = os.path.dirname(os.path.abspath(__file__))
+_lock = threading.Lock()
+_gates = {}
+
+
+def _cfg():
+    try:
+        with open(os.path.join(CTL, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def log(**rec):
+    rec["t"] = time.time()
+    with _lock, open(os.path.join(CTL, "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _wait(cond, timeout=20.0):
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.005)
+    return bool(cond())
+
+
+def _go(name):
+    return lambda: os.path.exists(os.path.join(CTL, name + ".go"))
+
+
+def hook(event, model, **info):
+    cfg = _cfg()
+    if event == "step":
+        time.sleep(cfg.get("step_delay", {}).get(model, 0))
+        g = cfg.get("gate")  # hold the loop after the gate's `after`-th step with a request running
+        if g and g["model"] == model:
+            st = _gates.setdefault(g["id"], {"steps": 0, "done": False})
+            stats = info["stats"]()
+            if not st["done"] and stats["active_requests"]:
+                st["steps"] += 1
+                if st["steps"] == g["after"]:
+                    st["done"] = True
+                    log(event="paused", model=model, gate=g["id"], stats=stats)
+                    if "queued" in g:
+                        ok = _wait(lambda: info["stats"]()["queue_depth"] >= g["queued"])
+                    else:
+                        ok = _wait(_go(g["id"]))
+                    log(event="released", model=model, gate=g["id"], ok=ok, stats=info["stats"]())
+    elif event == "send":
+        log(event="send", model=model, rid=info["request_id"], kind=info["kind"],
+            thread=threading.current_thread().name)
+        time.sleep(cfg.get("slow_send", {}).get(info["request_id"], 0))
+    elif event == "execute":
+        log(event="execute", model=model, requests=info["requests"])
+    elif event == "run":
+        first = [int(x.reshape(len(x), -1)[i, 0]) for x in info["inputs"] for i in range(len(x))]
+        log(event="run", model=model, sizes=[len(x) for x in info["inputs"]], first=first)
+        h = cfg.get("hold_run")
+        if h and h["model"] == model and h["first"] in first:
+            _wait(_go(h["id"]))
+        f = cfg.get("fail_run")
+        if f and f["model"] == model and f["first"] in first:
+            raise RuntimeError("injected failure")
+'''
+
+
+class Ctl:
+    """The hooks file, its config.json and log.jsonl in one folder."""
+
+    def __init__(self, path):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "hooks.py").write_text(HOOKS)
+        self.set()
+
+    @property
+    def hooks(self) -> str:
+        return str(self.path / "hooks.py")
+
+    def set(self, **cfg) -> None:
+        tmp = self.path / "config.json.tmp"
+        tmp.write_text(json.dumps(cfg))
+        os.replace(tmp, self.path / "config.json")  # the hook never reads half a file
+
+    def go(self, gate: str) -> None:
+        (self.path / f"{gate}.go").write_text("")
+
+    def log(self) -> list[dict]:
+        try:
+            return [json.loads(line) for line in (self.path / "log.jsonl").read_text().splitlines()]
+        except FileNotFoundError:
+            return []
+
+    def clear(self) -> None:
+        self.set()
+        (self.path / "log.jsonl").unlink(missing_ok=True)
+
+
+def _wait_for(cond, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.01)
+
+
+class _PbError:
+    INVALID_ARG, INTERNAL, UNAVAILABLE, CANCELLED, UNKNOWN = "INVALID_ARG", "INTERNAL", "UNAVAILABLE", "CANCELLED", "?"
+
+    def __init__(self, msg, code="INTERNAL"):
+        self._msg, self._code = msg, code
+
+    def message(self):
+        return self._msg
+
+    def code(self):
+        return self._code
+
+
+class _PbResponse:
+    def __init__(self, output_tensors=(), error=None):
+        self.outputs, self.error = dict(output_tensors), error
+
+
+class _Req:
+    """A stand-in for pb_utils.InferenceRequest: its inputs, id, cancellation and response sender."""
+
+    def __init__(self, rid="", sender=None, cancelled=False, **inputs):
+        self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
+        self.rid, self.sender, self.cancelled = rid, sender, cancelled
+
+    def is_cancelled(self):
+        return self.cancelled
+
+    def request_id(self):
+        return self.rid
+
+    def get_response_sender(self):
+        return self.sender
+
+
+class _Sender:
+    """A response sender that records what it sends and from which thread; ``delay`` s per send (a slow client),
+    ``fail``: every send raises (a broken connection), ``gone_after``: is_cancelled() after that many sends."""
+
+    def __init__(self, delay=0.0, fail=False, gone_after=None):
+        self.delay, self.fail, self.gone_after = delay, fail, gone_after
+        self.sent, self.threads, self.polls = [], [], 0
+        self.finished = threading.Event()
+        self.t0 = time.monotonic()
+        self.t_final = None
+
+    def send(self, response=None, flags=0):
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("the client has gone")
+        self.sent.append((response, flags))
+        if flags:
+            self.t_final = time.monotonic() - self.t0
+            self.finished.set()
+
+    def is_cancelled(self):
+        self.polls += 1
+        return self.gone_after is not None and len(self.sent) >= self.gone_after
+
+    @property
+    def last(self):
+        return self.sent[-1][0]
+
+
+@pytest.fixture
+def pbm(monkeypatch):
+    """larp_rt.triton.models imported over a stand-in pb_utils; tensors are plain (name, array) pairs."""
+    import sys
+    import types
+
+    import larp_rt.triton
+
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.TritonError, fake.InferenceResponse = _PbError, _PbResponse
+    fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    fake.Logger = types.SimpleNamespace(log_warn=lambda msg: None)
+
+    def no_metrics(**kw):
+        raise NotImplementedError("no custom metrics here")
+
+    fake.MetricFamily = no_metrics
+    fake.MetricFamily.GAUGE = fake.MetricFamily.COUNTER = 0
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    monkeypatch.delitem(sys.modules, "larp_rt.triton.models", raising=False)
+    monkeypatch.setattr(larp_rt.triton, "models", None, raising=False)  # undone: the attribute goes again
+    import importlib
+
+    models = importlib.import_module("larp_rt.triton.models")
+    monkeypatch.setattr(models, "_out", lambda name, arr: (name, np.array(arr)))
+    monkeypatch.setattr(models, "_in", lambda req, name: req.inputs.get(name))
+    opened = []
+    yield models, opened
+    for m in opened:
+        m.finalize()
+    sys.modules.pop("larp_rt.triton.models", None)
+
+
+def _model(pbm, cls: str, bundle, ctl: Ctl | None = None, **params):
+    models, opened = pbm
+    p = {"bundle": str(bundle), "threads": "1", "scheduler_rows": "16", "cancel_poll_ms": "20", **params}
+    if ctl is not None:
+        p["hooks"] = ctl.hooks
+    m = getattr(models, cls)()
+    m.initialize({"model_config": json.dumps({"parameters": {k: {"string_value": str(v)} for k, v in p.items()}}),
+                  "model_name": cls.lower(), "model_instance_name": cls.lower() + "_0"})
+    opened.append(m)
+    return m
+
+
+def _gen_req(ids, **cols):
+    B = len(ids)
+    inputs = {"CLASS_ID": np.asarray(ids, np.int64).reshape(B, 1)}
+    for name, dtype in (("SEED", np.int64), ("TOP_K", np.int32), ("TOP_P", np.float32), ("CFG_SCALE", np.float32)):
+        if name in cols:
+            inputs[name] = np.broadcast_to(np.asarray(cols[name], dtype).reshape(-1), (B,)).reshape(B, 1)
+    return _Req(**inputs)
+
+
+def _want(ref, ids, seeds, **kw):
+    cols = {k: (v if isinstance(v, list) else [v] * len(ids)) for k, v in kw.items()}
+    return ref.generate(ids, [dataclasses.replace(ref.default_params, seed=s, **{k: v[i] for k, v in cols.items()})
+                              for i, s in enumerate(seeds)]).tokens
+
+
+def test_refused_row_withdraws_its_request(pbm, bundles, ref):
+    """A later row refused (a full queue: UNAVAILABLE; a bad parameter: INVALID_ARG naming the row) withdraws the
+    request's earlier rows; the request gets one error; the other requests of the batch are served."""
+    from larp_rt.serving import Scheduler
+
+    m = _model(pbm, "Generate", bundles[1])
+    m.scheduler.stop(drain=False)
+    m.scheduler = Scheduler(m.engine, max_batch=4, max_queue=2)  # not started: its queue fills, deterministically
+    [resp] = m.execute([_gen_req([0, 1, 2], SEED=[1, 2, 3])])
+    assert resp.error.code() == "UNAVAILABLE" and "queue is full" in resp.error.message()
+    assert m.scheduler.stats()["queue_depth"] == 2  # rows 0 and 1, withdrawn: dropped at the first boundary
+    m.scheduler.start()
+    _wait_for(lambda: m.scheduler.stats()["outcomes"].get("cancelled") == 2, 5, "the withdrawn rows cancelled")
+    s = m.scheduler.stats()
+    assert (s["queue_depth"], s["active_requests"], s["active_rows"], s["steps"]) == (0, 0, 0, 0)  # never ran
+
+    m.scheduler.stop(drain=False)
+    m.scheduler = Scheduler(m.engine, max_batch=16, max_queue=64).start()
+    good = _gen_req([0, 3], SEED=[4, 5], TOP_K=[0, 20])
+    bad = _gen_req([1, 2, 4], SEED=7, TOP_P=[0.9, 1.5, 0.9])
+    good2 = _gen_req([5], SEED=6, CFG_SCALE=1.25)
+    r1, r2, r3 = m.execute([good, bad, good2])
+    assert r2.error.code() == "INVALID_ARG" and "CLASS_ID row 1" in r2.error.message() and "top_p" in r2.error.message()
+    assert r1.error is None and r3.error is None
+    np.testing.assert_array_equal(r1.outputs["TOKENS"], _want(ref, [0, 3], [4, 5], top_k=[0, 20]))
+    np.testing.assert_array_equal(r3.outputs["TOKENS"], _want(ref, [5], [6], cfg_scale=1.25))
+    _wait_for(lambda: m.scheduler.stats()["active_rows"] == 0, 5, "every row freed")
+    s = m.scheduler.stats()
+    assert s["outcomes"] == {"ok": 3, "cancelled": 1} and s["queue_depth"] == 0
+
+
+def test_generate_client_cancel(pbm, bundles, tmp_path):
+    """A larp_generate request whose client cancelled it (request.is_cancelled()) has its rows cancelled."""
+    ctl = Ctl(tmp_path / "ctl")
+    ctl.set(step_delay={"generate": 0.005})  # 64 steps >= 0.3 s; the first poll is after 20 ms
+    m = _model(pbm, "Generate", bundles[1], ctl)
+    t0 = time.monotonic()
+    [resp] = m.execute([_Req(cancelled=True, CLASS_ID=np.array([[1], [2]], np.int64))])
+    assert resp.error.code() == "CANCELLED" and time.monotonic() - t0 < 0.25
+    _wait_for(lambda: m.scheduler.stats()["active_rows"] == 0, 5, "its rows freed")
+    assert m.scheduler.stats()["outcomes"] == {"cancelled": 2}

@@ -567,3 +567,49 @@ def test_generate_client_cancel(pbm, bundles, tmp_path):
     assert resp.error.code() == "CANCELLED" and time.monotonic() - t0 < 0.25
     _wait_for(lambda: m.scheduler.stats()["active_rows"] == 0, 5, "its rows freed")
     assert m.scheduler.stats()["outcomes"] == {"cancelled": 2}
+
+
+def _stream_req(c, seed, sender, rid="", **cols):
+    r = _gen_req([c], SEED=seed, **cols)
+    r.inputs = {k: v.reshape(-1) for k, v in r.inputs.items()}  # the stream model is unbatched
+    r.rid, r.sender = rid, sender
+    return r
+
+
+def test_stream_senders_in_process(pbm, bundles, ref, tmp_path):
+    """The loop thread never sends: a client that takes 0.15 s per response holds one sender thread, while another
+    stream finishes at the loop's pace; a client that has gone (is_cancelled) or whose send fails has its
+    request cancelled; every stream ends with exactly one final response."""
+    ctl = Ctl(tmp_path / "ctl")
+    ctl.set(step_delay={"generatestream": 0.004})  # 64 steps ~ 0.3 s
+    m = _model(pbm, "GenerateStream", bundles[1], ctl, stream_every=16)
+    slow, fast, gone, broken = _Sender(delay=0.15), _Sender(), _Sender(gone_after=1), _Sender(fail=True)
+    m.execute([_stream_req(2, 7, slow, "slow", CFG_SCALE=1.25), _stream_req(3, 8, fast, "fast", TOP_K=20),
+               _stream_req(4, 9, gone, "gone"), _stream_req(5, 10, broken, "broken")])
+    for s in (slow, fast, gone):
+        assert s.finished.wait(10)
+    _wait_for(lambda: m.scheduler.stats()["active_rows"] == 0, 5, "every row freed")
+    assert fast.t_final < slow.t_final - 0.3  # the slow client's 4 x 0.15 s of sends never held the loop
+    for s, c, seed, kw in ((slow, 2, 7, {"cfg_scale": 1.25}), (fast, 3, 8, {"top_k": 20})):
+        assert [f for _, f in s.sent] == [0, 0, 0, 1]
+        assert [int(r.outputs["STEP"][0]) for r, _ in s.sent] == [16, 32, 48, 64]
+        np.testing.assert_array_equal(s.last.outputs["TOKENS"].reshape(1, -1), _want(ref, [c], [seed], **kw))
+    assert gone.last.error.code() == "CANCELLED" and gone.sent[-1][1] == 1 and len(gone.sent) == 2
+    assert broken.threads and all(f == 0 for _, f in broken.sent)  # its one send failed; the final flag tried
+    threads = {t for s in (slow, fast, gone, broken) for t in s.threads}
+    assert threads and all(t.startswith("larp-rt-sender-") for t in threads), threads
+    assert m.scheduler.stats()["outcomes"] == {"ok": 2, "cancelled": 2}
+    assert m.senders.open_streams == 0
+
+
+def test_stream_refusals_in_process(pbm, bundles):
+    """Bad input answers at once with one final error response; nothing is left queued."""
+    m = _model(pbm, "GenerateStream", bundles[1])
+    two, bad = _Sender(), _Sender()
+    r = _Req(CLASS_ID=np.array([1, 2], np.int64), sender=two)
+    m.execute([r, _stream_req(1, 0, bad, TOP_P=1.5)])
+    for s in (two, bad):
+        assert s.finished.wait(5) and len(s.sent) == 1 and s.sent[0][1] == 1
+        assert s.last.error.code() == "INVALID_ARG"
+    assert "one CLASS_ID per request" in two.last.error.message() and "top_p" in bad.last.error.message()
+    assert m.scheduler.stats()["queue_depth"] == 0 and m.senders.open_streams == 0

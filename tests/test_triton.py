@@ -116,7 +116,12 @@ def server(bundles):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
     root, full, _ = bundles
     repo = write_repository(full, root / "repo", max_batch=8, threads=1, stream_every=16, printer=lambda s: None)
+    ctl = Ctl(root / "ctl")  # the isolation tests' hooks (no-ops until a test sets them)
+    for name in ("larp_generate", "larp_generate_stream", "larp_decode"):
+        with open(repo / name / "config.pbtxt", "a") as f:
+            f.write(f'parameters: {{ key: "hooks" value: {{ string_value: "{ctl.hooks}" }} }}\n')
     srv = LocalServer(repo)
+    srv.ctl = ctl
     try:
         srv.start(timeout=WAIT)
         yield srv
@@ -133,7 +138,8 @@ def ref(bundles):
 def http(server):
     from larp_rt.triton_client import TritonClient
 
-    return TritonClient(server.http_url, timeout=WAIT)
+    with TritonClient(server.http_url, timeout=WAIT) as c:  # closed: an open connection delays the server's exit
+        yield c
 
 
 def test_generate_equals_engine(server, http, ref):
@@ -602,6 +608,39 @@ def test_stream_senders_in_process(pbm, bundles, ref, tmp_path):
     assert m.senders.open_streams == 0
 
 
+def test_senders_never_wait_for_a_busy_one(pbm):
+    """_Senders alone: while one stream's send blocks (1 s), every event of another stream goes out at once (the
+    watcher's wake-ups never swallow a sender's)."""
+    models, _ = pbm
+    release, sent = threading.Event(), []
+
+    def send(s, event):
+        if s.rid == "slow":
+            release.wait(5)
+        sent.append((s.rid, event[1], time.monotonic()))
+        return event[0] == "final"
+
+    hub = models._Senders(send, workers=2, poll=0.02)
+    try:
+        slow, other = hub.open(_Sender(), "slow"), hub.open(_Sender(), "other")
+        hub.push(slow, ("partial", 0))
+        _wait_for(lambda: slow.busy, 2, "the slow send started")
+        for i in range(20):
+            t = time.monotonic()
+            hub.push(other, ("partial", i))
+            _wait_for(lambda n=i + 1: len(sent) == n, 2, f"event {i} sent")
+            assert sent[-1][2] - t < 0.2
+        hub.push(other, ("final", 99), final=True)
+        _wait_for(lambda: hub.open_streams == 1, 2, "the other stream closed")
+        release.set()
+        hub.push(slow, ("final", 1), final=True)
+        _wait_for(lambda: hub.open_streams == 0, 2, "the slow stream closed")
+        assert [x[1] for x in sent if x[0] == "slow"] == [0, 1]
+    finally:
+        release.set()
+        hub.stop()
+
+
 def test_stream_refusals_in_process(pbm, bundles):
     """Bad input answers at once with one final error response; nothing is left queued."""
     m = _model(pbm, "GenerateStream", bundles[1])
@@ -613,3 +652,220 @@ def test_stream_refusals_in_process(pbm, bundles):
         assert s.last.error.code() == "INVALID_ARG"
     assert "one CLASS_ID per request" in two.last.error.message() and "top_p" in bad.last.error.message()
     assert m.scheduler.stats()["queue_depth"] == 0 and m.senders.open_streams == 0
+
+
+def _marked(ref, first: int, seed: int) -> np.ndarray:
+    """One valid token row whose first token is ``first`` (the hooks' marker)."""
+    t = ref.generate([seed % 8], SamplingParams(seed=seed)).tokens.copy()
+    t[0, 0] = first
+    return t
+
+
+def test_tokenizer_batch_in_process(pbm, bundles, ref, tmp_path):
+    """One batch of decode requests: a bad one gets INVALID_ARG with its message, an input the Engine fails on
+    (injected) INTERNAL, and the good ones the Engine's frames; the valid ones ran as one call first."""
+    from larp_rt.triton.frames import to_frames
+
+    ctl = Ctl(tmp_path / "ctl")
+    ctl.set(fail_run={"model": "decode", "first": 777})
+    m = _model(pbm, "Decode", bundles[1], ctl)
+    good, good2, poisoned = _marked(ref, 1, 1), _marked(ref, 2, 2), _marked(ref, 777, 3)
+    bad = np.full((1, 64), 5000, np.int64)
+    out = m.execute([_Req(TOKENS=good), _Req(TOKENS=bad), _Req(TOKENS=poisoned), _Req(TOKENS=good2)])
+    assert out[1].error.code() == "INVALID_ARG" and "tokens must be in [0, 1023]" in out[1].error.message()
+    assert out[2].error.code() == "INTERNAL" and "injected failure" in out[2].error.message()
+    for r, t in ((out[0], good), (out[3], good2)):
+        assert r.error is None
+        np.testing.assert_array_equal(r.outputs["FRAMES"], to_frames(ref.decode(t)))
+    assert [e["first"] for e in ctl.log() if e["event"] == "run"] == [[1, 777, 2], [1], [777], [2]]
+    ctl.set()
+    both = m.execute([_Req(TOKENS=good), _Req(TOKENS=good2)])  # no failure: one joint call, split back
+    np.testing.assert_array_equal(both[1].outputs["FRAMES"], to_frames(ref.decode(good2)))
+    assert ctl.log()[-1]["sizes"] == [1, 1]
+
+
+# -- isolation through the real server -------------------------------------------------------------------------
+@pytest.fixture
+def ctl(server):
+    server.ctl.clear()
+    yield server.ctl
+    server.ctl.clear()
+
+
+def _scrape(server) -> list[tuple[str, dict, float]]:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    out = []
+    for name, labels, v in re.findall(r'^(\w+)\{([^}]*)\} (\S+)$', text, re.M):
+        out.append((name, dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(v)))
+    return out
+
+
+def _metric(server, name: str, model: str, **labels) -> float:
+    """A metric of ``model`` summed over the labels not given (0 when absent)."""
+    return sum(v for n, lab, v in _scrape(server)
+               if n == name and lab.get("model") == model and all(lab.get(k) == w for k, w in labels.items()))
+
+
+def _idle(server, model: str) -> bool:
+    return all(_metric(server, f"larp_scheduler_{k}", model) == 0 for k in ("queue_depth", "active_requests",
+                                                                              "active_rows"))
+
+
+def _events(ctl, event: str, **match) -> list[dict]:
+    return [e for e in ctl.log() if e["event"] == event and all(e.get(k) == v for k, v in match.items())]
+
+
+def _call(fn, *a, **kw):
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return fn(*a, **kw)
+    except InferenceServerException as e:
+        return e
+
+
+def test_server_refused_row(server, ref, ctl):
+    """larp_generate: a request whose last row is refused (TOP_P 1.5) gets one 400 naming the row; its earlier rows
+    are cancelled (not left running), and the request batched with it (same execute) gets the Engine's tokens."""
+    from tritonclient.utils import InferenceServerException
+
+    from larp_rt.triton_client import TritonClient
+
+    def gen(ids, **kw):
+        with TritonClient(server.http_url, timeout=WAIT) as c:
+            return _call(c.generate, ids, **kw)
+
+    cancelled = _metric(server, "larp_scheduler_requests_total", "larp_generate", outcome="cancelled")
+    ctl.set(gate={"model": "larp_generate", "id": "refused", "after": 2})  # holds the instance: a batch queues
+    with ThreadPoolExecutor(3) as ex:
+        blocker = ex.submit(gen, [6], seed=30)
+        _wait_for(lambda: _events(ctl, "paused", gate="refused"), WAIT, "the gate")
+        # the same optional inputs in both: Triton batches only requests that give the same ones
+        bad = ex.submit(gen, [0, 1, 2], seed=[1, 2, 3], top_k=0, top_p=[0.9, 0.9, 1.5])
+        good = ex.submit(gen, [3, 4], seed=[5, 6], top_k=[0, 20], top_p=[1.0, 0.9])
+        _wait_for(lambda: _metric(server, "nv_inference_pending_request_count", "larp_generate") == 2, WAIT,
+                  "both requests queued in Triton")
+        ctl.go("refused")
+        blocker, bad, good = blocker.result(WAIT), bad.result(WAIT), good.result(WAIT)
+    assert isinstance(bad, InferenceServerException)
+    assert re.search(r"\[400\] CLASS_ID row 2: .*top_p must be in \(0, 1\]", str(bad)), str(bad)
+    np.testing.assert_array_equal(good.tokens, _want(ref, [3, 4], [5, 6], top_k=[0, 20], top_p=[1.0, 0.9]))
+    np.testing.assert_array_equal(blocker.tokens, _want(ref, [6], [30]))
+    assert [e["requests"] for e in _events(ctl, "execute")] == [1, 2]  # bad and good shared one execute
+    _wait_for(lambda: _metric(server, "larp_scheduler_requests_total", "larp_generate", outcome="cancelled")
+              == cancelled + 2, 5, "rows 0 and 1 of the refused request cancelled")
+    _wait_for(lambda: _idle(server, "larp_generate"), 5, "nothing queued or running")
+
+
+def test_server_stream_disconnect(server, ref, ctl):
+    """A stream client that leaves mid-stream has its request cancelled within a bounded time (the rows freed, the
+    request closed); a concurrent stream still gets every token, equal to Engine.generate."""
+    from larp_rt.triton_client import TritonClient
+
+    ctl.set(step_delay={"larp_generate_stream": 0.02})  # 64 steps >= 1.3 s
+    cancelled = _metric(server, "larp_scheduler_requests_total", "larp_generate_stream", outcome="cancelled")
+    with TritonClient(server.grpc_url, protocol="grpc") as g1, TritonClient(server.grpc_url, protocol="grpc") as g2, \
+            ThreadPoolExecutor(1) as ex:
+        stays = ex.submit(lambda: list(g2.generate_stream(2, seed=7, cfg_scale=1.25, request_id="stays")))
+        leaves = g1.generate_stream(3, seed=5, top_k=20, request_id="leaves")
+        assert next(leaves).step == 16
+        t0 = time.monotonic()
+        leaves.close()  # stop_stream(cancel_requests=True): the gRPC stream is cancelled
+        _wait_for(lambda: _metric(server, "larp_scheduler_requests_total", "larp_generate_stream",
+                                  outcome="cancelled") == cancelled + 1, 10, "the departed client's request cancelled")
+        dt = time.monotonic() - t0
+        events = stays.result(WAIT)
+    assert dt < 3.0, dt  # ~0.1-0.3 s: one poll of is_cancelled(), one step boundary, one metrics sample
+    assert [e.step for e in events] == [16, 32, 48, 64]
+    np.testing.assert_array_equal(events[-1].tokens, _want(ref, [2], [7], cfg_scale=1.25))
+    kinds = [e["kind"] for e in _events(ctl, "send", rid="leaves")]
+    assert kinds[-1] == "error" and "final" not in kinds and len(kinds) <= 3, kinds
+    _wait_for(lambda: _idle(server, "larp_generate_stream")
+              and _metric(server, "larp_stream_open", "larp_generate_stream") == 0, 5, "no row or stream left")
+
+
+def test_server_slow_receiver(server, ref, ctl):
+    """A receiver that takes 0.5 s per response (its sender sleeps in the hook; its reader sleeps too) does not
+    stall another stream: that one completes in a fraction of the slow one's time; no response is ever sent from
+    the scheduler thread."""
+    from larp_rt.triton_client import TritonClient
+
+    ctl.set(slow_send={"slow": 0.5})
+
+    def slow():
+        out = []
+        with TritonClient(server.grpc_url, protocol="grpc") as g:
+            for ev in g.generate_stream(1, seed=3, top_k=5, request_id="slow"):
+                out.append(ev)
+                time.sleep(0.1)
+        return out
+
+    with ThreadPoolExecutor(1) as ex, TritonClient(server.grpc_url, protocol="grpc") as g:
+        t_slow = time.monotonic()
+        fut = ex.submit(slow)
+        _wait_for(lambda: _events(ctl, "send", rid="slow"), WAIT, "the slow stream sending")
+        t0 = time.monotonic()
+        fast = list(g.generate_stream(4, seed=11, temperature=0.7, request_id="fast"))
+        t_fast = time.monotonic() - t0
+        slow_events = fut.result(WAIT)
+        t_slow = time.monotonic() - t_slow
+    assert t_slow >= 2.0 and t_fast < 1.0 and t_fast < t_slow / 2, (t_fast, t_slow)  # 4 x 0.5 s; ~0.1 s
+    np.testing.assert_array_equal(fast[-1].tokens, _want(ref, [4], [11], temperature=0.7))
+    np.testing.assert_array_equal(slow_events[-1].tokens, _want(ref, [1], [3], top_k=5))
+    assert [e.step for e in slow_events] == [16, 32, 48, 64]
+    threads = {e["thread"] for e in _events(ctl, "send")}
+    assert threads and all(t.startswith("larp-rt-sender-") for t in threads), threads
+
+
+def test_server_stream_join_mid_run(server, ref, ctl):
+    """A stream admitted at a known step of another (the gate holds the loop after A's 20th step until B waits),
+    each with its own TOP_K / temperature: both equal Engine.generate alone."""
+    from larp_rt.triton_client import TritonClient
+
+    ctl.set(gate={"model": "larp_generate_stream", "id": "join", "after": 20, "queued": 1})
+    with TritonClient(server.grpc_url, protocol="grpc") as ga, TritonClient(server.grpc_url, protocol="grpc") as gb, \
+            ThreadPoolExecutor(1) as ex:
+        a = ex.submit(lambda: list(ga.generate_stream(1, seed=21, top_k=3, request_id="a")))
+        _wait_for(lambda: _events(ctl, "paused", gate="join"), WAIT, "A at its 20th step")
+        b = list(gb.generate_stream(6, seed=22, top_k=50, temperature=0.8, request_id="b"))
+        a = a.result(WAIT)
+    [paused], [released] = _events(ctl, "paused", gate="join"), _events(ctl, "released", gate="join")
+    assert paused["stats"]["active_requests"] == 1 and released["ok"] and released["stats"]["queue_depth"] == 1
+    np.testing.assert_array_equal(a[-1].tokens, _want(ref, [1], [21], top_k=3))
+    np.testing.assert_array_equal(b[-1].tokens, _want(ref, [6], [22], top_k=50, temperature=0.8))
+
+
+def test_server_decode_batch(server, ref, ctl):
+    """One Triton batch of larp_decode requests (held until all four queue): the bad one gets 400 with its message,
+    the one the Engine fails on (injected) 500, the good ones the Engine's frames."""
+    from tritonclient.utils import InferenceServerException
+
+    from larp_rt.triton.frames import to_frames
+    from larp_rt.triton_client import TritonClient
+
+    ctl.set(hold_run={"model": "larp_decode", "id": "dec", "first": 999},
+            fail_run={"model": "larp_decode", "first": 777})
+
+    def dec(t):
+        with TritonClient(server.http_url, timeout=WAIT) as c:
+            return _call(c.decode, t)
+
+    good, good2, poisoned, holder = (_marked(ref, 1, 1), _marked(ref, 2, 2), _marked(ref, 777, 3),
+                                     _marked(ref, 999, 4))
+    bad = np.full((1, 64), 5000, np.int64)
+    with ThreadPoolExecutor(5) as ex:
+        hold = ex.submit(dec, holder)
+        _wait_for(lambda: _events(ctl, "run", model="larp_decode"), WAIT, "the holding request running")
+        futs = [ex.submit(dec, t) for t in (good, bad, poisoned, good2)]
+        _wait_for(lambda: _metric(server, "nv_inference_pending_request_count", "larp_decode") == 4, WAIT,
+                  "four requests queued in Triton")
+        ctl.go("dec")
+        out = [f.result(WAIT) for f in futs]
+        hold.result(WAIT)
+    assert isinstance(out[1], InferenceServerException) and "[400] tokens must be in [0, 1023]" in str(out[1])
+    assert isinstance(out[2], InferenceServerException) and re.search(r"\[500\].*injected failure", str(out[2]))
+    np.testing.assert_array_equal(out[0], to_frames(ref.decode(good)))
+    np.testing.assert_array_equal(out[3], to_frames(ref.decode(good2)))
+    runs = [sorted(e["first"]) for e in _events(ctl, "run", model="larp_decode")]
+    assert runs[:2] == [[999], [1, 2, 777]] and sorted(runs[2:]) == [[1], [2], [777]], runs  # joint, then alone

@@ -384,6 +384,7 @@ class _Senders:
         self._ready: collections.deque[_Stream] = collections.deque()
         self._open: set[_Stream] = set()
         self._stop = False
+        self._stopping = threading.Event()
         self._threads = [threading.Thread(target=self._work, name=f"larp-rt-sender-{i}", daemon=True)
                          for i in range(workers)]
         self._threads.append(threading.Thread(target=self._watch, name="larp-rt-watcher", daemon=True))
@@ -496,15 +497,14 @@ class _Senders:
                 if _cancelled(s.sender):
                     self.cancel(s, "the client cancelled the request")
                 self._release(s, False)
-            with self._cv:
-                if not self._stop:
-                    self._cv.wait(self.poll / 2)
+            self._stopping.wait(self.poll / 2)  # not on the condition: its notify() is for the senders
 
     def stop(self, timeout: float = 5.0) -> None:
         """Send what is queued (the finals of the cancelled requests), then end the threads."""
         with self._cv:
             self._stop = True
             self._cv.notify_all()
+        self._stopping.set()
         end = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, end - time.monotonic()))

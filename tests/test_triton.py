@@ -227,7 +227,7 @@ def test_concurrent_videos(server, ref):
         got = list(ex.map(one, cases))
     for c, g in zip(cases, got, strict=True):
         if c == 99:
-            assert isinstance(g, InferenceServerException) and "class_ids must be in [0, 7]" in str(g)
+            assert isinstance(g, InferenceServerException) and "[400] class_ids must be in [0, 7]" in str(g)
             continue
         p = dataclasses.replace(ref.default_params, seed=20 + c, **({"temperature": 0.5} if c % 2 else {}))
         np.testing.assert_array_equal(g, ref.generate([c], [p]).tokens)

@@ -21,8 +21,8 @@ Isolation: what one request (or its client) may do to the others.
 * ``larp_encode`` / ``larp_decode``: each request is validated on its own (INVALID_ARG with its message); the
   valid ones run as one Engine call; when that joint call fails each valid request runs alone, so a failure is
   the error of the requests it hits only (INTERNAL; INVALID_ARG when the Engine refused that input).
-* ``larp_video``: as before, a failed joint BLS request falls back to one per request; the error code of the
-  inner model's response is kept.
+* ``larp_video``: a failed joint BLS request falls back to one per request, so an error is that request's
+  only; the inner response's error code is kept where the stub keeps it (2.51 does not: see ``Video._check``).
 
 Metrics: the generate models put their scheduler into Triton's /metrics (the python backend's custom metrics,
 sampled every 0.1 s): ``larp_scheduler_queue_depth``, ``larp_scheduler_active_requests``,
@@ -692,24 +692,27 @@ class Video(_Model):
         return out
 
     @staticmethod
-    def _check(resp) -> None:
+    def _check(resp, default) -> None:
+        """Raise the inner response's error. Triton 2.51's stub hands BLS errors back as INTERNAL whatever their
+        code, so INTERNAL reads as unknown: ``default`` then (larp_generate: INVALID_ARG, its errors are mostly
+        the caller's input; larp_decode: INTERNAL, its input is ours)."""
         if resp.has_error():
             err = resp.error()
             try:
                 code = err.code()
             except Exception:
                 code = INTERNAL
-            raise _Failed(err.message(), code)
+            raise _Failed(err.message(), default if code == INTERNAL else code)
 
     def _run(self, inputs):
         gen = pb_utils.InferenceRequest(model_name="larp_generate", inputs=inputs,
                                         requested_output_names=["TOKENS", "SEED"]).exec()
-        self._check(gen)
+        self._check(gen, INVALID_ARG)
         tokens = np.array(np.from_dlpack(pb_utils.get_output_tensor_by_name(gen, "TOKENS")))
         seeds = np.array(np.from_dlpack(pb_utils.get_output_tensor_by_name(gen, "SEED")))
         dec = pb_utils.InferenceRequest(model_name="larp_decode", inputs=[_out("TOKENS", tokens)],
                                         requested_output_names=["FRAMES"]).exec()
-        self._check(dec)
+        self._check(dec, INTERNAL)
         frames = np.array(np.from_dlpack(pb_utils.get_output_tensor_by_name(dec, "FRAMES")))
         return frames, tokens, seeds
 

@@ -131,29 +131,36 @@ class TritonClient:
         return self.infer(model, {"TOKENS": np.asarray(tokens)}, ["FRAMES"])["FRAMES"]
 
     def generate_stream(self, class_id: int, *, seed=None, cfg_scale=None, temperature=None, top_k=None, top_p=None,
-                        model: str = "larp_generate_stream", timeout: float = 600.0) -> Iterator[StreamEvent]:
-        """gRPC only (Triton streams decoupled models over gRPC): progress events, the last with the tokens."""
+                        model: str = "larp_generate_stream", timeout: float = 600.0,
+                        request_id: str = "") -> Iterator[StreamEvent]:
+        """gRPC only (Triton streams decoupled models over gRPC): progress events, the last with the tokens.
+
+        Closing the generator before its last event (``break``, an error) cancels the request: the server stops
+        its generation and frees its rows."""
         if self.protocol != "grpc":
             raise ValueError("generate_stream needs protocol='grpc' (decoupled models stream over gRPC only)")
         cols = self._sampling([class_id], seed, cfg_scale, temperature, top_k, top_p)
         inputs = [self._input(k, v.reshape(-1)) for k, v in cols.items()]  # the stream model is unbatched
         q: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: q.put((result, error)))
+        finished = False
         try:
-            self.client.async_stream_infer(model, inputs)
+            self.client.async_stream_infer(model, inputs, request_id=request_id)
             while True:
                 result, error = q.get(timeout=timeout)
                 if error is not None:
+                    finished = True  # an error response is the last one
                     raise error
                 tokens = result.as_numpy("TOKENS")
                 step, total = int(result.as_numpy("STEP")[0]), int(result.as_numpy("TOTAL")[0])
                 token = int(result.as_numpy("TOKEN")[0])
                 if tokens is not None:
+                    finished = True
                     yield StreamEvent(step, total, token, tokens.reshape(1, -1), int(result.as_numpy("SEED")[0]))
                     return
                 yield StreamEvent(step, total, token)
         finally:
-            self.client.stop_stream()
+            self.client.stop_stream(cancel_requests=not finished)
 
     def ready(self, model: str | None = None) -> bool:
         return self.client.is_model_ready(model) if model else self.client.is_server_ready()

@@ -5,8 +5,11 @@ always run. One server for the module, stopped in a finally (SIGINT, then SIGKIL
 """
 
 import dataclasses
+import json
 import os
 import re
+import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -113,7 +116,15 @@ def server(bundles):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
     root, full, _ = bundles
     repo = write_repository(full, root / "repo", max_batch=8, threads=1, stream_every=16, printer=lambda s: None)
+    ctl = Ctl(root / "ctl")  # the isolation tests' hooks (no-ops until a test sets them)
+    for name in ("larp_generate", "larp_generate_stream", "larp_decode"):
+        cfg = (repo / name / "config.pbtxt").read_text()
+        if name != "larp_generate_stream":  # a 0.1 s batching window: the isolation tests' batches form surely
+            cfg = cfg.replace("max_queue_delay_microseconds: 1000\n", "max_queue_delay_microseconds: 100000\n")
+        cfg += f'parameters: {{ key: "hooks" value: {{ string_value: "{ctl.hooks}" }} }}\n'
+        (repo / name / "config.pbtxt").write_text(cfg)
     srv = LocalServer(repo)
+    srv.ctl = ctl
     try:
         srv.start(timeout=WAIT)
         yield srv
@@ -130,7 +141,8 @@ def ref(bundles):
 def http(server):
     from larp_rt.triton_client import TritonClient
 
-    return TritonClient(server.http_url, timeout=WAIT)
+    with TritonClient(server.http_url, timeout=WAIT) as c:  # closed: an open connection delays the server's exit
+        yield c
 
 
 def test_generate_equals_engine(server, http, ref):
@@ -215,7 +227,7 @@ def test_concurrent_videos(server, ref):
         got = list(ex.map(one, cases))
     for c, g in zip(cases, got, strict=True):
         if c == 99:
-            assert isinstance(g, InferenceServerException) and "class_ids must be in [0, 7]" in str(g)
+            assert isinstance(g, InferenceServerException) and "[400] class_ids must be in [0, 7]" in str(g)
             continue
         p = dataclasses.replace(ref.default_params, seed=20 + c, **({"temperature": 0.5} if c % 2 else {}))
         np.testing.assert_array_equal(g, ref.generate([c], [p]).tokens)
@@ -278,3 +290,585 @@ def test_server_stops(bundles, tmp_path):
     srv.close()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+# -- isolation: the models in process, over a stand-in for the stub's triton_python_backend_utils ---------------
+# What the server tests below cannot make deterministic (a full queue, a batch of exactly these requests, a
+# response sender that blocks or fails) runs here against the real Engine and Scheduler; the server tests check
+# the same behaviour end to end through tritonserver.
+
+HOOKS = r'''
+"""Test hooks for larp_rt.triton.models (its "hooks" parameter); driven by CTL/config.json, logging to log.jsonl."""
+import json, os, threading, time
+
+CTL = os.path.dirname(os.path.abspath(__file__))
+_lock = threading.Lock()
+_gates = {}
+
+
+def _cfg():
+    try:
+        with open(os.path.join(CTL, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def log(**rec):
+    rec["t"] = time.time()
+    with _lock, open(os.path.join(CTL, "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _wait(cond, timeout=20.0):
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.005)
+    return bool(cond())
+
+
+def _go(name):
+    return lambda: os.path.exists(os.path.join(CTL, name + ".go"))
+
+
+def hook(event, model, **info):
+    cfg = _cfg()
+    if event == "step":
+        time.sleep(cfg.get("step_delay", {}).get(model, 0))
+        g = cfg.get("gate")  # hold the loop after the gate's `after`-th step with a request running
+        if g and g["model"] == model:
+            st = _gates.setdefault(g["id"], {"steps": 0, "done": False})
+            stats = info["stats"]()
+            if not st["done"] and stats["active_requests"]:
+                st["steps"] += 1
+                if st["steps"] == g["after"]:
+                    st["done"] = True
+                    log(event="paused", model=model, gate=g["id"], stats=stats)
+                    if "queued" in g:
+                        ok = _wait(lambda: info["stats"]()["queue_depth"] >= g["queued"])
+                    else:
+                        ok = _wait(_go(g["id"]))
+                    log(event="released", model=model, gate=g["id"], ok=ok, stats=info["stats"]())
+    elif event == "send":
+        log(event="send", model=model, rid=info["request_id"], kind=info["kind"],
+            thread=threading.current_thread().name)
+        time.sleep(cfg.get("slow_send", {}).get(info["request_id"], 0))
+    elif event == "execute":
+        log(event="execute", model=model, requests=info["requests"])
+    elif event == "run":
+        first = [int(x.reshape(len(x), -1)[i, 0]) for x in info["inputs"] for i in range(len(x))]
+        log(event="run", model=model, sizes=[len(x) for x in info["inputs"]], first=first)
+        h = cfg.get("hold_run")
+        if h and h["model"] == model and h["first"] in first:
+            _wait(_go(h["id"]))
+        f = cfg.get("fail_run")
+        if f and f["model"] == model and f["first"] in first:
+            raise RuntimeError("injected failure")
+'''
+
+
+class Ctl:
+    """The hooks file, its config.json and log.jsonl in one folder."""
+
+    def __init__(self, path):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "hooks.py").write_text(HOOKS)
+        self.set()
+
+    @property
+    def hooks(self) -> str:
+        return str(self.path / "hooks.py")
+
+    def set(self, **cfg) -> None:
+        tmp = self.path / "config.json.tmp"
+        tmp.write_text(json.dumps(cfg))
+        os.replace(tmp, self.path / "config.json")  # the hook never reads half a file
+
+    def go(self, gate: str) -> None:
+        (self.path / f"{gate}.go").write_text("")
+
+    def log(self) -> list[dict]:
+        try:
+            return [json.loads(line) for line in (self.path / "log.jsonl").read_text().splitlines()]
+        except FileNotFoundError:
+            return []
+
+    def clear(self) -> None:
+        self.set()
+        (self.path / "log.jsonl").unlink(missing_ok=True)
+
+
+def _wait_for(cond, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.01)
+
+
+class _PbError:
+    INVALID_ARG, INTERNAL, UNAVAILABLE, CANCELLED, UNKNOWN = "INVALID_ARG", "INTERNAL", "UNAVAILABLE", "CANCELLED", "?"
+
+    def __init__(self, msg, code="INTERNAL"):
+        self._msg, self._code = msg, code
+
+    def message(self):
+        return self._msg
+
+    def code(self):
+        return self._code
+
+
+class _PbResponse:
+    def __init__(self, output_tensors=(), error=None):
+        self.outputs, self.error = dict(output_tensors), error
+
+
+class _Req:
+    """A stand-in for pb_utils.InferenceRequest: its inputs, id, cancellation and response sender."""
+
+    def __init__(self, rid="", sender=None, cancelled=False, **inputs):
+        self.inputs = {k: np.asarray(v) for k, v in inputs.items()}
+        self.rid, self.sender, self.cancelled = rid, sender, cancelled
+
+    def is_cancelled(self):
+        return self.cancelled
+
+    def request_id(self):
+        return self.rid
+
+    def get_response_sender(self):
+        return self.sender
+
+
+class _Sender:
+    """A response sender that records what it sends and from which thread; ``delay`` s per send (a slow client),
+    ``fail``: every send raises (a broken connection), ``gone_after``: is_cancelled() after that many sends."""
+
+    def __init__(self, delay=0.0, fail=False, gone_after=None):
+        self.delay, self.fail, self.gone_after = delay, fail, gone_after
+        self.sent, self.threads, self.polls = [], [], 0
+        self.finished = threading.Event()
+        self.t0 = time.monotonic()
+        self.t_final = None
+
+    def send(self, response=None, flags=0):
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("the client has gone")
+        self.sent.append((response, flags))
+        if flags:
+            self.t_final = time.monotonic() - self.t0
+            self.finished.set()
+
+    def is_cancelled(self):
+        self.polls += 1
+        return self.gone_after is not None and len(self.sent) >= self.gone_after
+
+    @property
+    def last(self):
+        return self.sent[-1][0]
+
+
+@pytest.fixture
+def pbm(monkeypatch):
+    """larp_rt.triton.models imported over a stand-in pb_utils; tensors are plain (name, array) pairs."""
+    import sys
+    import types
+
+    import larp_rt.triton
+
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.TritonError, fake.InferenceResponse = _PbError, _PbResponse
+    fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    fake.Logger = types.SimpleNamespace(log_warn=lambda msg: None)
+
+    def no_metrics(**kw):
+        raise NotImplementedError("no custom metrics here")
+
+    fake.MetricFamily = no_metrics
+    fake.MetricFamily.GAUGE = fake.MetricFamily.COUNTER = 0
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    monkeypatch.delitem(sys.modules, "larp_rt.triton.models", raising=False)
+    monkeypatch.setattr(larp_rt.triton, "models", None, raising=False)  # undone: the attribute goes again
+    import importlib
+
+    models = importlib.import_module("larp_rt.triton.models")
+    monkeypatch.setattr(models, "_out", lambda name, arr: (name, np.array(arr)))
+    monkeypatch.setattr(models, "_in", lambda req, name: req.inputs.get(name))
+    opened = []
+    yield models, opened
+    for m in opened:
+        m.finalize()
+    sys.modules.pop("larp_rt.triton.models", None)
+
+
+def _model(pbm, cls: str, bundle, ctl: Ctl | None = None, **params):
+    models, opened = pbm
+    p = {"bundle": str(bundle), "threads": "1", "scheduler_rows": "16", "cancel_poll_ms": "20", **params}
+    if ctl is not None:
+        p["hooks"] = ctl.hooks
+    m = getattr(models, cls)()
+    m.initialize({"model_config": json.dumps({"parameters": {k: {"string_value": str(v)} for k, v in p.items()}}),
+                  "model_name": cls.lower(), "model_instance_name": cls.lower() + "_0"})
+    opened.append(m)
+    return m
+
+
+def _gen_req(ids, **cols):
+    B = len(ids)
+    inputs = {"CLASS_ID": np.asarray(ids, np.int64).reshape(B, 1)}
+    for name, dtype in (("SEED", np.int64), ("TOP_K", np.int32), ("TOP_P", np.float32), ("CFG_SCALE", np.float32)):
+        if name in cols:
+            inputs[name] = np.broadcast_to(np.asarray(cols[name], dtype).reshape(-1), (B,)).reshape(B, 1)
+    return _Req(**inputs)
+
+
+def _want(ref, ids, seeds, **kw):
+    cols = {k: (v if isinstance(v, list) else [v] * len(ids)) for k, v in kw.items()}
+    return ref.generate(ids, [dataclasses.replace(ref.default_params, seed=s, **{k: v[i] for k, v in cols.items()})
+                              for i, s in enumerate(seeds)]).tokens
+
+
+def test_refused_row_withdraws_its_request(pbm, bundles, ref):
+    """A later row refused (a full queue: UNAVAILABLE; a bad parameter: INVALID_ARG naming the row) withdraws the
+    request's earlier rows; the request gets one error; the other requests of the batch are served."""
+    from larp_rt.serving import Scheduler
+
+    m = _model(pbm, "Generate", bundles[1])
+    m.scheduler.stop(drain=False)
+    m.scheduler = Scheduler(m.engine, max_batch=4, max_queue=2)  # not started: its queue fills, deterministically
+    [resp] = m.execute([_gen_req([0, 1, 2], SEED=[1, 2, 3])])
+    assert resp.error.code() == "UNAVAILABLE" and "queue is full" in resp.error.message()
+    assert m.scheduler.stats()["queue_depth"] == 2  # rows 0 and 1, withdrawn: dropped at the first boundary
+    m.scheduler.start()
+    _wait_for(lambda: m.scheduler.stats()["outcomes"].get("cancelled") == 2, 5, "the withdrawn rows cancelled")
+    s = m.scheduler.stats()
+    assert (s["queue_depth"], s["active_requests"], s["active_rows"], s["steps"]) == (0, 0, 0, 0)  # never ran
+
+    m.scheduler.stop(drain=False)
+    m.scheduler = Scheduler(m.engine, max_batch=16, max_queue=64).start()
+    good = _gen_req([0, 3], SEED=[4, 5], TOP_K=[0, 20])
+    bad = _gen_req([1, 2, 4], SEED=7, TOP_P=[0.9, 1.5, 0.9])
+    good2 = _gen_req([5], SEED=6, CFG_SCALE=1.25)
+    r1, r2, r3 = m.execute([good, bad, good2])
+    assert r2.error.code() == "INVALID_ARG" and "CLASS_ID row 1" in r2.error.message() and "top_p" in r2.error.message()
+    assert r1.error is None and r3.error is None
+    np.testing.assert_array_equal(r1.outputs["TOKENS"], _want(ref, [0, 3], [4, 5], top_k=[0, 20]))
+    np.testing.assert_array_equal(r3.outputs["TOKENS"], _want(ref, [5], [6], cfg_scale=1.25))
+    _wait_for(lambda: m.scheduler.stats()["active_rows"] == 0, 5, "every row freed")
+    s = m.scheduler.stats()
+    assert s["outcomes"] == {"ok": 3, "cancelled": 1} and s["queue_depth"] == 0
+
+
+def test_generate_client_cancel(pbm, bundles, tmp_path):
+    """A larp_generate request whose client cancelled it (request.is_cancelled()) has its rows cancelled."""
+    ctl = Ctl(tmp_path / "ctl")
+    ctl.set(step_delay={"generate": 0.005})  # 64 steps >= 0.3 s; the first poll is after 20 ms
+    m = _model(pbm, "Generate", bundles[1], ctl)
+    t0 = time.monotonic()
+    [resp] = m.execute([_Req(cancelled=True, CLASS_ID=np.array([[1], [2]], np.int64))])
+    assert resp.error.code() == "CANCELLED" and time.monotonic() - t0 < 0.25
+    _wait_for(lambda: m.scheduler.stats()["active_rows"] == 0, 5, "its rows freed")
+    assert m.scheduler.stats()["outcomes"] == {"cancelled": 2}
+
+
+def _stream_req(c, seed, sender, rid="", **cols):
+    r = _gen_req([c], SEED=seed, **cols)
+    r.inputs = {k: v.reshape(-1) for k, v in r.inputs.items()}  # the stream model is unbatched
+    r.rid, r.sender = rid, sender
+    return r
+
+
+def test_stream_senders_in_process(pbm, bundles, ref, tmp_path):
+    """The loop thread never sends: a client that takes 0.15 s per response holds one sender thread, while another
+    stream finishes at the loop's pace; a client that has gone (is_cancelled) or whose send fails has its
+    request cancelled; every stream ends with exactly one final response."""
+    ctl = Ctl(tmp_path / "ctl")
+    ctl.set(step_delay={"generatestream": 0.004})  # 64 steps ~ 0.3 s
+    m = _model(pbm, "GenerateStream", bundles[1], ctl, stream_every=16)
+    slow, fast, gone, broken = _Sender(delay=0.15), _Sender(), _Sender(gone_after=1), _Sender(fail=True)
+    m.execute([_stream_req(2, 7, slow, "slow", CFG_SCALE=1.25), _stream_req(3, 8, fast, "fast", TOP_K=20),
+               _stream_req(4, 9, gone, "gone"), _stream_req(5, 10, broken, "broken")])
+    for s in (slow, fast, gone):
+        assert s.finished.wait(10)
+    _wait_for(lambda: m.scheduler.stats()["active_rows"] == 0, 5, "every row freed")
+    assert fast.t_final < slow.t_final - 0.3  # the slow client's 4 x 0.15 s of sends never held the loop
+    for s, c, seed, kw in ((slow, 2, 7, {"cfg_scale": 1.25}), (fast, 3, 8, {"top_k": 20})):
+        assert [f for _, f in s.sent] == [0, 0, 0, 1]
+        assert [int(r.outputs["STEP"][0]) for r, _ in s.sent] == [16, 32, 48, 64]
+        np.testing.assert_array_equal(s.last.outputs["TOKENS"].reshape(1, -1), _want(ref, [c], [seed], **kw))
+    assert gone.last.error.code() == "CANCELLED" and gone.sent[-1][1] == 1 and len(gone.sent) == 2
+    assert broken.threads and all(f == 0 for _, f in broken.sent)  # its one send failed; the final flag tried
+    threads = {t for s in (slow, fast, gone, broken) for t in s.threads}
+    assert threads and all(t.startswith("larp-rt-sender-") for t in threads), threads
+    assert m.scheduler.stats()["outcomes"] == {"ok": 2, "cancelled": 2}
+    assert m.senders.open_streams == 0
+
+
+def test_senders_never_wait_for_a_busy_one(pbm):
+    """_Senders alone: while one stream's send blocks (1 s), every event of another stream goes out at once (the
+    watcher's wake-ups never swallow a sender's)."""
+    models, _ = pbm
+    release, sent = threading.Event(), []
+
+    def send(s, event):
+        if s.rid == "slow":
+            release.wait(5)
+        sent.append((s.rid, event[1], time.monotonic()))
+        return event[0] == "final"
+
+    hub = models._Senders(send, workers=2, poll=0.02)
+    try:
+        slow, other = hub.open(_Sender(), "slow"), hub.open(_Sender(), "other")
+        hub.push(slow, ("partial", 0))
+        _wait_for(lambda: slow.busy, 2, "the slow send started")
+        for i in range(20):
+            t = time.monotonic()
+            hub.push(other, ("partial", i))
+            _wait_for(lambda n=i + 1: len(sent) == n, 2, f"event {i} sent")
+            assert sent[-1][2] - t < 0.2
+        hub.push(other, ("final", 99), final=True)
+        _wait_for(lambda: hub.open_streams == 1, 2, "the other stream closed")
+        release.set()
+        hub.push(slow, ("final", 1), final=True)
+        _wait_for(lambda: hub.open_streams == 0, 2, "the slow stream closed")
+        assert [x[1] for x in sent if x[0] == "slow"] == [0, 1]
+    finally:
+        release.set()
+        hub.stop()
+
+
+def test_stream_refusals_in_process(pbm, bundles):
+    """Bad input answers at once with one final error response; nothing is left queued."""
+    m = _model(pbm, "GenerateStream", bundles[1])
+    two, bad = _Sender(), _Sender()
+    r = _Req(CLASS_ID=np.array([1, 2], np.int64), sender=two)
+    m.execute([r, _stream_req(1, 0, bad, TOP_P=1.5)])
+    for s in (two, bad):
+        assert s.finished.wait(5) and len(s.sent) == 1 and s.sent[0][1] == 1
+        assert s.last.error.code() == "INVALID_ARG"
+    assert "one CLASS_ID per request" in two.last.error.message() and "top_p" in bad.last.error.message()
+    assert m.scheduler.stats()["queue_depth"] == 0 and m.senders.open_streams == 0
+
+
+def _marked(ref, first: int, seed: int) -> np.ndarray:
+    """One valid token row whose first token is ``first`` (the hooks' marker)."""
+    t = ref.generate([seed % 8], SamplingParams(seed=seed)).tokens.copy()
+    t[0, 0] = first
+    return t
+
+
+def test_tokenizer_batch_in_process(pbm, bundles, ref, tmp_path):
+    """One batch of decode requests: a bad one gets INVALID_ARG with its message, an input the Engine fails on
+    (injected) INTERNAL, and the good ones the Engine's frames; the valid ones ran as one call first."""
+    from larp_rt.triton.frames import to_frames
+
+    ctl = Ctl(tmp_path / "ctl")
+    ctl.set(fail_run={"model": "decode", "first": 777})
+    m = _model(pbm, "Decode", bundles[1], ctl)
+    good, good2, poisoned = _marked(ref, 1, 1), _marked(ref, 2, 2), _marked(ref, 777, 3)
+    bad = np.full((1, 64), 5000, np.int64)
+    out = m.execute([_Req(TOKENS=good), _Req(TOKENS=bad), _Req(TOKENS=poisoned), _Req(TOKENS=good2)])
+    assert out[1].error.code() == "INVALID_ARG" and "tokens must be in [0, 1023]" in out[1].error.message()
+    assert out[2].error.code() == "INTERNAL" and "injected failure" in out[2].error.message()
+    for r, t in ((out[0], good), (out[3], good2)):
+        assert r.error is None
+        np.testing.assert_array_equal(r.outputs["FRAMES"], to_frames(ref.decode(t)))
+    assert [e["first"] for e in ctl.log() if e["event"] == "run"] == [[1, 777, 2], [1], [777], [2]]
+    ctl.set()
+    both = m.execute([_Req(TOKENS=good), _Req(TOKENS=good2)])  # no failure: one joint call, split back
+    np.testing.assert_array_equal(both[1].outputs["FRAMES"], to_frames(ref.decode(good2)))
+    assert ctl.log()[-1]["sizes"] == [1, 1]
+
+
+# -- isolation through the real server -------------------------------------------------------------------------
+@pytest.fixture
+def ctl(server):
+    server.ctl.clear()
+    yield server.ctl
+    server.ctl.clear()
+
+
+def _scrape(server) -> list[tuple[str, dict, float]]:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    out = []
+    for name, labels, v in re.findall(r'^(\w+)\{([^}]*)\} (\S+)$', text, re.M):
+        out.append((name, dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(v)))
+    return out
+
+
+def _metric(server, name: str, model: str, **labels) -> float:
+    """A metric of ``model`` summed over the labels not given (0 when absent)."""
+    return sum(v for n, lab, v in _scrape(server)
+               if n == name and lab.get("model") == model and all(lab.get(k) == w for k, w in labels.items()))
+
+
+def _idle(server, model: str) -> bool:
+    return all(_metric(server, f"larp_scheduler_{k}", model) == 0 for k in ("queue_depth", "active_requests",
+                                                                              "active_rows"))
+
+
+def _events(ctl, event: str, **match) -> list[dict]:
+    return [e for e in ctl.log() if e["event"] == event and all(e.get(k) == v for k, v in match.items())]
+
+
+def _call(fn, *a, **kw):
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return fn(*a, **kw)
+    except InferenceServerException as e:
+        return e
+
+
+def test_server_refused_row(server, ref, ctl):
+    """larp_generate: a request whose last row is refused (TOP_P 1.5) gets one 400 naming the row; its earlier rows
+    are cancelled (not left running), and the request batched with it (same execute) gets the Engine's tokens."""
+    from tritonclient.utils import InferenceServerException
+
+    from larp_rt.triton_client import TritonClient
+
+    def gen(ids, **kw):
+        with TritonClient(server.http_url, timeout=WAIT) as c:
+            return _call(c.generate, ids, **kw)
+
+    cancelled = _metric(server, "larp_scheduler_requests_total", "larp_generate", outcome="cancelled")
+    ctl.set(gate={"model": "larp_generate", "id": "refused", "after": 2})  # holds the instance: a batch queues
+    with ThreadPoolExecutor(3) as ex:
+        blocker = ex.submit(gen, [6], seed=30)
+        _wait_for(lambda: _events(ctl, "paused", gate="refused"), WAIT, "the gate")
+        # the same optional inputs in both: Triton batches only requests that give the same ones
+        bad = ex.submit(gen, [0, 1, 2], seed=[1, 2, 3], top_k=0, top_p=[0.9, 0.9, 1.5])
+        good = ex.submit(gen, [3, 4], seed=[5, 6], top_k=[0, 20], top_p=[1.0, 0.9])
+        _wait_for(lambda: _metric(server, "nv_inference_pending_request_count", "larp_generate") == 2, WAIT,
+                  "both requests queued in Triton")
+        ctl.go("refused")
+        blocker, bad, good = blocker.result(WAIT), bad.result(WAIT), good.result(WAIT)
+    assert isinstance(bad, InferenceServerException)
+    assert re.search(r"\[400\] CLASS_ID row 2: .*top_p must be in \(0, 1\]", str(bad)), str(bad)
+    np.testing.assert_array_equal(good.tokens, _want(ref, [3, 4], [5, 6], top_k=[0, 20], top_p=[1.0, 0.9]))
+    np.testing.assert_array_equal(blocker.tokens, _want(ref, [6], [30]))
+    assert [e["requests"] for e in _events(ctl, "execute")] == [1, 2]  # bad and good shared one execute
+    _wait_for(lambda: _metric(server, "larp_scheduler_requests_total", "larp_generate", outcome="cancelled")
+              == cancelled + 2, 5, "rows 0 and 1 of the refused request cancelled")
+    _wait_for(lambda: _idle(server, "larp_generate"), 5, "nothing queued or running")
+
+
+def test_server_stream_disconnect(server, ref, ctl):
+    """A stream client that leaves mid-stream has its request cancelled within a bounded time (the rows freed, the
+    request closed); a concurrent stream still gets every token, equal to Engine.generate."""
+    from larp_rt.triton_client import TritonClient
+
+    ctl.set(step_delay={"larp_generate_stream": 0.02})  # 64 steps >= 1.3 s
+    cancelled = _metric(server, "larp_scheduler_requests_total", "larp_generate_stream", outcome="cancelled")
+    with TritonClient(server.grpc_url, protocol="grpc") as g1, TritonClient(server.grpc_url, protocol="grpc") as g2, \
+            ThreadPoolExecutor(1) as ex:
+        stays = ex.submit(lambda: list(g2.generate_stream(2, seed=7, cfg_scale=1.25, request_id="stays")))
+        leaves = g1.generate_stream(3, seed=5, top_k=20, request_id="leaves")
+        assert next(leaves).step == 16
+        t0 = time.monotonic()
+        leaves.close()  # stop_stream(cancel_requests=True): the gRPC stream is cancelled
+        _wait_for(lambda: _metric(server, "larp_scheduler_requests_total", "larp_generate_stream",
+                                  outcome="cancelled") == cancelled + 1, 10, "the departed client's request cancelled")
+        dt = time.monotonic() - t0
+        events = stays.result(WAIT)
+    assert dt < 3.0, dt  # ~0.1-0.3 s: one poll of is_cancelled(), one step boundary, one metrics sample
+    assert [e.step for e in events] == [16, 32, 48, 64]
+    np.testing.assert_array_equal(events[-1].tokens, _want(ref, [2], [7], cfg_scale=1.25))
+    kinds = [e["kind"] for e in _events(ctl, "send", rid="leaves")]
+    assert kinds[-1] == "error" and "final" not in kinds and len(kinds) <= 3, kinds
+    _wait_for(lambda: _idle(server, "larp_generate_stream")
+              and _metric(server, "larp_stream_open", "larp_generate_stream") == 0, 5, "no row or stream left")
+
+
+def test_server_slow_receiver(server, ref, ctl):
+    """A receiver that takes 0.5 s per response (its sender sleeps in the hook; its reader sleeps too) does not
+    stall another stream: that one completes in a fraction of the slow one's time; no response is ever sent from
+    the scheduler thread."""
+    from larp_rt.triton_client import TritonClient
+
+    ctl.set(slow_send={"slow": 0.5})
+
+    def slow():
+        out = []
+        with TritonClient(server.grpc_url, protocol="grpc") as g:
+            for ev in g.generate_stream(1, seed=3, top_k=5, request_id="slow"):
+                out.append(ev)
+                time.sleep(0.1)
+        return out
+
+    with ThreadPoolExecutor(1) as ex, TritonClient(server.grpc_url, protocol="grpc") as g:
+        t_slow = time.monotonic()
+        fut = ex.submit(slow)
+        _wait_for(lambda: _events(ctl, "send", rid="slow"), WAIT, "the slow stream sending")
+        t0 = time.monotonic()
+        fast = list(g.generate_stream(4, seed=11, temperature=0.7, request_id="fast"))
+        t_fast = time.monotonic() - t0
+        slow_events = fut.result(WAIT)
+        t_slow = time.monotonic() - t_slow
+    assert t_slow >= 2.0 and t_fast < 1.0 and t_fast < t_slow / 2, (t_fast, t_slow)  # 4 x 0.5 s; ~0.1 s
+    np.testing.assert_array_equal(fast[-1].tokens, _want(ref, [4], [11], temperature=0.7))
+    np.testing.assert_array_equal(slow_events[-1].tokens, _want(ref, [1], [3], top_k=5))
+    assert [e.step for e in slow_events] == [16, 32, 48, 64]
+    threads = {e["thread"] for e in _events(ctl, "send")}
+    assert threads and all(t.startswith("larp-rt-sender-") for t in threads), threads
+
+
+def test_server_stream_join_mid_run(server, ref, ctl):
+    """A stream admitted at a known step of another (the gate holds the loop after A's 20th step until B waits),
+    each with its own TOP_K / temperature: both equal Engine.generate alone."""
+    from larp_rt.triton_client import TritonClient
+
+    ctl.set(gate={"model": "larp_generate_stream", "id": "join", "after": 20, "queued": 1})
+    with TritonClient(server.grpc_url, protocol="grpc") as ga, TritonClient(server.grpc_url, protocol="grpc") as gb, \
+            ThreadPoolExecutor(1) as ex:
+        a = ex.submit(lambda: list(ga.generate_stream(1, seed=21, top_k=3, request_id="a")))
+        _wait_for(lambda: _events(ctl, "paused", gate="join"), WAIT, "A at its 20th step")
+        b = list(gb.generate_stream(6, seed=22, top_k=50, temperature=0.8, request_id="b"))
+        a = a.result(WAIT)
+    [paused], [released] = _events(ctl, "paused", gate="join"), _events(ctl, "released", gate="join")
+    assert paused["stats"]["active_requests"] == 1 and released["ok"] and released["stats"]["queue_depth"] == 1
+    np.testing.assert_array_equal(a[-1].tokens, _want(ref, [1], [21], top_k=3))
+    np.testing.assert_array_equal(b[-1].tokens, _want(ref, [6], [22], top_k=50, temperature=0.8))
+
+
+def test_server_decode_batch(server, ref, ctl):
+    """One Triton batch of larp_decode requests (held until all four queue): the bad one gets 400 with its message,
+    the one the Engine fails on (injected) 500, the good ones the Engine's frames."""
+    from tritonclient.utils import InferenceServerException
+
+    from larp_rt.triton.frames import to_frames
+    from larp_rt.triton_client import TritonClient
+
+    ctl.set(hold_run={"model": "larp_decode", "id": "dec", "first": 999},
+            fail_run={"model": "larp_decode", "first": 777})
+
+    def dec(t):
+        with TritonClient(server.http_url, timeout=WAIT) as c:
+            return _call(c.decode, t)
+
+    good, good2, poisoned, holder = (_marked(ref, 1, 1), _marked(ref, 2, 2), _marked(ref, 777, 3),
+                                     _marked(ref, 999, 4))
+    bad = np.full((1, 64), 5000, np.int64)
+    with ThreadPoolExecutor(5) as ex:
+        hold = ex.submit(dec, holder)
+        _wait_for(lambda: _events(ctl, "run", model="larp_decode"), WAIT, "the holding request running")
+        futs = [ex.submit(dec, t) for t in (good, bad, poisoned, good2)]
+        _wait_for(lambda: _metric(server, "nv_inference_pending_request_count", "larp_decode") == 4, WAIT,
+                  "four requests queued in Triton")
+        ctl.go("dec")
+        out = [f.result(WAIT) for f in futs]
+        hold.result(WAIT)
+    assert isinstance(out[1], InferenceServerException) and "[400] tokens must be in [0, 1023]" in str(out[1])
+    assert isinstance(out[2], InferenceServerException) and re.search(r"\[500\].*injected failure", str(out[2]))
+    np.testing.assert_array_equal(out[0], to_frames(ref.decode(good)))
+    np.testing.assert_array_equal(out[3], to_frames(ref.decode(good2)))
+    runs = [sorted(e["first"]) for e in _events(ctl, "run", model="larp_decode")]
+    assert runs[:2] == [[999], [1, 2, 777]] and sorted(runs[2:]) == [[1], [2], [777]], runs  # joint, then alone

@@ -21,6 +21,12 @@ Models written (every config.pbtxt complete: dtypes, dims, dynamic batching, ins
 * ``larp_video``: BLS: generate then decode in one request: CLASS_ID (+ the sampling inputs) -> FRAMES uint8
   [T, H, W, 3], TOKENS, SEED.
 
+Isolation (details in ``models``): a larp_generate request's rows are admitted all or none (a refused row
+withdraws the others; one error for the request); a stream's responses go out from sender threads, never from the
+scheduler's loop, and a departed gRPC client has its request cancelled; a bad encode / decode / video request
+fails alone, with its own error code. The generate models' schedulers appear in /metrics as
+``larp_scheduler_*`` and ``larp_stream_open``.
+
 The python models find larp_rt through the ``larp_rt_path`` parameter of their config (the folder that holds the
 ``larp_rt`` package, put first on sys.path) and run in the Python environment whose ``python3`` is first on the
 server's PATH (the stub embeds that interpreter's version; see README.md in the written repository).

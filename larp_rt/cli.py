@@ -335,7 +335,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise ValueError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
     for flag, v in (("--max-body-mb", args.max_body_mb), ("--max-video-mpixels", args.max_video_mpixels),
-                    ("--max-upload-mpixels", args.max_upload_mpixels), ("--header-timeout", args.header_timeout)):
+                    ("--max-upload-mpixels", args.max_upload_mpixels), ("--header-timeout", args.header_timeout),
+                    ("--body-timeout", args.body_timeout)):
         if not v > 0:
             raise ValueError(f"{flag} must be > 0, got {v}")
     for flag, v in (("--max-media-jobs", args.max_media_jobs), ("--max-connections", args.max_connections)):
@@ -358,7 +359,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           max_connections=args.max_connections, header_timeout=args.header_timeout,
                           max_video_pixels=max(1, int(args.max_video_mpixels * 1e6)),
                           max_upload_pixels=max(1, int(args.max_upload_mpixels * 1e6)),
-                          max_media_jobs=args.max_media_jobs)
+                          max_media_jobs=args.max_media_jobs, body_timeout=args.body_timeout)
     print(f"serving {args.bundle} ({eng.backend_name}, sampler {eng.sampler_name}) on http://{args.host}:{args.port}"
           f" (max batch {args.max_batch}, queue {args.max_queue}{', API key required' if api_key else ''})",
           flush=True)
@@ -507,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connections + tasks uvicorn serves at once (limit_concurrency; default 256): beyond it 503")
     s.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
                    help="seconds a connection may take to send a request's headers (default 10): then it is closed")
+    s.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a request body may stall between chunks (default 30): then 408")
     s.add_argument("--allowed-hosts", default=None, metavar="NAMES",
                    help="comma-separated Host names the server answers to ('*' any, '*.example.com' a domain; "
                         "default: any with an API key, else loopback and --host): other hosts get 400")

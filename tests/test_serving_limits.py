@@ -145,12 +145,32 @@ def test_headers_must_arrive_within_the_deadline(start):
             s.close()
 
 
+def test_a_stalled_body_gets_408(start):
+    srv = start(body_timeout=0.5)
+    port = int(srv.url.rsplit(":", 1)[1])
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+        s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"class_ids\": [")
+        data = b""
+        while not data.endswith(b"}"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408") and b"the request body stalled" in data, data
+    assert time.monotonic() - t0 < 5
+    with srv.client() as c:
+        assert c.post("/v1/generate", json={"class_ids": [1], "seed": 0}).status_code == 200
+
+
 def test_budgets_are_checked_at_start(bundles):  # noqa: F811
     from larp_rt.serving.app import build_server
 
     for kw, msg in (({"max_video_pixels": 0}, "max_video_pixels must be a positive int"),
                     ({"max_media_jobs": 1.5}, "max_media_jobs must be a positive int"),
                     ({"max_connections": 0}, "max_connections must be a positive int"),
-                    ({"header_timeout": 0}, "header_timeout must be a number of seconds > 0")):
+                    ({"header_timeout": 0}, "header_timeout must be a number of seconds > 0"),
+                    ({"body_timeout": -1}, "body_timeout must be a number of seconds > 0")):
         with pytest.raises(ValueError, match=msg):
             build_server(new_engine(bundles[0]), port=0, **kw)

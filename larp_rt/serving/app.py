@@ -124,8 +124,9 @@ def _host_name(value: str) -> str:
 
 class _Gate:
     def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: ServingMetrics,
-                 allowed_hosts: tuple[str, ...] = ("*",)):
+                 allowed_hosts: tuple[str, ...] = ("*",), body_timeout: float = 30.0):
         self.app, self.api_key, self.max_body, self.metrics = app, api_key, max_body_bytes, metrics
+        self.body_timeout = body_timeout
         self.allowed_hosts = tuple(h.lower() for h in allowed_hosts)
 
     async def __call__(self, scope, receive, send):
@@ -144,11 +145,20 @@ class _Gate:
             early = self._refuse(scope, path)
             if early is not None:
                 return await early(scope, receive, send_counted)
-            seen = 0
+            seen, body_done = 0, False
 
             async def receive_counted():
-                nonlocal seen
-                message = await receive()
+                nonlocal seen, body_done
+                if body_done:  # after the body, receive() waits for the client to go away: no deadline
+                    return await receive()
+                try:
+                    with anyio.fail_after(self.body_timeout):  # each chunk of the body within the deadline
+                        message = await receive()
+                except TimeoutError:
+                    raise HTTPError(408, f"the request body stalled: no bytes for {self.body_timeout:g} s "
+                                    "(--body-timeout)", {"Connection": "close"}) from None
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    body_done = True
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.max_body:  # chunked uploads, or a Content-Length that lied
@@ -669,6 +679,7 @@ def create_app(
     max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
     max_upload_pixels: int = DEFAULT_MAX_UPLOAD_PIXELS,
     max_media_jobs: int = DEFAULT_MAX_MEDIA_JOBS,
+    body_timeout: float = 30.0,
 ) -> FastAPI:
     """The FastAPI app. ``scheduler`` runs over ``engine`` (its lifespan starts it and drains it at shutdown;
     None for a bundle without a generator, which serves encode / decode only);
@@ -680,7 +691,7 @@ def create_app(
     names without an API key, any with one; other hosts get 400 (DNS rebinding). Budgets: ``max_video_pixels``, one
     video response's rows x frames x height x width x scale^2 (a GIF counts GIF_COST x) -> 413;
     ``max_upload_pixels``, an uploaded frame's width x height -> 400; ``max_media_jobs``, encode / decode / upload
-    jobs in flight -> 429."""
+    jobs in flight -> 429. ``body_timeout``: seconds the body may stall between chunks -> 408."""
     if not isinstance(engine, Engine):
         raise ValueError(f"engine must be a larp_rt.Engine, got {type(engine).__name__}")
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
@@ -700,6 +711,8 @@ def create_app(
                     ("max_upload_pixels", max_upload_pixels), ("max_media_jobs", max_media_jobs)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not isinstance(body_timeout, (int, float)) or isinstance(body_timeout, bool) or not body_timeout > 0:
+        raise ValueError(f"body_timeout must be a number of seconds > 0, got {body_timeout!r}")
     if scheduler is None and engine.generator_config is not None:
         raise ValueError("the bundle has a generator: give create_app a Scheduler over the engine")
     if scheduler is not None and (not isinstance(scheduler, Scheduler) or scheduler.engine is not engine):
@@ -737,7 +750,8 @@ def create_app(
     _finish_schema(app, api_key is not None)
     # the gate sits inside FastAPI's error middleware (an exception in it still becomes a 500) and outside its
     # router, so it sees every request, unknown routes included
-    app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics, allowed_hosts=hosts)
+    app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics, allowed_hosts=hosts,
+                       body_timeout=body_timeout)
     return app
 
 

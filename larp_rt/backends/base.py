@@ -355,8 +355,8 @@ class ContinuousBatch:
             params = dataclasses.replace(params, temperature=np.where(poison, np.float32(np.nan), params.temperature))
 
         def probe(idx: np.ndarray | None):
-            if idx is None:
-                sample = StepSample(self._sample_rows, params, k, self._version)
+            if idx is None:  # (poisoned parameters: a fresh key, so that the runner binds them, and rebinds after)
+                sample = StepSample(self._sample_rows, params, k, self._version if poison is None else next(_versions))
             else:
                 rows = np.concatenate([self._rows[idx], self._uncond[idx]]) if self._any_guided else self._rows[idx]
                 sample = StepSample(rows, params.select(idx), k[idx], next(_versions))  # a fresh binding key

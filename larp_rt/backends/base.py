@@ -8,6 +8,12 @@ at step boundaries, each on its own rows (its class row, and a null-class row wh
 position and sampling step. A request's prefill is the step at position 0 with its class token, so a joining
 request simply takes part in the next decode step; a finished one frees its rows for the next.
 
+A row that cannot be sampled (NaN/Inf logits, a parameter the kernel refuses) fails its request alone: a host
+sampler samples each request of a refused batch alone; a runner that samples in its graph reports rows (a
+device kernel's negative tokens) or is run again over the same rows and positions without the failing requests
+(``ContinuousBatch._run_sampling``); the failed request's rows are cleared (``StepRunner.clear_rows``) and freed.
+``inject_faults`` is the tests' hook to make a request's step fail.
+
 ``Backend.generate`` is that loop with every request admitted at step 0; the serving scheduler
 (``larp_rt.serving``) is the same loop with requests arriving while it runs. Either way a request draws from
 its own Philox stream at its own step, so its tokens never depend on what shares its batch.

@@ -34,7 +34,7 @@ import numpy as np
 __all__ = [
     "SamplingParams", "RowParams", "resolve_params", "philox4x32", "uniform", "uniform_table", "sample",
     "cfg_mix", "filtered_distribution", "check_step", "check_row_params", "MAX_CFG_SCALE", "MAX_TEMPERATURE",
-    "MIN_TEMPERATURE", "MIN_TOP_P",
+    "MIN_TEMPERATURE", "MIN_TOP_P", "PARAM_RULES",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -58,8 +58,9 @@ MAX_TEMPERATURE = 1e4
 MIN_TEMPERATURE = 1e-4
 MIN_TOP_P = float(np.finfo(np.float32).tiny)
 
-# the rule of each parameter, as every check words it ("<name> must be <rule>, got <value>")
-_RULES = {
+# the rule of each bounded parameter, as every check words it ("SamplingParams.<name> must be <rule>, got <value>";
+# the kernels: "<name>[<row>] = <value>: must be <rule>"); servers can word their own checks with it
+PARAM_RULES = {
     "cfg_scale": f"a finite number in [0, {MAX_CFG_SCALE:g}] (1.0 = no guidance)",
     "temperature": f"a finite number: 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",
     "top_p": f"in (0, 1], at least {float(np.float32(MIN_TOP_P)):.8g} (the smallest normal float32; 1.0 = off)",
@@ -92,16 +93,16 @@ class SamplingParams:
 
         # comparisons, not float(): a huge int compares exactly, NaN fails every one
         if not is_num(self.cfg_scale) or not 0 <= self.cfg_scale <= MAX_CFG_SCALE:
-            raise bad("cfg_scale", _RULES["cfg_scale"])
+            raise bad("cfg_scale", PARAM_RULES["cfg_scale"])
         t = self.temperature
         if not is_num(t) or not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
-            raise bad("temperature", _RULES["temperature"])
+            raise bad("temperature", PARAM_RULES["temperature"])
         if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise bad("top_k", "an int >= 0 (0 = off)")
         if vocab_size is not None and self.top_k > vocab_size:
             raise bad("top_k", f"at most the vocabulary size {vocab_size} (0 = off)")
         if not is_num(self.top_p) or not MIN_TOP_P <= self.top_p <= 1.0:
-            raise bad("top_p", _RULES["top_p"])
+            raise bad("top_p", PARAM_RULES["top_p"])
         int_seed = isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
         if self.seed is not None and (not int_seed or not 0 <= self.seed <= MAX_SEED):
             raise bad("seed", f"None or an int in [0, {MAX_SEED}]")
@@ -245,11 +246,11 @@ def check_row_params(params: RowParams, vocab: int | None = None) -> None:
     p = np.asarray(params.top_p, np.float32)
     with np.errstate(invalid="ignore"):
         checks = [
-            ("cfg_scale", s, ~((s >= 0) & (s <= max_cfg)), _RULES["cfg_scale"]),
-            ("temperature", t, ~((t == 0) | ((t >= min_t) & (t <= max_t))), _RULES["temperature"]),
+            ("cfg_scale", s, ~((s >= 0) & (s <= max_cfg)), PARAM_RULES["cfg_scale"]),
+            ("temperature", t, ~((t == 0) | ((t >= min_t) & (t <= max_t))), PARAM_RULES["temperature"]),
             ("top_k", k, (k < 0) | (k > vocab) if vocab is not None else k < 0,
              f"in [0, vocab = {vocab}] (0 = off)" if vocab is not None else ">= 0 (0 = off)"),
-            ("top_p", p, ~((p >= min_p) & (p <= 1)), _RULES["top_p"]),
+            ("top_p", p, ~((p >= min_p) & (p <= 1)), PARAM_RULES["top_p"]),
         ]
     first = [int(np.argmax(bad)) if bad.any() else len(s) for _, _, bad, _ in checks]
     r = min(first)

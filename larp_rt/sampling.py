@@ -34,7 +34,7 @@ import numpy as np
 __all__ = [
     "SamplingParams", "RowParams", "resolve_params", "philox4x32", "uniform", "uniform_table", "sample",
     "cfg_mix", "filtered_distribution", "check_step", "check_row_params", "MAX_CFG_SCALE", "MAX_TEMPERATURE",
-    "MIN_TEMPERATURE", "MIN_TOP_P",
+    "MIN_TEMPERATURE", "MIN_TOP_P", "PARAM_RULES",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -58,8 +58,8 @@ MAX_TEMPERATURE = 1e4
 MIN_TEMPERATURE = 1e-4
 MIN_TOP_P = float(np.finfo(np.float32).tiny)
 
-# the rule of each parameter, as every check words it ("<name> must be <rule>, got <value>")
-# each bounded field -> its rule, in the words of every refusal (SamplingParams.validate, the HTTP schema)
+# the rule of each bounded parameter, as every check words it ("SamplingParams.<name> must be <rule>, got <value>";
+# the kernels: "<name>[<row>] = <value>: must be <rule>"); servers word their own checks with it
 PARAM_RULES = {
     "cfg_scale": f"a finite number in [0, {MAX_CFG_SCALE:g}] (1.0 = no guidance)",
     "temperature": f"a finite number: 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",

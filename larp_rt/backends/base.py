@@ -8,6 +8,12 @@ at step boundaries, each on its own rows (its class row, and a null-class row wh
 position and sampling step. A request's prefill is the step at position 0 with its class token, so a joining
 request simply takes part in the next decode step; a finished one frees its rows for the next.
 
+A row that cannot be sampled (NaN/Inf logits, a parameter the kernel refuses) fails its request alone: a host
+sampler samples each request of a refused batch alone; a runner that samples in its graph reports rows (a
+device kernel's negative tokens) or is run again over the same rows and positions without the failing requests
+(``ContinuousBatch._run_sampling``); the failed request's rows are cleared (``StepRunner.clear_rows``) and freed.
+``inject_faults`` is the tests' hook to make a request's step fail.
+
 ``Backend.generate`` is that loop with every request admitted at step 0; the serving scheduler
 (``larp_rt.serving``) is the same loop with requests arriving while it runs. Either way a request draws from
 its own Philox stream at its own step, so its tokens never depend on what shares its batch.
@@ -15,7 +21,10 @@ its own Philox stream at its own step, so its tokens never depend on what shares
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import itertools
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -26,11 +35,51 @@ from ..config import GeneratorConfig, TokenizerConfig
 from ..sampling import RowParams
 
 __all__ = ["Backend", "ContinuousBatch", "Sequence", "StepEvent", "StepRunner", "StepSample", "NON_FINITE",
-           "bucket"]
+           "BAD_PARAMS", "bucket", "inject_faults", "device_row_error"]
 
 Sampler = Callable[..., np.ndarray]
 # raised when a sampler met NaN/Inf logits (a device sampler marks such a row with token -1)
 NON_FINITE = "logits contain NaN/Inf: the model produced non-finite values; check the weights and the precision"
+# a device sampler marks a row whose parameters are outside the bounds of larp_rt.sampling with token -2
+BAD_PARAMS = ("the sampler refused the request's parameters (outside the bounds of SamplingParams.validate: "
+              "cfg_scale, temperature, top_k, top_p)")
+_DEVICE_CODES = {-1: NON_FINITE, -2: BAD_PARAMS}  # kernels.TOKEN_NON_FINITE, kernels.TOKEN_BAD_PARAMS
+
+
+def device_row_error(token: int) -> str:
+    """What a device sampler's negative token means (-1: NaN/Inf logits, -2: parameters out of bounds)."""
+    return _DEVICE_CODES.get(int(token), f"the sampler marked the row with token {int(token)}")
+
+
+# Test hook: ``fault(seq) -> bool`` is asked for every active sequence at every step; True makes that sequence's
+# step fail as a model or kernel failure would, for values that pass validation: its logits become NaN where the
+# loop holds them (runners that return logits: every host sampler sees real NaN/Inf logits), else its temperature
+# becomes NaN in the in-graph sampler's parameters (the fused graph's op refuses the row, a device kernel marks it).
+_fault: Callable[[Sequence], bool] | None = None
+
+
+@contextlib.contextmanager
+def inject_faults(fault: Callable[[Sequence], bool] | None):
+    """``with inject_faults(lambda seq: ...):`` every ContinuousBatch (a scheduler's, ``Engine.generate``'s) asks
+    ``fault`` per sequence and step, and fails the step of each sequence it returns True for (tests only)."""
+    global _fault
+    old, _fault = _fault, fault
+    try:
+        yield
+    finally:
+        _fault = old
+
+
+_ROW_IN_ERROR = re.compile(r"(?:first at row (\d+)\b)|(?:^(?:larp_rt\.Sample: )?[a-z_]+\[(\d+)\] = )")
+
+
+def _failed_row(msg: str, n: int) -> int | None:
+    """The row a kernel's refusal names ("... (first at row 3, ...)", "temperature[3] = nan: ..."), if any."""
+    m = _ROW_IN_ERROR.search(msg)
+    if m is None:
+        return None
+    r = int(m.group(1) or m.group(2))
+    return r if 0 <= r < n else None
 _versions = itertools.count(1)  # membership versions, unique across batches (a runner outlives its batches)
 
 
@@ -81,6 +130,10 @@ class StepRunner:
         last prefix position (video token 0)."""
         raise NotImplementedError(f"{type(self).__name__} has no multi-token prefill (frame prediction)")
 
+    def clear_rows(self, rows: np.ndarray) -> None:
+        """Zero every cache slot of ``rows`` (the rows of a request that failed: NaN/Inf entries it may have written
+        must not reach the next request on those rows through attention that reads masked slots)."""
+
     def close(self) -> None:
         """Release the buffers."""
 
@@ -89,7 +142,8 @@ class Sequence:
     """One request in a ``ContinuousBatch``: a class id, its one-row ``RowParams``, and its tokens so far.
 
     ``rows`` are assigned on admission: its own row, and a null-class row when it uses guidance. ``step`` is the
-    next step to sample (``total`` when finished); ``error`` is set when it failed (NaN/Inf logits)."""
+    next step to sample (``total`` when finished); ``error`` is set when it failed (NaN/Inf logits, or the sampler
+    refused its row): it failed alone, the other sequences of its steps went on."""
 
     __slots__ = ("class_id", "params", "total", "tag", "row", "null_row", "step", "tokens", "error", "prefix")
 
@@ -248,39 +302,100 @@ class ContinuousBatch:
                 g = self._guided
                 tok[self._null] = np.where(first[g], V + cfg.null_class, last[g])
                 pos[self._null] = p[g]
-        failed: np.ndarray | None = None
+        poison = self._faults()
         if self.runner.samples:
-            try:
-                tokens = self.runner.run(tok, pos, StepSample(self._sample_rows, self._params, k, self._version))
-            except ValueError as e:
-                if "NaN/Inf" not in str(e):
-                    raise
-                tokens, failed = np.zeros(len(seqs), np.int64), np.ones(len(seqs), bool)  # no logits to tell rows
-            if failed is None and (tokens < 0).any():
-                failed = tokens < 0
+            tokens, errors = self._run_sampling(tok, pos, k, poison)
         else:
             logits = self.runner.run(tok, pos)
             cond = logits[self._rows]
             uncond = logits[self._uncond] if self._any_guided else None
-            tokens, failed = self._sample(cond, uncond, k)
+            if poison is not None:  # the test hook: these requests' logits are NaN (copies: the runner's stay)
+                cond = cond.copy()
+                cond[poison] = np.nan
+            extra = {"u": self._table[np.arange(len(k)), k]} if self._uniforms else {}
+            tokens, errors = self._sample(cond, uncond, self._params, k, extra)
+        return self._finish_step(np.arange(len(seqs)), tokens, errors)
+
+    def _faults(self, idx: np.ndarray | None = None) -> np.ndarray | None:
+        """The test hook's verdict for the sequences ``idx`` (all by default): a bool mask, or None (no fault)."""
+        if _fault is None:
+            return None
+        seqs = self.sequences if idx is None else [self.sequences[i] for i in idx]
+        mask = np.fromiter((bool(_fault(s)) for s in seqs), bool, len(seqs))
+        return mask if mask.any() else None
+
+    def _finish_step(self, idx: np.ndarray, tokens: np.ndarray, errors: list[str | None]) -> list[Sequence]:
+        """Record the step of sequences ``idx``: a token for each one without an error (its step advances), the error
+        of each one that failed (its rows are cleared and freed; nothing of it reaches the others). Returns the
+        sequences that finished or failed (evicted)."""
         done: list[Sequence] = []
-        for i, s in enumerate(seqs):
-            if failed is not None and failed[i]:
-                s.error = NON_FINITE
+        for j, i in enumerate(idx):
+            s = self.sequences[i]
+            if errors[j] is not None:
+                s.error = errors[j]
+                self.runner.clear_rows(np.array([r for r in (s.row, s.null_row) if r >= 0], np.int64))
             else:
-                s.tokens[s.step] = tokens[i]
+                s.tokens[s.step] = tokens[j]
                 s.step += 1
+                self._k[i] += 1
+                self._last[i] = tokens[j]
             if s.done:
                 done.append(s)
-        if failed is None:
-            k += 1
-            last[:] = tokens
-        else:
-            k[~failed] += 1
-            last[~failed] = tokens[~failed]
         for s in done:
             self.evict(s)
         return done
+
+    def _run_sampling(self, tok: np.ndarray, pos: np.ndarray, k: np.ndarray, poison: np.ndarray | None):
+        """The step on a runner that samples in its graph -> (tokens, errors), one per sequence.
+
+        A runner that reports rows (a device sampler's negative tokens) needs nothing more. One that raises (the
+        fused graph's op refuses its batch: NaN/Inf logits, a parameter) is run again over the same rows and
+        positions without the failing requests: the one its message names (the kernel reports the first bad row),
+        else halves of the requests (bisection), until every request has its token or its own error. A re-run
+        feeds the same tokens at the same positions to the same rows (the failing requests' rows included, only
+        their sampling is left out), so the others' logits, cache entries (rewritten with the same values) and
+        Philox draws (counter-based: (seed, stream, step)) are those of the first run; the raising run wrote no
+        cache entry (the runners write after a successful run)."""
+        params = self._params
+        if poison is not None:  # the test hook: the in-graph sampler refuses these requests' rows
+            params = dataclasses.replace(params, temperature=np.where(poison, np.float32(np.nan), params.temperature))
+
+        def probe(idx: np.ndarray | None):
+            if idx is None:  # (poisoned parameters: a fresh key, so that the runner binds them, and rebinds after)
+                sample = StepSample(self._sample_rows, params, k, self._version if poison is None else next(_versions))
+            else:
+                rows = np.concatenate([self._rows[idx], self._uncond[idx]]) if self._any_guided else self._rows[idx]
+                sample = StepSample(rows, params.select(idx), k[idx], next(_versions))  # a fresh binding key
+            try:
+                return np.array(self.runner.run(tok, pos, sample), np.int64), None  # a copy: the buffer is reused
+            except ValueError as e:
+                return None, str(e)
+
+        n = len(k)
+        errors: list[str | None] = [None] * n
+        tokens, err = probe(None)
+        if err is not None:
+            tokens = np.zeros(n, np.int64)
+            pending = [(np.arange(n), err)]
+            while pending:
+                sub, e = pending.pop()
+                if len(sub) == 1:
+                    errors[int(sub[0])] = e
+                    continue
+                r = _failed_row(e, len(sub))
+                parts = [np.delete(sub, r)] if r is not None else [sub[: len(sub) // 2], sub[len(sub) // 2:]]
+                if r is not None:
+                    errors[int(sub[r])] = e
+                for part in parts:
+                    t, e2 = probe(part)
+                    if e2 is None:
+                        tokens[part] = t
+                    else:
+                        pending.append((part, e2))
+        for i in np.flatnonzero(tokens < 0):  # a device sampler marked the row
+            if errors[i] is None:
+                errors[i] = device_row_error(tokens[i])
+        return tokens, errors
 
     def _prefill_step(self) -> list[Sequence]:
         """Frame prediction: the sequences at step 0 run their prefix through the runner's multi-token prefill
@@ -289,53 +404,34 @@ class ContinuousBatch:
         idx = np.flatnonzero(self._k == 0)
         seqs = [self.sequences[i] for i in idx]
         logits = self.runner.prefill(self._rows[idx], np.stack([s.prefix for s in seqs]))
-        be, params = self.backend, self._params.select(idx)
-        steps = np.zeros(len(idx), np.int64)
+        poison = self._faults(idx)
+        if poison is not None:
+            logits = logits.copy()
+            logits[poison] = np.nan
         extra = {"u": self._table[idx, 0]} if self._uniforms else {}
-        failed = np.zeros(len(idx), bool)
-        try:
-            tokens = be.sampler(logits, None, params, steps, **extra)
-        except ValueError as e:
-            if "NaN/Inf" not in str(e):
-                raise
-            failed = ~np.isfinite(logits).all(axis=1)
-            tokens = np.zeros(len(idx), np.int64)
-            ok = np.flatnonzero(~failed)
-            if len(ok):
-                tokens[ok] = be.sampler(logits[ok], None, params.select(ok), steps[ok],
-                                        **({"u": extra["u"][ok]} if extra else {}))
-        done: list[Sequence] = []
-        for j, s in enumerate(seqs):
-            if failed[j]:
-                s.error = NON_FINITE
-            else:
-                s.tokens[0] = tokens[j]
-                s.step = 1
-                self._k[idx[j]] = 1
-                self._last[idx[j]] = tokens[j]
-            if s.done:
-                done.append(s)
-        for s in done:
-            self.evict(s)
-        return done
+        tokens, errors = self._sample(logits, None, self._params.select(idx), np.zeros(len(idx), np.int64), extra)
+        return self._finish_step(idx, tokens, errors)
 
-    def _sample(self, cond: np.ndarray, uncond: np.ndarray | None, k: np.ndarray):
-        """The backend's sampler on the requests' logits; a request whose logits are NaN/Inf fails alone."""
-        be, params = self.backend, self._params
-        extra = {"u": self._table[np.arange(len(k)), k]} if self._uniforms else {}
+    def _sample(self, cond: np.ndarray, uncond: np.ndarray | None, params: RowParams, k: np.ndarray, extra: dict):
+        """The backend's sampler on the requests' logits -> (tokens, errors): when it refuses the batch (NaN/Inf
+        logits, a parameter), each request is sampled alone (a row's draw depends on its own logits, parameters and
+        step only), so a request that fails, fails alone with the sampler's message."""
+        be = self.backend
+        n = len(k)
         try:
-            return be.sampler(cond, uncond, params, k, **extra), None
-        except ValueError as e:
-            if "NaN/Inf" not in str(e):
-                raise
-        mixed = sampling.cfg_mix(cond, uncond, params.cfg_scale) if uncond is not None else cond
-        failed = ~np.isfinite(mixed).all(axis=1)
-        tokens = np.zeros(len(k), np.int64)
-        ok = np.flatnonzero(~failed)
-        if len(ok):
-            tokens[ok] = be.sampler(cond[ok], None if uncond is None else uncond[ok], params.select(ok), k[ok],
-                                    **({"u": extra["u"][ok]} if extra else {}))
-        return tokens, failed
+            return np.asarray(be.sampler(cond, uncond, params, k, **extra)), [None] * n
+        except ValueError:
+            pass
+        tokens = np.zeros(n, np.int64)
+        errors: list[str | None] = [None] * n
+        for i in range(n):
+            one = slice(i, i + 1)
+            try:
+                tokens[i] = be.sampler(cond[one], None if uncond is None else uncond[one], params.select(one), k[one],
+                                       **({"u": extra["u"][one]} if extra else {}))[0]
+            except ValueError as e:
+                errors[i] = str(e)
+        return tokens, errors
 
 
 class Backend:
@@ -410,12 +506,14 @@ class Backend:
 
 def _run_admitted(batch: ContinuousBatch, seqs: list[Sequence], N: int) -> Iterator[StepEvent]:
     """Step ``batch`` N times for ``seqs`` (all admitted at step 0), yielding every step's tokens; a sequence that
-    failed (non-finite logits) evicts them all and raises its error."""
+    failed (non-finite logits, a refused row) evicts them all and raises its error, naming its row."""
     for k in range(N):
         batch.step()
-        bad = [s for s in seqs if s.error]
+        bad = [(i, s) for i, s in enumerate(seqs) if s.error]
         if bad:
             for s in seqs:
                 batch.evict(s)
-            raise ValueError(bad[0].error)
+            i, s = bad[0]
+            what = "" if s.prefix is not None else f" (class id {s.class_id})"
+            raise ValueError(f"row {i} of the batch{what} failed at step {k}: {s.error}")
         yield StepEvent(k, N, np.fromiter((s.tokens[k] for s in seqs), np.int64, len(seqs)))

@@ -501,6 +501,22 @@ class _OrtRunner(StepRunner):
                 cache[rows, :, :P] = n
         return logits
 
+    def clear_rows(self, rows: np.ndarray) -> None:
+        """Zero every cache slot (and int8 scale) of ``rows``, bound rows of the last step: the standard-ops attention
+        reads masked slots too (a NaN there is NaN after the mask), so a failed request's entries must not stay."""
+        rows = np.asarray(rows, np.int64)
+        rows = rows[rows < self.rows]
+        if not len(rows):
+            return
+        if self.dev is not None:
+            self.dev.clear_rows(rows)
+            return
+        for v in self.views:
+            v[rows] = 0
+        if self.scaled:
+            for v in self.scale_views:
+                v[rows] = 0
+
     def close(self) -> None:
         self.binding = None
         self.flat = self.new = self.views = []
@@ -579,6 +595,15 @@ class _CudaCache:
             io.bind_input(f"past_v_{i}", "cuda", self.dev_id, self.dtype, shape_past, self.v[i].data_ptr())
             io.bind_output(f"present_k_{i}", "cuda", self.dev_id, self.dtype, shape_new, self.new_k[i].data_ptr())
             io.bind_output(f"present_v_{i}", "cuda", self.dev_id, self.dtype, shape_new, self.new_v[i].data_ptr())
+
+    def clear_rows(self, rows: np.ndarray) -> None:
+        """Zero rows ``rows`` of every layer's cache (a row is one contiguous H * S * hd block)."""
+        n = self.H * self.S * self.hd * self.esize
+        for cache in (*self.k, *self.v):
+            for r in rows:
+                err = self.cudart.cudaMemset(cache.data_ptr() + int(r) * n, 0, n)
+                if int(err[0]) != 0:
+                    raise RuntimeError(f"cudaMemset failed: {err}")
 
     def write_slots(self, rows: int, pos: np.ndarray) -> None:
         """Row r's new entries into its slot pos[r]: one strided copy per layer and tensor when every row sits at

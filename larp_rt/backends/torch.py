@@ -200,6 +200,14 @@ class _TorchRunner(StepRunner):
                 gen.causal_mask = saved[1]
         return logits
 
+    def clear_rows(self, rows: np.ndarray) -> None:
+        """Zero ``rows`` of every layer's cache (attention weighs masked slots by 0, and 0 * NaN is NaN)."""
+        r = self.be.torch.as_tensor(np.asarray(rows, np.int64), device=self.be.device)
+        with self.be.model_lock, self.be.torch.inference_mode():
+            for c in self.caches:
+                c.k_cache[r] = 0
+                c.v_cache[r] = 0
+
     def prefill(self, rows: np.ndarray, prefix: np.ndarray) -> np.ndarray:
         """Frame prediction: the model's cached prefill of the prefixes (R, P) over caches of their own, its P
         entries per layer copied into slots 0 .. P-1 of rows ``rows`` of this runner's caches."""

@@ -44,7 +44,7 @@ from .. import kernels
 from .. import sampling_torch as ST
 from ..models.generator import LARPGenerator
 from ..sampling import RowParams
-from .base import NON_FINITE, StepEvent, bucket
+from .base import NON_FINITE, StepEvent, bucket, device_row_error
 
 __all__ = ["FastGenerator", "StaticRowParams", "bucket_size", "pad_params", "use_kernel_sampler", "NON_FINITE"]
 
@@ -291,8 +291,7 @@ class FastGenerator:
     def tokens(self, b: _Bucket) -> np.ndarray:
         """The sampled tokens of the live requests so far, (B, done) int64 (one host sync); raises on NaN/Inf."""
         host = b.out[: b.done, : b.live].cpu().numpy()
-        if (host < 0).any():
-            raise ValueError(NON_FINITE)
+        _raise_marked(host, 0)
         return np.ascontiguousarray(host.T)
 
     def generate(self, class_ids, params: RowParams) -> np.ndarray:
@@ -340,7 +339,14 @@ class FastGenerator:
             self._check_live(b, gen_id)  # else the pinned buffer may hold a newer generation's tokens
             chunk = b.host[lo:hi].numpy().copy()
         chunk = chunk[:, : b.live]
-        if (chunk < 0).any():
-            raise ValueError(NON_FINITE)
+        _raise_marked(chunk, lo)
         for i in range(hi - lo):
             yield StepEvent(lo + i, b.steps, chunk[i])
+
+
+def _raise_marked(chunk: np.ndarray, lo: int) -> None:
+    """Raise for the first row a sampler marked in ``chunk`` (steps lo.., rows): its step, row and reason."""
+    bad = np.argwhere(chunk < 0)
+    if len(bad):
+        j, r = bad[0]
+        raise ValueError(f"row {r} of the batch failed at step {lo + j}: {device_row_error(chunk[j, r])}")

@@ -11,6 +11,11 @@ step boundary the loop drops finished, cancelled and timed-out requests (their r
 waiting requests into the free rows in arrival order, and runs one decode step for all of them: a joining
 request's prefill (its class token at position 0) runs in the same step as the others' next positions.
 
+Failure isolation: a request whose step fails (NaN/Inf logits, the sampler's refusal of its row) ends alone with a
+ValueError naming the cause; the other requests of that step draw their tokens as if it had not failed (see
+``base.ContinuousBatch``) and its rows are cleared and freed. Only a failure of the step itself (not of a row)
+fails every request it carried.
+
 Batch invariance: a request draws from its own Philox stream (seed, stream) at its own step, and every row of
 the step sits at its own position, so its tokens equal ``Engine.generate`` of that request alone with the same
 seed, whatever else shares the batch and whenever it arrived (up to the floating-point batch variance of the
@@ -111,7 +116,8 @@ class Request:
     def result(self, timeout: float | None = None) -> Generation:
         """Wait for the tokens: a Generation with tokens (1, N) int64. Raises RequestCancelled, TimeoutError (its
         own deadline passed; a ``timeout`` here that runs out first raises TimeoutError too, and the request goes
-        on), or the error that ended it (ValueError for non-finite logits)."""
+        on), or the error that ended it (ValueError for non-finite logits or the sampler's refusal of its row: it
+        failed alone)."""
         if not self._event.wait(timeout):
             raise TimeoutError(f"request {self.id} has not finished within {timeout} s (it is still running)")
         if self._error is not None:
@@ -340,7 +346,7 @@ class Scheduler:
             t0 = time.perf_counter()
             try:
                 finished = self.batch.step()
-            except Exception as e:  # a failed step fails the requests it carried; the loop serves on
+            except Exception as e:  # the step itself failed (a row's failure fails its request alone): all of them
                 log.exception("decode step failed")
                 with self._cv:
                     for s in seqs:

@@ -55,7 +55,8 @@ def rss_bytes() -> int:
 def soak(bundle, ref, seconds: float, clients: int = 16, seed: int = 0) -> dict:
     want = [expected(ref, b, b["seed"]) for b in GOOD]
     srv = Running(new_engine(bundle), max_batch=8, max_queue=64)
-    stats = {"good": 0, "hostile": 0, "disconnects": 0, "timeouts": 0, "5xx": 0, "lost": 0}
+    stats = {"good": 0, "hostile": 0, "disconnects": 0, "timeouts": 0, "5xx": 0, "lost": 0, "retried_429": 0}
+    why_lost = []
     lock, stop = threading.Lock(), threading.Event()
     samples = []
 
@@ -78,19 +79,32 @@ def soak(bundle, ref, seconds: float, clients: int = 16, seed: int = 0) -> dict:
                                   p=[0.35, 0.15, 0.2, 0.1, 0.1, 0.1])
                 k = int(rng.integers(len(GOOD)))
                 if kind == "good":
-                    r = c.post("/v1/generate", json=GOOD[k])
+                    for _ in range(50):  # a good client honours 429 + Retry-After (the queue is shared by 16)
+                        r = c.post("/v1/generate", json=GOOD[k])
+                        if r.status_code != 429:
+                            break
+                        count("retried_429")
+                        time.sleep(0.05)
                     ok = r.status_code == 200 and np.array_equal(np.array(r.json()["tokens"]), want[k])
                     count("good")
                     if not ok:
                         count("lost")
+                        why_lost.append((r.status_code, r.text[:300]))
                         count("5xx", r.status_code >= 500)
                 elif kind == "stream":
-                    with c.stream("POST", "/v1/generate", json={**GOOD[k], "stream": True}) as r:
-                        events = list(read_sse(r)) if r.status_code == 200 else []
+                    for _ in range(50):
+                        with c.stream("POST", "/v1/generate", json={**GOOD[k], "stream": True}) as r:
+                            status = r.status_code
+                            events = list(read_sse(r)) if status == 200 else [("status", r.read().decode()[:300])]
+                        if status != 429:
+                            break
+                        count("retried_429")
+                        time.sleep(0.05)
                     count("good")
                     if not events or events[-1][0] != "result" or \
                             not np.array_equal(np.array(events[-1][1]["tokens"]), want[k]):
                         count("lost")
+                        why_lost.append((status, str(events[-1:])[:300]))
                 elif kind == "hostile":
                     j = int(rng.integers(len(HOSTILE)))
                     count("hostile")
@@ -145,6 +159,7 @@ def soak(bundle, ref, seconds: float, clients: int = 16, seed: int = 0) -> dict:
                  rss_slope_mib_per_min=round(slope, 2),
                  server_5xx=sum(float(x.rpartition(" ")[2]) for x in metrics.splitlines()
                                 if x.startswith("larp_rt_http_requests_total") and 'outcome="error"' in x))
+    stats["why_lost"] = why_lost[:5]
     print("soak:", json.dumps(stats))
     return stats
 

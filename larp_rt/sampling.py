@@ -149,6 +149,9 @@ def resolve_params(
         rows = [params] * batch
         seeds, streams = [seed] * batch, list(range(batch))
     else:
+        if not isinstance(params, (list, tuple)):
+            raise ValueError(f"params must be a SamplingParams or a list of them (one per class id), got "
+                             f"{type(params).__name__}")
         rows = list(params)
         if len(rows) != batch:
             raise ValueError(f"params has {len(rows)} SamplingParams for {batch} class ids; give one, or one per id")

@@ -291,3 +291,12 @@ def test_bad_logits_are_named():
         ST.sample(torch.from_numpy(bad), None, ST.DeviceRowParams(p, "cpu"), 0)
     with pytest.raises(ValueError, match="one per id"):
         resolve_params([SamplingParams()], 3)
+
+
+def test_params_of_the_wrong_kind_are_a_value_error():
+    """Found by tests/test_fuzz_engine.py at 100 examples: a float as params was a TypeError from list()."""
+    from larp_rt.sampling import resolve_params
+
+    for bad in (1.5, None, 3, object()):
+        with pytest.raises(ValueError, match="params must be a SamplingParams or a list of them"):
+            resolve_params(bad, 2)

@@ -2,7 +2,7 @@
 
 For every operation of ``/openapi.json``: no input gets a 5xx, the server stays healthy after each case, and a good
 request after each bad one still equals its offline result. Fixed seed (derandomized) and a modest example count
-here; ``LARP_RT_FUZZ_EXAMPLES=200`` raises it for a longer run.
+here; ``LARP_RT_FUZZ_EXAMPLES`` sets it, and the ``slow`` run takes 200.
 """
 
 import os
@@ -46,20 +46,31 @@ MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGAT
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 def test_no_input_gets_a_5xx_and_good_requests_stay_exact(fuzz_server, good_tokens, mode):
     """Every operation, valid inputs (positive) and inputs that break the schema (negative)."""
+    fuzz_all(fuzz_server, good_tokens, mode, EXAMPLES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_fuzz_long(fuzz_server, good_tokens, mode):
+    """The longer run (200 examples per operation and mode, ~10 min on 2 cores): pytest -m slow."""
+    fuzz_all(fuzz_server, good_tokens, mode, max(EXAMPLES, 200))
+
+
+def fuzz_all(fuzz_server, good_tokens, mode, examples: int):
     schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
     ops = [r.ok() for r in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in ops} >= {
         "POST /v1/generate", "POST /v1/predict", "POST /v1/encode", "POST /v1/decode", "POST /v1/score"}
     seen = {}
     for op in ops:
-        check_operation(op, mode, fuzz_server, good_tokens, seen)
+        check_operation(op, mode, fuzz_server, good_tokens, seen, examples)
     assert all(n > 0 for n in seen.values()), seen
 
 
-def check_operation(op, mode, fuzz_server, good_tokens, seen):
+def check_operation(op, mode, fuzz_server, good_tokens, seen, examples: int):
     seen[op.label] = 0
 
-    @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+    @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(case=op.as_strategy(generation_mode=mode))
     def check(case):

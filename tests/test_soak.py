@@ -169,14 +169,19 @@ def ref(bundles):  # noqa: F811
     return new_engine(bundles[0])
 
 
-def check(stats, slope_bound: float):
+def check(stats, slope_bound: float | None = None, growth_bound: float | None = None):
     assert stats["lost"] == 0 and stats["5xx"] == 0 and stats["server_5xx"] == 0, stats
     assert stats["good"] > 0 and stats["hostile"] > 0 and stats["disconnects"] > 0 and stats["timeouts"] > 0, stats
-    assert stats["rss_slope_mib_per_min"] < slope_bound, stats
+    if slope_bound is not None:
+        assert stats["rss_slope_mib_per_min"] < slope_bound, stats
+    if growth_bound is not None:
+        assert stats["rss_peak_mib"] - stats["rss_start_mib"] < growth_bound, stats
 
 
 def test_soak_short(bundles, ref):  # noqa: F811
-    check(soak(bundles[0], ref, seconds=15), slope_bound=200.0)  # 15 s: warm-up dominates the slope; bounded loosely
+    # 15 s is all warm-up (arenas, first allocations): its slope says nothing, so the growth is bounded instead
+    # (about 100 MiB seen alone and beside the whole suite); the long run bounds the slope
+    check(soak(bundles[0], ref, seconds=15), growth_bound=400.0)
 
 
 @pytest.mark.slow

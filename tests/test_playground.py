@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -35,11 +34,12 @@ except ImportError:
     pytest.skip("playwright is not installed: pip install 'larp_rt[dev]' (scripts/install_browser.sh installs it "
                 "and chromium)", allow_module_level=True)
 
+import test_serving_http as serving_test  # noqa: E402
 from larp_rt.export import export_bundle  # noqa: E402
 from larp_rt.training.data import SyntheticVideos  # noqa: E402
 
 from larp_rt import Engine, SamplingParams  # noqa: E402
-from larp_rt.serving.app import build_server  # noqa: E402
+from larp_rt.serving.app import DEFAULT_MAX_BODY_BYTES  # noqa: E402
 from larp_rt.video import fit_clip, read_video, to_frames, write_video  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,31 +88,12 @@ def ref(bundle):
     return Engine(bundle, backend="onnxruntime", threads=1)
 
 
-class Running:
-    """A LarpServer on a thread over its own engine; ``stop()`` is idempotent and bounded."""
+class Running(serving_test.Running):
+    """test_serving_http's server over its own engine of ``bundle``, with the server's default body limit."""
 
     def __init__(self, bundle, **kw):
-        self.server = build_server(Engine(bundle, backend="onnxruntime", threads=1), host="127.0.0.1", port=0,
-                                   log_level="warning", **kw)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + WAIT
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(WAIT)
-        if self.thread.is_alive():  # work in flight did not finish: give up on it rather than hang the suite
-            self.server.force_exit = True
-            self.thread.join(WAIT)
-        self.sock.close()
+        kw.setdefault("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+        super().__init__(Engine(bundle, backend="onnxruntime", threads=1), **kw)
 
 
 @pytest.fixture

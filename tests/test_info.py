@@ -260,7 +260,7 @@ def test_a_manifest_claiming_another_tensorrt_is_refused_before_any_gpu_probe(pl
             "1.8.0.40") in out
     assert f"  fix: larp-rt build {dst} --trt rtx --batch 1" in out
     probed = []
-    monkeypatch.setattr(trt_backend, "probe_gpus", lambda *a, **k: probed.append(1) or ([], "no GPU (test)"))
+    monkeypatch.setattr(trt_backend.device, "probe_gpus", lambda *a, **k: probed.append(1) or ([], "no GPU (test)"))
     with pytest.raises(trt_backend.PlanMismatchError, match="built with tensorrt-rtx 1.8.0.40.*rebuild with `larp-rt "
                                                             f"build {dst} --trt rtx") as ei:
         Engine(dst, backend="tensorrt")

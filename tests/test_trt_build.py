@@ -327,7 +327,7 @@ def test_no_float64_in_plans(built):
 
 
 def test_the_device_kernels_compile_for_every_target():
-    """The backend's KV-write / gather kernels (NVRTC source in backends/tensorrt.py) compile to PTX for every
+    """The backend's KV-write / gather kernels (NVRTC source: backends/tensorrt/kv_kernels.cu) compile to PTX for every
     compute capability the plans target; NVRTC runs without a GPU."""
     try:
         ptx = {cc: trt_backend.compile_ptx(cc) for cc in ["7.5", *trt_build.RTX_DEFAULT_CC]}

@@ -162,7 +162,7 @@ class FakeContext:
 def make_fake_plan(cudart):
     import onnxruntime as ort
 
-    class FakePlan(tb._Plan):
+    class FakePlan(tb.LoadedPlan):
         def __init__(self, be, name, entry):
             self.be, self.name, self.entry = be, name, entry
             self.session = ort.InferenceSession(str(be.bundle.path / entry["onnx"]), providers=["CPUExecutionProvider"])
@@ -271,10 +271,10 @@ def emulated_engine(bundle, monkeypatch, *, device_sampler: bool, graphs: bool =
     cudart = FakeCudart()
     from larp_rt import kernels
 
-    monkeypatch.setattr(tb, "_cudart", lambda: cudart)
-    monkeypatch.setattr(tb, "_Plan", make_fake_plan(cudart))
-    monkeypatch.setattr(tb, "machine", lambda probe=True: tb.Machine(
-        {"tensorrt-rtx": tb._installed("tensorrt-rtx"), "tensorrt": None},
+    monkeypatch.setattr(tb.backend, "load_cudart", lambda: cudart)  # patched where TensorRTBackend looks them up
+    monkeypatch.setattr(tb.backend, "LoadedPlan", make_fake_plan(cudart))
+    monkeypatch.setattr(tb.backend, "machine", lambda probe=True: tb.Machine(
+        {"tensorrt-rtx": tb.installed_version("tensorrt-rtx"), "tensorrt": None},
         ({"index": 0, "name": "emulated", "cc": "8.6"},) if probe else ()))
     monkeypatch.setattr(tb.TensorRTBackend, "kernels", lambda self: FakeKernels(cudart))
     monkeypatch.setattr(kernels, "cuda_library", lambda: object() if device_sampler else None)

@@ -67,6 +67,9 @@ from .media import DECODE_CHUNK as DECODE_CHUNK
 from .media import MEDIA as MEDIA
 from .metrics import ServingMetrics
 from .openapi import API_DESCRIPTION, DOCS_STATIC, ERRORS, finish_schema
+from .openapi import BINARY as BINARY
+from .routes.info import PLAYGROUND as PLAYGROUND
+from .routes.info import PLAYGROUND_CSP as PLAYGROUND_CSP
 from .scheduler import Scheduler
 from .state import State
 from .streaming import HEARTBEAT_S as HEARTBEAT_S

@@ -6,6 +6,8 @@ Each constrained field carries its rule (``RULES``): the same words go into the 
 Unknown fields are refused (``extra="forbid"``). Ints and bools are strict (``true`` is no class id, ``"3"`` is
 no seed); a float field takes a JSON int. The limits a model cannot know (the bundle's class count, codebook size
 and vocabulary, the server's batch and queue) are checked by the Engine / the route, with the Engine's message.
+``validate_body`` parses a body outside FastAPI's signature (``/v1/score`` takes two content types) with the same
+messages; ``tokens_array`` turns validated token lists into the (B, N) array the Engine takes.
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from ..sampling import MAX_CFG_SCALE, MAX_SEED, MAX_TEMPERATURE, MIN_TOP_P, PARAM_RULES
+from .errors import HTTPError
 
 __all__ = [
     "RULES", "DecodeFormat", "MAX_CLASS_IDS", "MIN_FPS", "MAX_TOKEN_ROWS", "MAX_FPS", "MAX_SCALE", "MAX_UPLOADS",
     "GenerateRequest", "DecodeRequest", "ScoreTokensRequest", "PredictForm", "EncodeForm", "ScoreUploadForm",
     "GenerateResult", "ModelsInfo", "PredictResult", "EncodeResult", "ScoreResult", "ErrorBody", "Health",
-    "validation_message",
+    "validation_message", "validate_body", "tokens_array",
 ]
 
 MAX_CLASS_IDS = 1024  # the schema's cap; a server holds at most max_batch + max_queue (GET /v1/models says)
@@ -275,3 +279,27 @@ def validation_message(errors: list[dict], fields: list[str], route: str) -> tup
 
 def _json_kind(value: Any) -> str:
     return {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "value")
+
+
+def validate_body(model, data, route: str):
+    """A body parsed outside FastAPI's signature (one route, two content types): the same errors as the others."""
+    try:
+        if isinstance(data, (bytes, bytearray)):
+            if not data.strip():
+                raise HTTPError(400, "the request body is empty: send a JSON object (Content-Type: application/json)")
+            return model.model_validate_json(data)
+        return model.model_validate(data)
+    except ValidationError as e:
+        status, message = validation_message(e.errors(), list(model.model_fields), route)
+        raise HTTPError(status, message) from None
+    except RecursionError:
+        raise HTTPError(400, "malformed JSON body: nested too deeply") from None
+
+
+def tokens_array(tokens: list) -> np.ndarray:
+    """The validated token lists -> (B, N); rows of unequal length are the one thing the model cannot say."""
+    try:
+        x = np.asarray(tokens, dtype=np.int64)
+    except (ValueError, OverflowError) as e:
+        raise HTTPError(400, f"tokens must be a (B, N) list of lists of ints of equal length: {e}") from None
+    return x[None] if x.ndim == 1 else x

@@ -141,14 +141,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
            progress: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     dev = d.device
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-    cache = Path(cfg.token_cache) if cfg.token_cache else out / "tokens.npz"
-    if d.main:
-        data = extract_tokens(cfg, cache, device=dev)
-    d.barrier()
-    if not d.main:
-        data = extract_tokens(cfg, cache, device=dev)  # reads the cache rank 0 wrote
+    data = _tokens(cfg, out, d)
     t_tokens = time.perf_counter() - t_start
     from ..checkpoint import read_config
 
@@ -184,11 +177,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
         mult = cosine_lr(step, steps=cfg.steps, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        with autocast():
-            logits = net(labels, tokens[:, :-1], generator=gen)  # (B, N, V): row j predicts token j
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-        opt.zero_grad(set_to_none=True)
-        backward_step(loss, opt, model.parameters(), cfg.grad_clip, scaler)
+        loss = _train_step(cfg, net, model, opt, tokens, labels, gen, autocast, scaler)
         done = step + 1
         rec = {"loss": float(d.mean(loss.detach())), "lr": cfg.lr * mult}
         if cfg.val_every and done % cfg.val_every == 0 and d.main:
@@ -213,11 +202,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
 
     val_loss = None
     if d.main:
-        val_loss = validation_loss(model, data["val_tokens"], data["val_labels"], device=dev)
-        wall = time.perf_counter() - t_start
-        save_pretrained(model, out, extra={"training": cfg.to_dict(), "steps": cfg.steps,
-                                           "val": {"loss": val_loss, "clips": int(len(data["val_tokens"]))},
-                                           "train_wall_s": round(wall, 1), "world_size": d.world_size})
+        val_loss = _save_final(cfg, out, d, model, data, t_start)
         if cfg.keep_resume and history:
             save_state(out, step, model=model, optimizers={"main": opt}, generator=gen, meta=meta_out)
         elif not cfg.keep_resume:
@@ -226,3 +211,38 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
     d.barrier()
     result.update(val_loss=val_loss, wall_s=time.perf_counter() - t_start)
     return result
+
+
+def _train_step(cfg: GeneratorTrainConfig, net: torch.nn.Module, model: LARPGenerator, opt: torch.optim.Optimizer,
+                tokens: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, autocast, scaler) -> torch.Tensor:
+    """Teacher-forced cross-entropy on (B, N) ``tokens`` of class ``labels``, backward, step; returns the loss."""
+    with autocast():
+        logits = net(labels, tokens[:, :-1], generator=gen)  # (B, N, V): row j predicts token j
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+    opt.zero_grad(set_to_none=True)
+    backward_step(loss, opt, model.parameters(), cfg.grad_clip, scaler)
+    return loss
+
+
+def _tokens(cfg: GeneratorTrainConfig, out: Path, d) -> dict[str, np.ndarray]:
+    """The token arrays: rank 0 extracts (or reads) the cache, then the other ranks read what it wrote."""
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cfg.token_cache) if cfg.token_cache else out / "tokens.npz"
+    if d.main:
+        data = extract_tokens(cfg, cache, device=d.device)
+    d.barrier()
+    if not d.main:
+        data = extract_tokens(cfg, cache, device=d.device)  # reads the cache rank 0 wrote
+    return data
+
+
+def _save_final(cfg: GeneratorTrainConfig, out: Path, d, model: LARPGenerator, data: dict[str, np.ndarray],
+                t_start: float) -> float:
+    """Held-out loss, then the final checkpoint with it (rank 0); returns the loss."""
+    val_loss = validation_loss(model, data["val_tokens"], data["val_labels"], device=d.device)
+    wall = time.perf_counter() - t_start
+    save_pretrained(model, out, extra={"training": cfg.to_dict(), "steps": cfg.steps,
+                                       "val": {"loss": val_loss, "clips": int(len(data["val_tokens"]))},
+                                       "train_wall_s": round(wall, 1), "world_size": d.world_size})
+    return val_loss

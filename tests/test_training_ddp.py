@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,6 +121,17 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def _assert_close_to_one_process(weights: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert weights.keys() == ref.keys()
+    for k in ref:
+        if k.endswith("attn.key.bias"):
+            # softmax is shift-invariant, so a key bias's gradient is 0 in exact arithmetic: AdamW (g / sqrt(v))
+            # turns the rounding noise of either run into full steps, and the two runs' noise differs
+            continue
+        torch.testing.assert_close(weights[k], ref[k], rtol=1e-4, atol=2e-5,
+                                   msg=lambda m, k=k: f"{k} vs one process: {m}")
+
+
 def _check_against_one_process(kind: str, cfg: dict, tmp_path: Path) -> None:
     res = tmp_path / "ranks"
     _spawn_ddp(kind, cfg, tmp_path / "ddp", res)
@@ -127,15 +141,11 @@ def _check_against_one_process(kind: str, cfg: dict, tmp_path: Path) -> None:
     w0, w1 = _load(res / "rank0.safetensors"), _load(res / "rank1.safetensors")
     ref = _load(tmp_path / "one" / "model.safetensors")
     saved = _load(tmp_path / "ddp" / "model.safetensors")  # what rank 0 wrote as the final checkpoint
-    assert w0.keys() == w1.keys() == ref.keys() == saved.keys()
-    for k in ref:
+    assert w0.keys() == w1.keys() == saved.keys()
+    for k in w0:
         assert torch.equal(w0[k], w1[k]), f"{k}: the ranks' weights differ after {cfg['steps']} steps"
         assert torch.equal(w0[k], saved[k]), f"{k}: the saved checkpoint is not rank 0's final model"
-        if k.endswith("attn.key.bias"):
-            # softmax is shift-invariant, so a key bias's gradient is 0 in exact arithmetic: AdamW (g / sqrt(v))
-            # turns the rounding noise of either run into full steps, and the two runs' noise differs
-            continue
-        torch.testing.assert_close(w0[k], ref[k], rtol=1e-4, atol=2e-5, msg=lambda m, k=k: f"{k} vs one process: {m}")
+    _assert_close_to_one_process(w0, ref)
 
     extra = sorted(p.name for p in res.glob("rank0.*.safetensors"))  # the discriminator
     for name in extra:
@@ -167,3 +177,32 @@ def test_ddp_generator_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     torch.manual_seed(0)
     save_pretrained(LARPTokenizer(TokenizerConfig.from_name("tiny", **SMALL)), tmp_path / "tok")
     _check_against_one_process("generator", {**GEN, "tokenizer": str(tmp_path / "tok")}, tmp_path)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_two_ranks_equal_one_process(tmp_path):
+    """The README's launch: ``torchrun --nproc_per_node 2 -m larp_rt.cli train tokenizer ...`` (~15 s more than the
+    spawned runs: torchrun's own start-up)."""
+    from larp_rt.training.train_tokenizer import train_tokenizer
+
+    (tmp_path / "cfg.json").write_text(json.dumps(TOK))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), "-m", "larp_rt.cli", "train", "tokenizer", "--out",
+           str(tmp_path / "ddp"), "--config", str(tmp_path / "cfg.json"), "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        stdout, stderr = proc.communicate(timeout=JOIN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+        proc.communicate()
+        pytest.fail(f"torchrun did not finish in {JOIN_TIMEOUT_S:.0f} s (a rank hangs)")
+    assert proc.returncode == 0, stderr[-4000:]
+    reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1 and reports[0]["steps_done"] == TOK["steps"], stdout  # rank 0 alone reports
+    assert "psnr" in reports[0]["val"]
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == WORLD
+
+    train_tokenizer(TokenizerTrainConfig.from_dict(TOK), tmp_path / "one", progress=False, device="cpu")
+    _assert_close_to_one_process(_load(tmp_path / "ddp" / "model.safetensors"),
+                                 _load(tmp_path / "one" / "model.safetensors"))

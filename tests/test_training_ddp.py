@@ -96,13 +96,33 @@ def _worker(rank: int, port: int, kind: str, cfg: dict, out: str, result_dir: st
          "process_group_left": torch.distributed.is_initialized()}))
 
 
-def _spawn_ddp(kind: str, cfg: dict, out: Path, result_dir: Path) -> None:
-    """Run ``_worker`` on WORLD ranks; a rank that fails, or hangs past JOIN_TIMEOUT_S, fails the test."""
+def _resume_worker(rank: int, port: int, cfg: dict, root: str, result_dir: str) -> None:
+    """One rank of three tokenizer runs in one process group: uninterrupted, then stopped half-way and resumed."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=WORLD)
+    try:
+        from larp_rt.training.train_tokenizer import train_tokenizer
+
+        c = TokenizerTrainConfig.from_dict(cfg)
+        full = train_tokenizer(c, Path(root) / "full", progress=False, device="cpu")["history"]
+        part = train_tokenizer(c, Path(root) / "split", stop_after=cfg["steps"] // 2, progress=False, device="cpu")
+        rest = train_tokenizer(c, Path(root) / "split", progress=False, device="cpu")
+        (Path(result_dir) / f"rank{rank}.json").write_text(json.dumps(
+            {"full": full, "split": part["history"] + rest["history"]}))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _spawn_ddp(kind: str, cfg: dict, out: Path, result_dir: Path, worker=_worker) -> None:
+    """Run ``worker`` on WORLD ranks; a rank that fails, or hangs past JOIN_TIMEOUT_S, fails the test."""
     import torch.multiprocessing as mp
 
     result_dir.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_worker, args=(_free_port(), kind, cfg, str(out), str(result_dir)), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    args = (_free_port(), kind, cfg, str(out), str(result_dir)) if worker is _worker else \
+        (_free_port(), cfg, str(out), str(result_dir))
+    ctx = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
@@ -177,6 +197,23 @@ def test_ddp_generator_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     torch.manual_seed(0)
     save_pretrained(LARPTokenizer(TokenizerConfig.from_name("tiny", **SMALL)), tmp_path / "tok")
     _check_against_one_process("generator", {**GEN, "tokenizer": str(tmp_path / "tok")}, tmp_path)
+
+
+def test_ddp_resume_continues_every_rank_s_random_stream(tmp_path):
+    """Stopped half-way and resumed at world size 2, a run with the stochastic SVQ, dropout and scheduled sampling
+    on retraces the uninterrupted one: each rank gets its own RNG streams back, not rank 0's."""
+    cfg = {**TOK, "model_overrides": SMALL, "prior_overrides": {"dim": 32, "depth": 1, "heads": 2}, "steps": 4,
+           "ckpt_every": 0, "gan_weight": 0.0}
+    _spawn_ddp("tokenizer", cfg, tmp_path, tmp_path / "ranks", worker=_resume_worker)
+    r0, r1 = (json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(WORLD))
+    assert r0 == r1
+    assert [h["step"] for h in r0["split"]] == list(range(cfg["steps"]))
+    for a, b in zip(r0["full"], r0["split"], strict=True):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (k, a, b)
+    full, split = (_load(tmp_path / name / "model.safetensors") for name in ("full", "split"))
+    for k in full:
+        torch.testing.assert_close(split[k], full[k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from .common import (
     autocast_for,
     backward_step,
     cosine_lr,
+    gather_rng,
     param_groups,
     save_state,
     seed_and_resume,
@@ -185,8 +186,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
         history.append({"step": step, **rec})
         bar.update(done, rec, write=(done % cfg.log_every == 0) or done == cfg.steps or "val_loss" in rec)
         if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
-            if d.main:
-                save_state(out, done, model=model, optimizers={"main": opt}, generator=gen, meta=meta_out)
+            _save_resume(out, done, d, model, opt, gen, meta_out)
             d.barrier()
         step = done
     bar.close()
@@ -194,8 +194,8 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
     result: dict[str, Any] = {"history": history, "steps_done": step, "out": str(out), "config": gcfg.to_dict(),
                               "token_wall_s": t_tokens}
     if step < cfg.steps:
-        if d.main and history:
-            save_state(out, step, model=model, optimizers={"main": opt}, generator=gen, meta=meta_out)
+        if history:
+            _save_resume(out, step, d, model, opt, gen, meta_out)
         d.barrier()
         result["wall_s"] = time.perf_counter() - t_start
         return result
@@ -203,10 +203,11 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
     val_loss = None
     if d.main:
         val_loss = _save_final(cfg, out, d, model, data, t_start)
-        if cfg.keep_resume and history:
-            save_state(out, step, model=model, optimizers={"main": opt}, generator=gen, meta=meta_out)
-        elif not cfg.keep_resume:
-            shutil.rmtree(out / "resume", ignore_errors=True)
+    if cfg.keep_resume and history:
+        _save_resume(out, step, d, model, opt, gen, meta_out)
+    elif not cfg.keep_resume and d.main:
+        shutil.rmtree(out / "resume", ignore_errors=True)
+    if d.main:
         log.info("generator saved to %s: val loss %.4f", out, val_loss)
     d.barrier()
     result.update(val_loss=val_loss, wall_s=time.perf_counter() - t_start)
@@ -222,6 +223,14 @@ def _train_step(cfg: GeneratorTrainConfig, net: torch.nn.Module, model: LARPGene
     opt.zero_grad(set_to_none=True)
     backward_step(loss, opt, model.parameters(), cfg.grad_clip, scaler)
     return loss
+
+
+def _save_resume(out: Path, step: int, d, model: LARPGenerator, opt: torch.optim.Optimizer, gen: torch.Generator,
+                 meta: dict[str, Any]) -> None:
+    """Rank 0 writes the resumable state, with every rank's RNG streams (a collective: every rank calls it)."""
+    rng = gather_rng(gen, d)
+    if d.main:
+        save_state(out, step, model=model, optimizers={"main": opt}, generator=gen, meta=meta, rng=rng)
 
 
 def _tokens(cfg: GeneratorTrainConfig, out: Path, d) -> dict[str, np.ndarray]:

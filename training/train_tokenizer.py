@@ -43,6 +43,7 @@ from .common import (
     autocast_for,
     backward_step,
     cosine_lr,
+    gather_rng,
     param_groups,
     save_state,
     seed_and_resume,
@@ -174,15 +175,14 @@ def _train(cfg: TokenizerTrainConfig, out: Path, d, *, resume: bool, stop_after:
         done = step + 1
         bar.update(done, rec, write=(done % cfg.log_every == 0) or done == cfg.steps)
         if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
-            if d.main:
-                _save_resume(run, done)
+            _save_resume(run, done)
             d.barrier()
         step = done
     bar.close()
 
     result: dict[str, Any] = {"history": history, "steps_done": step, "out": str(out), "config": run.tcfg.to_dict()}
     if step < cfg.steps:  # interrupted on purpose: leave a resumable state
-        if d.main and history:
+        if history:
             _save_resume(run, step)
         d.barrier()
         result["wall_s"] = time.perf_counter() - t_start
@@ -326,8 +326,11 @@ def _losses(run: _Run, video: torch.Tensor, *, ss: float, continuous: bool,
 
 
 def _save_resume(run: _Run, step: int) -> None:
-    save_state(run.out, step, model=run.model, optimizers=run.optimizers, generator=run.gen, modules=run.modules,
-               meta=run.meta_out)
+    """Rank 0 writes the resumable state, with every rank's RNG streams (a collective: every rank calls it)."""
+    rng = gather_rng(run.gen, run.d)
+    if run.d.main:
+        save_state(run.out, step, model=run.model, optimizers=run.optimizers, generator=run.gen, modules=run.modules,
+                   meta=run.meta_out, rng=rng)
 
 
 def _finish(run: _Run, step: int, *, ran_steps: bool, t_start: float) -> dict[str, float]:
@@ -343,10 +346,11 @@ def _finish(run: _Run, step: int, *, ran_steps: bool, t_start: float) -> dict[st
         wall = time.perf_counter() - t_start
         save_pretrained(run.model, out, extra={"training": cfg.to_dict(), "steps": cfg.steps, "val": val,
                                                "train_wall_s": round(wall, 1), "world_size": d.world_size})
-        if cfg.keep_resume and ran_steps:  # (a finished run resumed again keeps its state as it was)
-            _save_resume(run, step)
-        elif not cfg.keep_resume:
-            shutil.rmtree(out / "resume", ignore_errors=True)
+    if cfg.keep_resume and ran_steps:  # (a finished run resumed again keeps its state as it was)
+        _save_resume(run, step)
+    elif not cfg.keep_resume and d.main:
+        shutil.rmtree(out / "resume", ignore_errors=True)
+    if d.main:
         log.info("tokenizer saved to %s: val %s", out, val)
     d.barrier()
     return val

@@ -12,7 +12,10 @@ so the one-process run sees exactly rank 0's batch followed by rank 1's. After a
 The comparison needs the same forward on both sides, so every random draw is made harmless: no dropout, no class
 dropout, no scheduled sampling, and an SVQ temperature so low that sampling picks the nearest code (the ranks'
 generators are seeded per rank, a single process has one). The SVQ, the prior, the codebook re-initialisation at
-the end of the quantizer warm-up and a rank-0 checkpoint mid-run are all on the path.
+the end of the quantizer warm-up, the GAN and a rank-0 checkpoint mid-run are all on the path.
+
+Also: a run stopped half-way and resumed at world size 2 retraces the uninterrupted one (each rank's RNG streams
+are saved and restored), and (slow) the README's ``torchrun --nproc_per_node 2 -m larp_rt.cli train tokenizer``.
 """
 
 from __future__ import annotations

@@ -173,7 +173,11 @@ def _cmd_compare_prior(args: argparse.Namespace) -> int:
 
 
 def _report(d: dict) -> None:
-    print(json.dumps(d, default=float))
+    """The verb's JSON result on stdout, from rank 0 only under torchrun (the others have no metrics to report)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(d, default=float))
 
 
 def register(subparsers) -> None:

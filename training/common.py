@@ -3,7 +3,7 @@
 Resumable state of a run lives in ``<out>/resume/step_XXXXXXXX/``:
 
     model/config.json + model/model.safetensors   (larp_rt.save_pretrained)
-    state.safetensors                              optimizer tensors, RNG states, extra modules (never pickle)
+    state.safetensors                              optimizer tensors, each rank's RNG states, extra modules (no pickle)
     state.json                                     step, optimizer hyper-parameters, training config
 
 ``<out>/resume/latest`` names the newest complete one (written last, so a crash never points at a partial one).
@@ -30,7 +30,7 @@ from torch import nn
 from ..checkpoint import save_pretrained
 
 __all__ = ["Dist", "setup_dist", "cosine_lr", "autocast_for", "save_state", "load_state", "latest_state",
-           "Progress", "param_groups"]
+           "Progress", "param_groups", "gather_rng"]
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +177,34 @@ def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return out
 
 
+def _rank_suffix(rank: int) -> str:
+    """Rank 0's RNG states keep the plain names (states written by one process read the same), rank r > 0's
+    end in ``.rank{r}``."""
+    return "" if rank == 0 else f".rank{rank}"
+
+
+def gather_rng(generator: torch.Generator, d: Dist) -> dict[str, torch.Tensor]:
+    """Every rank's RNG states (``rng.train``, ``rng.torch`` [, ``rng.cuda``] per rank) for ``save_state``.
+
+    A collective under DDP: every rank calls it, rank 0 writes the result. Each rank draws its own SVQ samples,
+    dropout masks and labels, so a resumed run needs each rank's streams back, not copies of rank 0's.
+    """
+    mine = _rng_tensors(generator)
+    if not (d.enabled and d.world_size > 1):
+        return mine
+    every: list[Any] = [None] * d.world_size
+    dist.all_gather_object(every, mine)
+    return {k + _rank_suffix(r): v.cpu() for r, states in enumerate(every) for k, v in states.items()}
+
+
 def save_state(out: Path, step: int, *, model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],
                generator: torch.Generator, modules: Mapping[str, nn.Module] | None = None,
-               meta: Mapping[str, Any] | None = None, keep_last: int = 1) -> Path:
-    """Write a resumable state for ``step`` (steps done) under ``out/resume`` and point ``latest`` at it."""
+               meta: Mapping[str, Any] | None = None, keep_last: int = 1,
+               rng: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write a resumable state for ``step`` (steps done) under ``out/resume`` and point ``latest`` at it.
+
+    ``rng``: the RNG states to store (``gather_rng``: every rank's); default: this process's, from ``generator``.
+    """
     from safetensors.torch import save_file
 
     root = out / "resume"
@@ -189,7 +213,7 @@ def save_state(out: Path, step: int, *, model: nn.Module, optimizers: Mapping[st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_pretrained(model, tmp / "model", extra={"training_step": step})
-    tensors: dict[str, torch.Tensor] = dict(_rng_tensors(generator))
+    tensors: dict[str, torch.Tensor] = dict(rng if rng is not None else _rng_tensors(generator))
     opt_meta = {}
     for name, opt in optimizers.items():
         t, m = _optimizer_tensors(opt, f"opt.{name}")
@@ -231,7 +255,7 @@ def seed_and_resume(out: Path, cfg, d, *, resume: bool, model: nn.Module,
     start = 0
     state = latest_state(out) if resume else None
     if state is not None:
-        meta = load_state(state, model=model, optimizers=optimizers, generator=gen, modules=modules)
+        meta = load_state(state, model=model, optimizers=optimizers, generator=gen, modules=modules, rank=d.rank)
         check_resume_config(meta.get("training", {}), cfg.to_dict(), state)
         start = int(meta["step"])
         if d.main:
@@ -242,8 +266,12 @@ def seed_and_resume(out: Path, cfg, d, *, resume: bool, model: nn.Module,
 
 
 def load_state(path: Path, *, model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],
-               generator: torch.Generator, modules: Mapping[str, nn.Module] | None = None) -> dict:
-    """Restore model, optimizers, RNG states and extra modules from ``save_state``; return state.json."""
+               generator: torch.Generator, modules: Mapping[str, nn.Module] | None = None, rank: int = 0) -> dict:
+    """Restore model, optimizers, RNG states and extra modules from ``save_state``; return state.json.
+
+    ``rank``'s RNG states are restored; a rank the state has none for (it was written by fewer processes) keeps
+    the streams it was seeded with.
+    """
     from safetensors.torch import load_file
 
     from ..checkpoint import check_state_dict
@@ -258,10 +286,12 @@ def load_state(path: Path, *, model: nn.Module, optimizers: Mapping[str, torch.o
     for name, mod in (modules or {}).items():
         head = f"module.{name}."
         mod.load_state_dict({k[len(head):]: v for k, v in tensors.items() if k.startswith(head)})
-    torch.set_rng_state(tensors["rng.torch"])
-    generator.set_state(tensors["rng.train"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    sfx = _rank_suffix(rank)
+    if f"rng.train{sfx}" in tensors:
+        torch.set_rng_state(tensors[f"rng.torch{sfx}"])
+        generator.set_state(tensors[f"rng.train{sfx}"])
+        if f"rng.cuda{sfx}" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors[f"rng.cuda{sfx}"])
     return meta
 
 

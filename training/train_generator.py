@@ -29,6 +29,7 @@ from .common import (
     autocast_for,
     backward_step,
     cosine_lr,
+    gather_rng,
     param_groups,
     save_state,
     seed_and_resume,
@@ -141,14 +142,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
            progress: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     dev = d.device
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-    cache = Path(cfg.token_cache) if cfg.token_cache else out / "tokens.npz"
-    if d.main:
-        data = extract_tokens(cfg, cache, device=dev)
-    d.barrier()
-    if not d.main:
-        data = extract_tokens(cfg, cache, device=dev)  # reads the cache rank 0 wrote
+    data = _tokens(cfg, out, d)
     t_tokens = time.perf_counter() - t_start
     from ..checkpoint import read_config
 
@@ -184,11 +178,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
         mult = cosine_lr(step, steps=cfg.steps, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        with autocast():
-            logits = net(labels, tokens[:, :-1], generator=gen)  # (B, N, V): row j predicts token j
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-        opt.zero_grad(set_to_none=True)
-        backward_step(loss, opt, model.parameters(), cfg.grad_clip, scaler)
+        loss = _train_step(cfg, net, model, opt, tokens, labels, gen, autocast, scaler)
         done = step + 1
         rec = {"loss": float(d.mean(loss.detach())), "lr": cfg.lr * mult}
         if cfg.val_every and done % cfg.val_every == 0 and d.main:
@@ -196,8 +186,7 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
         history.append({"step": step, **rec})
         bar.update(done, rec, write=(done % cfg.log_every == 0) or done == cfg.steps or "val_loss" in rec)
         if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
-            if d.main:
-                save_state(out, done, model=model, optimizers={"main": opt}, generator=gen, meta=meta_out)
+            _save_resume(out, done, d, model, opt, gen, meta_out)
             d.barrier()
         step = done
     bar.close()
@@ -205,24 +194,64 @@ def _train(cfg: GeneratorTrainConfig, out: Path, d, *, resume: bool, stop_after:
     result: dict[str, Any] = {"history": history, "steps_done": step, "out": str(out), "config": gcfg.to_dict(),
                               "token_wall_s": t_tokens}
     if step < cfg.steps:
-        if d.main and history:
-            save_state(out, step, model=model, optimizers={"main": opt}, generator=gen, meta=meta_out)
+        if history:
+            _save_resume(out, step, d, model, opt, gen, meta_out)
         d.barrier()
         result["wall_s"] = time.perf_counter() - t_start
         return result
 
     val_loss = None
     if d.main:
-        val_loss = validation_loss(model, data["val_tokens"], data["val_labels"], device=dev)
-        wall = time.perf_counter() - t_start
-        save_pretrained(model, out, extra={"training": cfg.to_dict(), "steps": cfg.steps,
-                                           "val": {"loss": val_loss, "clips": int(len(data["val_tokens"]))},
-                                           "train_wall_s": round(wall, 1), "world_size": d.world_size})
-        if cfg.keep_resume and history:
-            save_state(out, step, model=model, optimizers={"main": opt}, generator=gen, meta=meta_out)
-        elif not cfg.keep_resume:
-            shutil.rmtree(out / "resume", ignore_errors=True)
+        val_loss = _save_final(cfg, out, d, model, data, t_start)
+    if cfg.keep_resume and history:
+        _save_resume(out, step, d, model, opt, gen, meta_out)
+    elif not cfg.keep_resume and d.main:
+        shutil.rmtree(out / "resume", ignore_errors=True)
+    if d.main:
         log.info("generator saved to %s: val loss %.4f", out, val_loss)
     d.barrier()
     result.update(val_loss=val_loss, wall_s=time.perf_counter() - t_start)
     return result
+
+
+def _train_step(cfg: GeneratorTrainConfig, net: torch.nn.Module, model: LARPGenerator, opt: torch.optim.Optimizer,
+                tokens: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, autocast, scaler) -> torch.Tensor:
+    """Teacher-forced cross-entropy on (B, N) ``tokens`` of class ``labels``, backward, step; returns the loss."""
+    with autocast():
+        logits = net(labels, tokens[:, :-1], generator=gen)  # (B, N, V): row j predicts token j
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+    opt.zero_grad(set_to_none=True)
+    backward_step(loss, opt, model.parameters(), cfg.grad_clip, scaler)
+    return loss
+
+
+def _save_resume(out: Path, step: int, d, model: LARPGenerator, opt: torch.optim.Optimizer, gen: torch.Generator,
+                 meta: dict[str, Any]) -> None:
+    """Rank 0 writes the resumable state, with every rank's RNG streams (a collective: every rank calls it)."""
+    rng = gather_rng(gen, d)
+    if d.main:
+        save_state(out, step, model=model, optimizers={"main": opt}, generator=gen, meta=meta, rng=rng)
+
+
+def _tokens(cfg: GeneratorTrainConfig, out: Path, d) -> dict[str, np.ndarray]:
+    """The token arrays: rank 0 extracts (or reads) the cache, then the other ranks read what it wrote."""
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cfg.token_cache) if cfg.token_cache else out / "tokens.npz"
+    if d.main:
+        data = extract_tokens(cfg, cache, device=d.device)
+    d.barrier()
+    if not d.main:
+        data = extract_tokens(cfg, cache, device=d.device)  # reads the cache rank 0 wrote
+    return data
+
+
+def _save_final(cfg: GeneratorTrainConfig, out: Path, d, model: LARPGenerator, data: dict[str, np.ndarray],
+                t_start: float) -> float:
+    """Held-out loss, then the final checkpoint with it (rank 0); returns the loss."""
+    val_loss = validation_loss(model, data["val_tokens"], data["val_labels"], device=d.device)
+    wall = time.perf_counter() - t_start
+    save_pretrained(model, out, extra={"training": cfg.to_dict(), "steps": cfg.steps,
+                                       "val": {"loss": val_loss, "clips": int(len(data["val_tokens"]))},
+                                       "train_wall_s": round(wall, 1), "world_size": d.world_size})
+    return val_loss

@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from .common import (
     autocast_for,
     backward_step,
     cosine_lr,
+    gather_rng,
     param_groups,
     save_state,
     seed_and_resume,
@@ -127,9 +130,70 @@ def train_tokenizer(cfg: TokenizerTrainConfig, out: str | Path, *, resume: bool 
         d.close()
 
 
+@dataclass
+class _Run:
+    """One tokenizer run as ``_setup`` builds it: the model (and its DDP wrapper), optimisers, losses, data."""
+
+    cfg: TokenizerTrainConfig
+    tcfg: TokenizerConfig
+    out: Path
+    d: Any  # common.Dist
+    model: LARPTokenizer
+    net: torch.nn.Module  # _TrainForward, under DDP when distributed
+    opt: torch.optim.Optimizer
+    optimizers: dict[str, torch.optim.Optimizer]  # "main" [+ "disc"]
+    modules: dict[str, torch.nn.Module]  # saved beside the model in resume states ("disc")
+    disc: torch.nn.Module | None
+    disc_net: torch.nn.Module | None  # disc, under DDP when distributed
+    lpips: torch.nn.Module | None
+    prior_w: float
+    gen: torch.Generator  # this rank's stream: SVQ sampling, scheduled sampling, GAN labels
+    start: int
+    train_ds: Any
+    val_ds: Any
+    loader: DataLoader
+    autocast: Callable[[], Any]
+    scaler: Any  # GradScaler (fp16) or None
+    meta_out: dict[str, Any] = field(default_factory=dict)
+
+
 def _train(cfg: TokenizerTrainConfig, out: Path, d, *, resume: bool, stop_after: int | None,
            progress: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
+    run = _setup(cfg, out, d, resume=resume)
+    bar = Progress(cfg.steps, run.start, "tokenizer", enabled=d.main and progress,
+                   log_path=out / "train_log.jsonl" if d.main else None)
+
+    history: list[dict[str, float]] = []
+    run.model.train()
+    step = run.start
+    for step, (video, _) in zip(range(run.start, cfg.steps), run.loader, strict=False):
+        if stop_after is not None and step >= stop_after:
+            break
+        rec = _train_step(run, step, video.to(d.device, non_blocking=True))  # (B, 3, T, H, W)
+        history.append({"step": step, **rec})
+        done = step + 1
+        bar.update(done, rec, write=(done % cfg.log_every == 0) or done == cfg.steps)
+        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
+            _save_resume(run, done)
+            d.barrier()
+        step = done
+    bar.close()
+
+    result: dict[str, Any] = {"history": history, "steps_done": step, "out": str(out), "config": run.tcfg.to_dict()}
+    if step < cfg.steps:  # interrupted on purpose: leave a resumable state
+        if history:
+            _save_resume(run, step)
+        d.barrier()
+        result["wall_s"] = time.perf_counter() - t_start
+        return result
+    val = _finish(run, step, ran_steps=bool(history), t_start=t_start)
+    result.update(val=val, wall_s=time.perf_counter() - t_start)
+    return result
+
+
+def _setup(cfg: TokenizerTrainConfig, out: Path, d, *, resume: bool) -> _Run:
+    """Model, optimisers and losses, this rank's RNG (+ the resumed state), data, signal init, DDP wrappers."""
     dev = d.device
     tcfg = tokenizer_config_for(cfg)
     if d.main:
@@ -146,21 +210,7 @@ def _train(cfg: TokenizerTrainConfig, out: Path, d, *, resume: bool, stop_after:
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     optimizers: dict[str, torch.optim.Optimizer] = {"main": opt}
     modules: dict[str, torch.nn.Module] = {}
-
-    disc = None
-    if cfg.gan_weight > 0:
-        from .losses import VideoDiscriminator
-
-        disc = VideoDiscriminator(tcfg, cfg.disc_dim, cfg.disc_depth, cfg.disc_heads).to(dev)
-        opt_d = torch.optim.AdamW(param_groups(disc, cfg.lr, cfg.weight_decay, name="disc"), lr=cfg.lr,
-                                  betas=tuple(cfg.betas))
-        optimizers["disc"] = opt_d
-        modules["disc"] = disc
-    lpips = None
-    if cfg.perceptual_weight > 0:
-        from .losses import LPIPS
-
-        lpips = LPIPS(cfg.perceptual_weights).to(dev)
+    disc, lpips = _extra_losses(cfg, tcfg, dev, optimizers, modules)
 
     # gen: SVQ sampling, scheduled sampling, GAN labels; the global stream: dropout
     gen, start = seed_and_resume(out, cfg, d, resume=resume, model=model, optimizers=optimizers, modules=modules)
@@ -183,100 +233,127 @@ def _train(cfg: TokenizerTrainConfig, out: Path, d, *, resume: bool, stop_after:
               find_unused_parameters=cfg.quantizer_warmup > 0) if d.enabled else step_fn
     disc_net = DDP(disc, device_ids=[dev.index] if dev.type == "cuda" else None) if (d.enabled and disc) else disc
     autocast, scaler = autocast_for(dev, cfg.precision)
-    meta_out = {"training": cfg.to_dict(), "world_size": d.world_size}
-    bar = Progress(cfg.steps, start, "tokenizer", enabled=d.main and progress,
-                   log_path=out / "train_log.jsonl" if d.main else None)
+    return _Run(cfg=cfg, tcfg=tcfg, out=out, d=d, model=model, net=net, opt=opt, optimizers=optimizers,
+                modules=modules, disc=disc, disc_net=disc_net, lpips=lpips, prior_w=prior_w, gen=gen, start=start,
+                train_ds=train_ds, val_ds=val_ds, loader=loader, autocast=autocast, scaler=scaler,
+                meta_out={"training": cfg.to_dict(), "world_size": d.world_size})
 
-    history: list[dict[str, float]] = []
-    model.train()
-    step = start
-    for step, (video, _) in zip(range(start, cfg.steps), loader, strict=False):
-        if stop_after is not None and step >= stop_after:
-            break
-        video = video.to(dev, non_blocking=True)  # (B, 3, T, H, W)
-        mult = cosine_lr(step, steps=cfg.steps, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
-        for o in optimizers.values():
-            for g in o.param_groups:
-                g["lr"] = g["base_lr"] * mult
-        ss = tcfg.prior.ss_ratio(step, cfg.steps) if tcfg.prior is not None else 0.0
-        continuous = step < cfg.quantizer_warmup
-        if cfg.quantizer_warmup and step == cfg.quantizer_warmup:  # switch: codebook <- latents (same on all ranks)
-            nxt = StepBatchSampler(len(train_ds), global_batch=cfg.batch_size, steps=step + 4, seed=cfg.data_seed)
-            vids = [collate([train_ds[i] for i, _ in nxt.batch(s)])[0].to(dev) for s in range(step, step + 4)]
-            cb_gen = torch.Generator(device=dev)
-            cb_gen.manual_seed(cfg.seed + 99)
-            init_codebook_from_latents(model, vids, cb_gen)
-        use_gan = disc is not None and step >= cfg.gan_start
 
-        with autocast():
-            o_ = net(video, ss_ratio=ss, generator=gen, continuous=continuous)
-            recon = o_["recon"].float()  # (B, 3, T, H, W) unclamped
-            l1 = (recon - video).abs().mean()
-            loss = cfg.l1_weight * l1 + cfg.vq_weight * o_["loss_q"]
-            logs = {"l1": l1.detach(), "vq": o_["loss_q"].detach()}
-            if "loss_prior" in o_:
-                loss = loss + prior_w * o_["loss_prior"]
-                logs["prior"], logs["prior_acc"] = o_["loss_prior"].detach(), o_["prior_acc"]
-            if lpips is not None:
-                lp = lpips(recon.clamp(0, 1), video)
-                loss = loss + cfg.perceptual_weight * lp
-                logs["lpips"] = lp.detach()
-            if use_gan:
-                disc.requires_grad_(False)
-                g_adv = _g_loss(disc_net(recon))
-                disc.requires_grad_(True)
-                loss = loss + cfg.gan_weight * g_adv
-                logs["g_adv"] = g_adv.detach()
-        opt.zero_grad(set_to_none=True)
-        backward_step(loss, opt, model.parameters(), cfg.grad_clip, scaler)
+def _extra_losses(cfg: TokenizerTrainConfig, tcfg: TokenizerConfig, dev: torch.device,
+                  optimizers: dict[str, torch.optim.Optimizer], modules: dict[str, torch.nn.Module]):
+    """(discriminator or None, LPIPS or None); the discriminator's optimiser and module join the run's dicts."""
+    disc = None
+    if cfg.gan_weight > 0:
+        from .losses import VideoDiscriminator
 
-        if use_gan and (step - cfg.gan_start) % cfg.disc_every == 0:
-            with autocast():
-                d_loss = _d_loss(disc_net(video), disc_net(recon.detach()), gen)
-            optimizers["disc"].zero_grad(set_to_none=True)
-            backward_step(d_loss, optimizers["disc"], disc.parameters(), cfg.grad_clip, scaler)
-            logs["d_loss"] = d_loss.detach()
+        disc = VideoDiscriminator(tcfg, cfg.disc_dim, cfg.disc_depth, cfg.disc_heads).to(dev)
+        opt_d = torch.optim.AdamW(param_groups(disc, cfg.lr, cfg.weight_decay, name="disc"), lr=cfg.lr,
+                                  betas=tuple(cfg.betas))
+        optimizers["disc"] = opt_d
+        modules["disc"] = disc
+    lpips = None
+    if cfg.perceptual_weight > 0:
+        from .losses import LPIPS
 
-        logs["loss"] = loss.detach()
-        rec = {k: float(d.mean(v.float())) for k, v in logs.items()}
-        rec["lr"], rec["ss_ratio"] = cfg.lr * mult, ss
-        history.append({"step": step, **rec})
-        done = step + 1
-        bar.update(done, rec, write=(done % cfg.log_every == 0) or done == cfg.steps)
-        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done < cfg.steps:
-            if d.main:
-                save_state(out, done, model=model, optimizers=optimizers, generator=gen, modules=modules,
-                           meta=meta_out)
-            d.barrier()
-        step = done
-    bar.close()
+        lpips = LPIPS(cfg.perceptual_weights).to(dev)
+    return disc, lpips
 
-    result: dict[str, Any] = {"history": history, "steps_done": step, "out": str(out), "config": tcfg.to_dict()}
-    if step < cfg.steps:  # interrupted on purpose: leave a resumable state
-        if d.main and history:
-            save_state(out, step, model=model, optimizers=optimizers, generator=gen, modules=modules, meta=meta_out)
-        d.barrier()
-        result["wall_s"] = time.perf_counter() - t_start
-        return result
 
-    # final model + held-out reconstruction metrics ----------------------------------------------------
-    model.eval()
+def _train_step(run: _Run, step: int, video: torch.Tensor) -> dict[str, float]:
+    """One optimisation step (LR, quantizer switch, losses, backward [+ discriminator step]); the logs averaged
+    over the ranks."""
+    cfg, tcfg = run.cfg, run.tcfg
+    mult = cosine_lr(step, steps=cfg.steps, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio)
+    for o in run.optimizers.values():
+        for g in o.param_groups:
+            g["lr"] = g["base_lr"] * mult
+    ss = tcfg.prior.ss_ratio(step, cfg.steps) if tcfg.prior is not None else 0.0
+    if cfg.quantizer_warmup and step == cfg.quantizer_warmup:
+        _switch_quantizer(run, step)
+    use_gan = run.disc is not None and step >= cfg.gan_start
+
+    loss, recon, logs = _losses(run, video, ss=ss, continuous=step < cfg.quantizer_warmup, use_gan=use_gan)
+    run.opt.zero_grad(set_to_none=True)
+    backward_step(loss, run.opt, run.model.parameters(), cfg.grad_clip, run.scaler)
+
+    if use_gan and (step - cfg.gan_start) % cfg.disc_every == 0:
+        with run.autocast():
+            d_loss = _d_loss(run.disc_net(video), run.disc_net(recon.detach()), run.gen)
+        run.optimizers["disc"].zero_grad(set_to_none=True)
+        backward_step(d_loss, run.optimizers["disc"], run.disc.parameters(), cfg.grad_clip, run.scaler)
+        logs["d_loss"] = d_loss.detach()
+
+    logs["loss"] = loss.detach()
+    rec = {k: float(run.d.mean(v.float())) for k, v in logs.items()}
+    rec["lr"], rec["ss_ratio"] = cfg.lr * mult, ss
+    return rec
+
+
+def _switch_quantizer(run: _Run, step: int) -> None:
+    """End of the quantizer warm-up: codebook <- latents of the next global batches (the same on every rank)."""
+    cfg, dev = run.cfg, run.d.device
+    nxt = StepBatchSampler(len(run.train_ds), global_batch=cfg.batch_size, steps=step + 4, seed=cfg.data_seed)
+    vids = [collate([run.train_ds[i] for i, _ in nxt.batch(s)])[0].to(dev) for s in range(step, step + 4)]
+    cb_gen = torch.Generator(device=dev)
+    cb_gen.manual_seed(cfg.seed + 99)
+    init_codebook_from_latents(run.model, vids, cb_gen)
+
+
+def _losses(run: _Run, video: torch.Tensor, *, ss: float, continuous: bool,
+            use_gan: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(total loss, reconstruction (B, 3, T, H, W) unclamped, detached terms to log) under autocast."""
+    cfg = run.cfg
+    with run.autocast():
+        o_ = run.net(video, ss_ratio=ss, generator=run.gen, continuous=continuous)
+        recon = o_["recon"].float()  # (B, 3, T, H, W) unclamped
+        l1 = (recon - video).abs().mean()
+        loss = cfg.l1_weight * l1 + cfg.vq_weight * o_["loss_q"]
+        logs = {"l1": l1.detach(), "vq": o_["loss_q"].detach()}
+        if "loss_prior" in o_:
+            loss = loss + run.prior_w * o_["loss_prior"]
+            logs["prior"], logs["prior_acc"] = o_["loss_prior"].detach(), o_["prior_acc"]
+        if run.lpips is not None:
+            lp = run.lpips(recon.clamp(0, 1), video)
+            loss = loss + cfg.perceptual_weight * lp
+            logs["lpips"] = lp.detach()
+        if use_gan:
+            run.disc.requires_grad_(False)
+            g_adv = _g_loss(run.disc_net(recon))
+            run.disc.requires_grad_(True)
+            loss = loss + cfg.gan_weight * g_adv
+            logs["g_adv"] = g_adv.detach()
+    return loss, recon, logs
+
+
+def _save_resume(run: _Run, step: int) -> None:
+    """Rank 0 writes the resumable state, with every rank's RNG streams (a collective: every rank calls it)."""
+    rng = gather_rng(run.gen, run.d)
+    if run.d.main:
+        save_state(run.out, step, model=run.model, optimizers=run.optimizers, generator=run.gen, modules=run.modules,
+                   meta=run.meta_out, rng=rng)
+
+
+def _finish(run: _Run, step: int, *, ran_steps: bool, t_start: float) -> dict[str, float]:
+    """Final model + held-out reconstruction metrics (rank 0 writes; every rank waits for it)."""
+    cfg, d, out = run.cfg, run.d, run.out
+    run.model.eval()
     val: dict[str, float] = {}
     if d.main:
         from .evaluate import reconstruction_metrics
 
-        val = reconstruction_metrics(model, val_ds, batch_size=max(1, min(64, cfg.batch_size)), device=dev)
+        val = reconstruction_metrics(run.model, run.val_ds, batch_size=max(1, min(64, cfg.batch_size)),
+                                     device=d.device)
         wall = time.perf_counter() - t_start
-        save_pretrained(model, out, extra={"training": cfg.to_dict(), "steps": cfg.steps, "val": val,
-                                           "train_wall_s": round(wall, 1), "world_size": d.world_size})
-        if cfg.keep_resume and history:
-            save_state(out, step, model=model, optimizers=optimizers, generator=gen, modules=modules, meta=meta_out)
-        elif not cfg.keep_resume:
-            shutil.rmtree(out / "resume", ignore_errors=True)
+        save_pretrained(run.model, out, extra={"training": cfg.to_dict(), "steps": cfg.steps, "val": val,
+                                               "train_wall_s": round(wall, 1), "world_size": d.world_size})
+    if cfg.keep_resume and ran_steps:  # (a finished run resumed again keeps its state as it was)
+        _save_resume(run, step)
+    elif not cfg.keep_resume and d.main:
+        shutil.rmtree(out / "resume", ignore_errors=True)
+    if d.main:
         log.info("tokenizer saved to %s: val %s", out, val)
     d.barrier()
-    result.update(val=val, wall_s=time.perf_counter() - t_start)
-    return result
+    return val
 
 
 def _g_loss(logits):

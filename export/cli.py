@@ -8,7 +8,7 @@ from .presets import DEFAULT_PRESET, PRESETS
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .onnx_export import export_bundle
+    from .onnx_export import export_bundle  # torch and onnx: only when the verb runs (`larp-rt --help` stays light)
 
     export_bundle(args.tokenizer, args.generator, args.bundle_dir, precision=args.precision, opset=args.opset,
                   onnx_only=args.onnx_only, verify=not args.no_verify, overwrite=args.force,

@@ -62,7 +62,7 @@ class _CacheAttention(torch.autograd.Function):
         S = past_k.shape[2]
         past_k, past_v = dequantize_cache(past_k, scales[0] if scales else None), \
             dequantize_cache(past_v, scales[1] if scales else None)
-        bias = _slot_bias(pos, S)  # (B, 1, 1, S)
+        bias = slot_bias(pos, S)  # (B, 1, 1, S)
         s_past = (past_k @ q.transpose(-1, -2)).transpose(-1, -2).float() + bias  # (B, h, 1, S)
         s_self = (q * k).sum(-1, keepdim=True).float()
         att = torch.softmax(torch.cat([s_past, s_self], dim=-1), dim=-1).to(q.dtype)
@@ -99,7 +99,7 @@ def quantize_entry(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(x / scale.unsqueeze(-1)).clamp(-127.0, 127.0).to(torch.int8), scale
 
 
-def _slot_bias(pos: Tensor, S: int) -> Tensor:
+def slot_bias(pos: Tensor, S: int) -> Tensor:
     """(B, 1, 1, S) additive mask over the cache slots: 0 for row b's slots < pos[b] (written before this step),
     -inf for the rest (unwritten, or stale entries of the slot's previous request)."""
     slots = torch.arange(S, device=pos.device).view(1, S)
@@ -158,7 +158,7 @@ class DecodeGraph(nn.Module):
         H, hd, D, Fh = cfg.n_head, cfg.head_dim, cfg.dim, cfg.ffn_hidden  # batch stays symbolic: reshapes use -1
         h = F.embedding(token, self.table) + F.embedding(pos.view(-1, 1), gen.abs_pe[0])  # (B, 1, D): own positions
         S = past[0].shape[2]
-        bias = _slot_bias(pos, S)  # (B, 1, 1, S)
+        bias = slot_bias(pos, S)  # (B, 1, 1, S)
         presents: list[Tensor] = []
         for i, layer in enumerate(gen.layers):
             past_k, past_v = past[2 * i], past[2 * i + 1]  # (B, h, S, hd)
@@ -189,3 +189,15 @@ class DecodeGraph(nn.Module):
 def kv_names(prefix: str, n_layer: int, suffix: str = "") -> list[str]:
     """past_k_0, past_v_0, past_k_1, ... (``suffix`` "_scale": past_k_scale_0, ...: an int8 cache's scales)."""
     return [f"{prefix}_{kv}{suffix}_{i}" for i in range(n_layer) for kv in ("k", "v")]
+
+
+def decode_names(n_layer: int, kv_dtype: str = "fp32") -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+    """Input names, output names and dynamic axes of a one-token step against a static cache (decode.onnx, the
+    fused graph's trace, the prior's step graphs); an int8 cache adds its scales (past_k_scale_0, ... after the
+    caches; present_k_scale_0, ... likewise)."""
+    past, present = kv_names("past", n_layer), kv_names("present", n_layer)
+    if kv_dtype == "int8":
+        past, present = past + kv_names("past", n_layer, "_scale"), present + kv_names("present", n_layer, "_scale")
+    dynamic = {"token": {0: "B"}, "pos": {0: "B"}, "logits": {0: "B"}, **{n: {0: "B", 2: "S"} for n in past},
+               **{n: {0: "B"} for n in present}}
+    return ["token", "pos", *past], ["logits", *present], dynamic

@@ -24,17 +24,23 @@ and the logits of the last prefix position) on random prefixes, fp32 and fp16 at
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..bundle import BundleWriter
 from ..models import LARPGenerator
+from . import trace
 from .graphs import DecodeGraph, kv_names
+from .trace import share_external_data, trace_module
+from .verify import GraphCheck, compare, io_spec, ort_session
 
-__all__ = ["PrefillGraph", "export_prefill", "export_codebook", "prefill_names", "PREFILL_GRAPH", "reference_prefill"]
+__all__ = ["PrefillGraph", "export_prefill", "prefill_names", "PREFILL_GRAPH", "reference_prefill"]
 
 PREFILL_GRAPH = "prefix_prefill"
 
@@ -99,15 +105,10 @@ def reference_prefill(gen: LARPGenerator, prefix: Tensor) -> tuple[Tensor, list[
     return logits, kv
 
 
-def export_prefill(w, gen: LARPGenerator, dtype, opset: int, batch: int, rng, tol: dict, verify: bool,
-                   ) -> tuple[dict[str, Any], list]:
+def export_prefill(w: BundleWriter, gen: LARPGenerator, dtype: torch.dtype, opset: int, batch: int,
+                   rng: torch.Generator, tol: dict, verify: bool) -> tuple[dict[str, Any], list[GraphCheck]]:
     """Write ``prefix_prefill.onnx`` for the frame-prediction generator ``gen`` (already in ``dtype``, eval) beside
     its ``decode.onnx``; returns (the manifest's ``generator.prefill`` entry, the verification checks)."""
-    import onnx
-
-    from .onnx_export import EXTERNAL_DATA_BYTES, GraphCheck, _compare, _io, _ort_session, _trace
-    from .sampler_graph import share_external_data
-
     cfg = gen.config
     if not cfg.frame_prediction:
         raise ValueError("the prefix prefill graph is for frame-prediction generators (a prefix of video tokens)")
@@ -117,7 +118,7 @@ def export_prefill(w, gen: LARPGenerator, dtype, opset: int, batch: int, rng, to
     pos = torch.arange(P).expand(batch, P).contiguous()
     graph = PrefillGraph(gen)
     names = prefill_names(L)
-    model = _trace(graph, (prefix, pos), *names, opset)
+    model = trace_module(graph, (prefix, pos), *names, opset)
     onnx.checker.check_model(model, full_check=False)
     path = w.path(f"{PREFILL_GRAPH}.onnx")
     decode = w.manifest["graphs"]["decode"]
@@ -125,17 +126,18 @@ def export_prefill(w, gen: LARPGenerator, dtype, opset: int, batch: int, rng, to
     if data:  # the decode graph's weights file holds these tensors: point at it instead of a second copy
         share_external_data(model, w.path(decode["file"]))
         left = sum(t.ByteSize() for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
-        if left > EXTERNAL_DATA_BYTES:
+        if left > trace.EXTERNAL_DATA_BYTES:
             raise RuntimeError(f"the prefill graph shares too few weights with decode.onnx ({left} bytes left)")
     onnx.save_model(model, str(path))
-    w.add_graph(PREFILL_GRAPH, path.name, [_io("tokens", "int64", ["B", "P"]), _io("pos", "int64", ["B", "P"])],
-                [_io("logits", "float32", ["B", V])] + [_io(n, kv_dtype, ["B", H, "P", hd]) for n in names[1][1:]],
-                data)
+    w.add_graph(PREFILL_GRAPH, path.name,
+                [io_spec("tokens", "int64", ["B", "P"]), io_spec("pos", "int64", ["B", "P"])],
+                [io_spec("logits", "float32", ["B", V])]
+                + [io_spec(n, kv_dtype, ["B", H, "P", hd]) for n in names[1][1:]], data)
     entry = {"graph": PREFILL_GRAPH, "prefix_tokens": P, "separator": V}
     if not verify:
         return entry, []
     checks: list[GraphCheck] = []
-    sess = _ort_session(path)
+    sess = ort_session(path)
     # the full prefix, and a shorter one (the dynamic P axis), against the model's cached prefill
     for label, n in (("prefill", P), ("prefill@P", max(1, P // 2 + 1))):
         x = prefix if n == P else _random_prefix(cfg, batch, rng)[:, :n].contiguous()
@@ -145,9 +147,9 @@ def export_prefill(w, gen: LARPGenerator, dtype, opset: int, batch: int, rng, to
         else:
             sub = _shorter(gen, n)
             ref_logits, ref_kv = reference_prefill(sub, x)
-        checks.append(_compare(label, "logits", out[0], ref_logits.float().numpy(), tol["logits"]))
-        checks.append(_compare(label, "present", np.stack(out[1:]).astype(np.float32),
-                               torch.stack(ref_kv).float().numpy(), tol["kv"]))
+        checks.append(compare(label, "logits", out[0], ref_logits.float().numpy(), tol["logits"]))
+        checks.append(compare(label, "present", np.stack(out[1:]).astype(np.float32),
+                              torch.stack(ref_kv).float().numpy(), tol["kv"]))
     return entry, checks
 
 
@@ -161,21 +163,7 @@ def _random_prefix(cfg, batch: int, rng) -> Tensor:
 def _shorter(gen: LARPGenerator, n: int) -> LARPGenerator:
     """A view of ``gen`` whose prefix is ``n`` tokens (the same modules and weights; only its config differs), so
     its cached prefill checks the graph at another prefix length."""
-    import copy
-
     sub = copy.copy(gen)  # shallow: shares the parameters and layers
     sub.config = gen.config.replace(cls_token_num=n)
     return sub
 
-
-CODEBOOK_FILE = "codebook.npy"
-
-
-def export_codebook(w, tok) -> str:
-    """Write the tokenizer's L2-normalised codebook (K, d) float32 as ``codebook.npy`` (for the runtime's
-    stochastic SVQ: ``p = softmax(cos(latent, code) / svq_temperature)`` over the encoder graph's latents, the
-    authors' conditioning of frame prediction); returns its bundle path."""
-    codes = tok.bottleneck.regularizer.codebook().detach().float().cpu().numpy()
-    np.save(w.path(CODEBOOK_FILE), np.ascontiguousarray(codes, np.float32))
-    w.add_file(CODEBOOK_FILE)
-    return CODEBOOK_FILE

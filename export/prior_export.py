@@ -20,15 +20,18 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..bundle import PRIOR_FUSED_ATTENTION
+from ..bundle import PRIOR_FUSED_ATTENTION, BundleWriter
 from ..config import find_multiple
 from ..models import LARPTokenizer
-from .graphs import kv_names
+from .graphs import decode_names, kv_names
 from .prior_graph import PriorScoreGraph, PriorStepGraph
+from .trace import export_module, share_external_data, trace_module
+from .verify import GraphCheck, compare, io_spec, ort_session
 
 __all__ = ["export_prior", "prior_reference_logits", "STEP_POSITIONS", "FUSED_GRAPH", "FUSED_ATTENTION"]
 
@@ -46,18 +49,9 @@ def prior_reference_logits(tok: LARPTokenizer, tokens: torch.Tensor) -> torch.Te
                     emb.to(torch.promote_types(emb.dtype, torch.float32)))[:, 1:] / prior.config.latent_ce_temperature
 
 
-def _step_names(n_layer: int) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
-    past, present = kv_names("past", n_layer), kv_names("present", n_layer)
-    dynamic = {"token": {0: "B"}, "pos": {0: "B"}, "logits": {0: "B"}, **{n: {0: "B", 2: "S"} for n in past},
-               **{n: {0: "B"} for n in present}}
-    return ["token", "pos", *past], ["logits", *present], dynamic
-
-
-def export_prior(w, tok: LARPTokenizer, dtype, opset: int, batch: int, rng, tol: dict, verify: bool,
-                 ) -> tuple[dict[str, Any] | None, list]:
+def export_prior(w: BundleWriter, tok: LARPTokenizer, dtype: torch.dtype, opset: int, batch: int,
+                 rng: torch.Generator, tol: dict, verify: bool) -> tuple[dict[str, Any] | None, list[GraphCheck]]:
     """Write the prior's graphs for ``tok`` (already in ``dtype``, eval); returns (manifest entry or None, checks)."""
-    from .onnx_export import _compare, _export, _io, _ort_session
-
     if tok.prior_model is None:
         return None, []
     tcfg, pcfg = tok.config, tok.prior_model.config
@@ -72,21 +66,21 @@ def export_prior(w, tok: LARPTokenizer, dtype, opset: int, batch: int, rng, tol:
     token = torch.randint(0, K, (batch, 1), generator=rng)
     pos = torch.randint(1, N - 1, (batch,), generator=rng) if N > 2 else torch.zeros(batch, dtype=torch.int64)
     caches = [torch.randn(batch, H, S, hd, generator=rng).to(dtype) for _ in past]
-    files = _export(step, (token, pos, *caches), w.path("prior.onnx"), *_step_names(L), opset)
+    files = export_module(step, (token, pos, *caches), w.path("prior.onnx"), *decode_names(L), opset)
     w.add_graph("prior", files[0],
-                [_io("token", "int64", ["B", 1]), _io("pos", "int64", ["B"])]
-                + [_io(n, kv_dtype, ["B", H, "S", hd]) for n in past],
-                [_io("logits", "float32", ["B", K])] + [_io(n, kv_dtype, ["B", H, 1, hd]) for n in present],
+                [io_spec("token", "int64", ["B", 1]), io_spec("pos", "int64", ["B"])]
+                + [io_spec(n, kv_dtype, ["B", H, "S", hd]) for n in past],
+                [io_spec("logits", "float32", ["B", K])] + [io_spec(n, kv_dtype, ["B", H, 1, hd]) for n in present],
                 files[1:])
     fused = dtype == torch.float32 and kernels.ort_custom_op_library() is not None
     if fused:
         _export_fused_step(w, tok, (token, pos, *caches), opset)
     score = PriorScoreGraph(tok).eval()
     tokens = torch.randint(0, K, (batch, N), generator=rng)
-    files = _export(score, (tokens,), w.path("prior_score.onnx"), ["tokens"], ["logprobs"],
+    files = export_module(score, (tokens,), w.path("prior_score.onnx"), ["tokens"], ["logprobs"],
                     {"tokens": {0: "B"}, "logprobs": {0: "B"}}, opset)
-    w.add_graph("prior_score", files[0], [_io("tokens", "int64", ["B", N])],
-                [_io("logprobs", "float32", ["B", N - 1])], files[1:])
+    w.add_graph("prior_score", files[0], [io_spec("tokens", "int64", ["B", N])],
+                [io_spec("logprobs", "float32", ["B", N - 1])], files[1:])
     entry = {
         "graph": "prior", "score_graph": "prior_score",
         "config": pcfg.to_dict(), "num_tokens": N, "codebook_size": K,
@@ -107,14 +101,14 @@ def export_prior(w, tok: LARPTokenizer, dtype, opset: int, batch: int, rng, tol:
     tok_np = tokens.numpy()
     np_dt = np.float16 if dtype == torch.float16 else np.float32
     for graph in ("prior", FUSED_GRAPH) if fused else ("prior",):
-        sess = _ort_session(w.path(f"{graph}.onnx"), custom_ops=graph == FUSED_GRAPH)
+        sess = ort_session(w.path(f"{graph}.onnx"), custom_ops=graph == FUSED_GRAPH)
         noise = np.random.default_rng(0)  # unwritten slots hold noise: a graph reading slots >= pos[b] fails
         cache = [noise.standard_normal((batch, H, S, hd)).astype(np_dt) for _ in past]
         got = _run_steps(sess, tok_np, M, K, past, cache)
-        checks.append(_compare(graph, "logits", got, ref[:, :M].numpy(), tol["logits"]))
-    (lp,) = _ort_session(w.path("prior_score.onnx")).run(None, {"tokens": tok_np})
+        checks.append(compare(graph, "logits", got, ref[:, :M].numpy(), tol["logits"]))
+    (lp,) = ort_session(w.path("prior_score.onnx")).run(None, {"tokens": tok_np})
     want = torch.log_softmax(ref.double(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    checks.append(_compare("prior_score", "logprobs", lp, want.numpy(), tol["logits"]))
+    checks.append(compare("prior_score", "logprobs", lp, want.numpy(), tol["logits"]))
     return entry, checks
 
 
@@ -141,21 +135,16 @@ def _run_steps(sess, tokens: np.ndarray, M: int, K: int, past: list[str], cache:
 def _export_fused_step(w, tok: LARPTokenizer, args: tuple, opset: int) -> None:
     """``prior_fused.onnx``: ``PriorStepGraph(fused_attention=True)`` with prior.onnx's I/O (names, dtypes, shapes);
     its weights point into prior.onnx's external data when prior.onnx has some (one weights file for both)."""
-    import onnx
-
-    from .onnx_export import _export, _trace
-    from .sampler_graph import share_external_data
-
     L = tok.prior_model.config.depth
     step = PriorStepGraph(tok, fused_attention=True).eval()
     info = w.manifest["graphs"]["prior"]
     path = w.path(f"{FUSED_GRAPH}.onnx")
     if info.get("data"):  # shared weights: the fused graph reads prior.onnx.data
-        model = _trace(step, args, *_step_names(L), opset, custom_opsets={"larp_rt": 1})
+        model = trace_module(step, args, *decode_names(L), opset, custom_opsets={"larp_rt": 1})
         onnx.checker.check_model(model, full_check=False)  # before sharing: the checker would look for the data here
         share_external_data(model, w.path(info["file"]))
         onnx.save_model(model, str(path))
         files = [path.name, *info["data"]]
     else:
-        files = _export(step, args, path, *_step_names(L), opset, custom_opsets={"larp_rt": 1})
+        files = export_module(step, args, path, *decode_names(L), opset, custom_opsets={"larp_rt": 1})
     w.add_graph(FUSED_GRAPH, files[0], info["inputs"], info["outputs"], files[1:])

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import LARPTokenizer
-from .graphs import _slot_bias, cache_attention
+from .graphs import cache_attention, slot_bias
 
 __all__ = ["PriorStepGraph", "PriorScoreGraph", "prior_of"]
 
@@ -46,7 +46,7 @@ class PriorStepGraph(nn.Module):
 
     Like ``DecodeGraph``: weights stored (in, out) so every projection is a plain MatMul; the separate
     key/query/value projections are one (E, 3E) matrix with the softmax scale folded into the query columns (and
-    bias); attention is softmax over [past scores (masked per row by ``_slot_bias``) | the token's own score], so the
+    bias); attention is softmax over [past scores (masked per row by ``slot_bias``) | the token's own score], so the
     cache is read once and never concatenated or scattered in the graph.
 
     ``fused_attention``: that attention is one ``larp_rt::DecodeAttention`` node per layer (float32 weights only,
@@ -95,7 +95,7 @@ class PriorStepGraph(nn.Module):
         x = F.embedding(token, self.codes)  # (B, 1, d): the normalised code of the token
         h = x @ self.w_in + self.b_in + F.embedding(pos.view(-1, 1), self.pos_emb)  # (B, 1, E)
         S = past[0].shape[2]
-        bias = None if self.fused_attention else _slot_bias(pos, S)  # (B, 1, 1, S): row b sees slots < pos[b]
+        bias = None if self.fused_attention else slot_bias(pos, S)  # (B, 1, 1, S): row b sees slots < pos[b]
         acc = _acc(h.dtype)
         presents: list[Tensor] = []
         for i in range(self.n_layer):

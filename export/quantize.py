@@ -18,10 +18,16 @@ whose graphs do not hold what its manifest claims (``check_graph_precision`` in 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .verify import ExportError, cache_feeds, ort_session
+
+# onnx and onnxruntime.quantization (the export extra) are imported where they are used, so that
+# ``quantizer_available`` can say what is missing instead of this module failing to import.
 
 BITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32
@@ -42,7 +48,7 @@ def quantizer_available() -> str | None:
 def quantize_model(model, precision: str, nodes_to_exclude=()):
     """An ``onnx.ModelProto`` with its weight MatMuls (constant B) as MatMulNBits of ``precision``'s bits, but for
     the nodes named in ``nodes_to_exclude``."""
-    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization import QuantFormat  # optional: see the note at the top
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     if precision not in BITS:
@@ -54,8 +60,6 @@ def quantize_model(model, precision: str, nodes_to_exclude=()):
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
                              accuracy_level=ACCURACY_LEVEL, op_types_to_quantize=("MatMul",), algo_config=cfg,
                              nodes_to_exclude=list(nodes_to_exclude))
-    import logging
-
     qlog = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = qlog.level
     qlog.setLevel(logging.WARNING)  # it logs every node it visits at INFO
@@ -70,9 +74,7 @@ def quantize_bundle_graphs(w, precision: str, *, verify: bool = True, batch: int
                            printer=print, kv_dtype: str = "fp32") -> dict[str, Any]:
     """Rewrite the generator graphs of an open ``BundleWriter`` (already exported in float32) to ``precision``;
     returns the manifest's ``quantization`` entry. Raises ValueError when nothing could be quantized."""
-    import onnx
-
-    from .onnx_export import ExportError
+    import onnx  # the export extra (see the note at the top)
 
     why = quantizer_available()
     if why is not None:
@@ -130,10 +132,8 @@ def quantize_bundle_graphs(w, precision: str, *, verify: bool = True, batch: int
 
 def _compare_logits(ref_path: Path, q_path: Path, info: dict, batch: int, seed: int) -> dict[str, float]:
     """The quantized decode step against the float32 one on the same random mid-sequence feeds."""
-    from .onnx_export import _ort_session, cache_feeds
-
     custom = any(io["dtype"] != "float32" for io in info["inputs"][2:])  # a narrow cache: the fused attention op
-    ref, q = _ort_session(ref_path, custom_ops=custom), _ort_session(q_path, custom_ops=custom)
+    ref, q = ort_session(ref_path, custom_ops=custom), ort_session(q_path, custom_ops=custom)
     rng = np.random.default_rng(seed)
     V = info["outputs"][0]["shape"][1]
     S = 8

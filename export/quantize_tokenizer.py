@@ -44,12 +44,28 @@ not hold what the manifest claims (``check_graph_precision`` in larp_rt/bundle.p
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from ..bundle import BundleWriter
+from ..models import LARPTokenizer
+from ..models.tokenizer import Attention
+from .graphs import DecoderGraph, EncoderGraph
+from .quantize import quantize_model
+from .trace import save_graph, trace_module
+from .verify import ExportError, ort_session
+
+# onnxruntime.quantization is imported where it is used: it is slow to import, and ``quantizer_available`` says
+# when it does not import here (instead of this module failing to import).
 
 TOKENIZER_PRECISIONS = ("fp32", "fp16", "int8")
 QUANTIZED = ("int8",)
@@ -105,9 +121,6 @@ class _MultiHeadAttention:
 
     @staticmethod
     def function():
-        import torch
-        import torch.nn.functional as F
-
         class Fn(torch.autograd.Function):
             @staticmethod
             def forward(ctx, q, k, v, heads):  # noqa: ARG004
@@ -123,8 +136,6 @@ class _MultiHeadAttention:
 
 
 def _fused_forward(fn, split_qkv: bool):
-    import torch.nn.functional as F
-
     def forward(self, x):
         if split_qkv:  # three MatMuls on the (q | k | v) row blocks of qkv's weight: no Slice of a (B, L, 3D) output
             q, k, v = (F.linear(x, w) for w in self.qkv.weight.chunk(3, dim=0))
@@ -139,8 +150,6 @@ def _fused_forward(fn, split_qkv: bool):
 def fused_attention(tok, split_qkv: bool = SPLIT_QKV):
     """Within: the tokenizer's encoder/decoder blocks compute attention with the fused op (same math);
     ``split_qkv``: q, k and v each from its own MatMul (else one qkv MatMul and a split of its output)."""
-    from ..models.tokenizer import Attention
-
     fn = _MultiHeadAttention.function()
     mods = [m for body in (tok.encoder, tok.decoder) for m in body.modules() if isinstance(m, Attention)]
     for m in mods:
@@ -155,21 +164,16 @@ def fused_attention(tok, split_qkv: bool = SPLIT_QKV):
 def trace_fused(tok, opset: int, batch: int = 1, split_qkv: bool = SPLIT_QKV):
     """(encoder, decoder) ``onnx.ModelProto``s of ``tok`` (float32) with the fused attention op (``split_qkv``:
     as ``fused_attention``)."""
-    import torch
-
-    from .graphs import DecoderGraph, EncoderGraph
-    from .onnx_export import _trace
-
     cfg = tok.config
     C, T, H, W = cfg.video_shape
     video = torch.zeros(batch, C, T, H, W)
     indices = torch.zeros(batch, cfg.num_tokens, dtype=torch.int64)
     ms = {"com.microsoft": 1}
     with fused_attention(tok, split_qkv), torch.no_grad():
-        enc = _trace(EncoderGraph(tok), (video,), ["video"], ["indices", "latents"],
-                     {"video": {0: "B"}, "indices": {0: "B"}, "latents": {0: "B"}}, opset, custom_opsets=ms)
-        dec = _trace(DecoderGraph(tok), (indices,), ["indices"], ["video"], {"indices": {0: "B"}, "video": {0: "B"}},
-                     opset, custom_opsets=ms)
+        enc = trace_module(EncoderGraph(tok), (video,), ["video"], ["indices", "latents"],
+                           {"video": {0: "B"}, "indices": {0: "B"}, "latents": {0: "B"}}, opset, custom_opsets=ms)
+        dec = trace_module(DecoderGraph(tok), (indices,), ["indices"], ["video"],
+                           {"indices": {0: "B"}, "video": {0: "B"}}, opset, custom_opsets=ms)
     return enc, dec
 
 
@@ -197,10 +201,7 @@ def kept_float(model, code_dim: int) -> list[str]:
 
 def quantize_int8(model, code_dim: int, *, per_channel: bool = PER_CHANNEL):
     """``model`` with its weight MatMuls (but ``kept_float``'s) as int8 ``MatMulInteger``; (model, kept names)."""
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # optional: see the note at the top
 
     keep = kept_float(model, code_dim)
     qlog = logging.getLogger()
@@ -237,11 +238,7 @@ def build_variant(name: str, plain, fused, code_dim: int, calibration: list[dict
     """The ``VARIANTS`` entry ``name`` of one tokenizer graph, from its exported float32 ``plain`` and its
     ``trace_fused`` ``fused`` ModelProto (``packed``: ``trace_fused(..., split_qkv=False)``'s, for the
     ``packed+`` variant); ``calibration``: feeds for quantize_static."""
-    import copy
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import (
+    from onnxruntime.quantization import (  # optional: see the note at the top
         CalibrationDataReader,
         QuantFormat,
         QuantType,
@@ -262,9 +259,7 @@ def build_variant(name: str, plain, fused, code_dim: int, calibration: list[dict
     if method == "dyn":
         return quantize_int8(src, code_dim, per_channel=False)[0]
     keep = kept_float(src, code_dim)
-    if method == "nbits8":
-        from .quantize import quantize_model  # the generator's 8-bit MatMulNBits (block 32, accuracy_level 4)
-
+    if method == "nbits8":  # the generator's 8-bit MatMulNBits (block 32, accuracy_level 4)
         return quantize_model(copy.deepcopy(src), "int8", nodes_to_exclude=keep)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
@@ -301,34 +296,21 @@ def count_ops(model, ops) -> int:
 # ------------------------------------------------------------------------------------------------
 # the bundle step
 # ------------------------------------------------------------------------------------------------
-def quantize_tokenizer_graphs(w, tok, tokenizer_precision: str, *, opset: int, verify: bool = True,
-                              batch: int = 2, seed: int = 0, printer=print) -> dict[str, Any]:
+def quantize_tokenizer_graphs(w: BundleWriter, tok: LARPTokenizer, tokenizer_precision: str, *, opset: int,
+                              verify: bool = True, batch: int = 2, seed: int = 0, printer=print) -> dict[str, Any]:
     """Replace ``encoder.onnx`` / ``decoder.onnx`` of an open ``BundleWriter`` (exported and verified in float32)
     by their ``tokenizer_precision`` variant; returns the manifest's ``tokenizer.quantization`` entry. Raises
     ExportError (the writer then leaves nothing behind) when a step fails its check."""
-    import onnx
-
-    from .onnx_export import EXTERNAL_DATA_BYTES, ExportError
-
     if tokenizer_precision not in QUANTIZED:
         raise ValueError(f"tokenizer_precision {tokenizer_precision!r} is not a quantized one ({', '.join(QUANTIZED)})")
     graphs = w.manifest["graphs"]
-    code_dim = tok.config.code_dim
     ref_paths: dict[str, Path] = {}
     fused_paths: dict[str, Path] = {}
     for name in ("encoder", "decoder"):  # the float32 graphs: the reference, until replaced
         ref_paths[name] = w.path(f".{name}_fp32.onnx")
         onnx.save_model(onnx.load(str(w.path(graphs[name]["file"])), load_external_data=True), str(ref_paths[name]))
     try:
-        fused = dict(zip(("encoder", "decoder"), trace_fused(tok.float().eval(), opset), strict=True))
-        n_fused = {k: count_ops(m, ("MultiHeadAttention",)) for k, m in fused.items()}
-        for k, n in n_fused.items():
-            if n != len(getattr(tok, k).blocks):
-                raise ExportError(f"the fused {k} graph has {n} MultiHeadAttention nodes for "
-                                  f"{len(getattr(tok, k).blocks)} blocks")
-        for k, m in fused.items():
-            fused_paths[k] = w.path(f".{k}_fused.onnx")
-            onnx.save_model(m, str(fused_paths[k]))
+        fused, n_fused = _fused_graphs(w, tok, opset, fused_paths)
         probes = _probes(ref_paths, tok.config, batch, seed)
         fused_err = _check_fused(ref_paths, fused_paths, probes)
         bad = {k: v for k, v in fused_err.items() if v > FUSED_TOL["latents" if k == "encoder" else "video"]}
@@ -340,27 +322,7 @@ def quantize_tokenizer_graphs(w, tok, tokenizer_precision: str, *, opset: int, v
             "per_channel": PER_CHANNEL, "symmetric_weights": True, "op": "MatMulInteger",
             "attention": FUSED_ATTENTION, "split_qkv": SPLIT_QKV, "graphs": {}}
         for name in ("encoder", "decoder"):
-            info = graphs[name]
-            qmodel, keep = quantize_int8(fused[name], code_dim)
-            n_int8 = count_ops(qmodel, INT8_OPS)
-            if n_int8 == 0:
-                raise ExportError(f"quantize_dynamic rewrote no MatMul of {info['file']} to int8")
-            for rel in info.get("data", []):  # the int8 graph holds its (4x smaller) weights itself when it can
-                p = w.path(rel)
-                if p.exists():
-                    p.unlink()
-                w.manifest["files"].pop(rel, None)
-            info.pop("data", None)
-            path = w.path(info["file"])
-            if sum(t.ByteSize() for t in qmodel.graph.initializer) > EXTERNAL_DATA_BYTES:
-                data = path.name + ".data"
-                onnx.save_model(qmodel, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                                location=data, size_threshold=1024)
-                info["data"] = [data]
-                w.add_file(data)
-            else:
-                onnx.save_model(qmodel, str(path))
-            w.add_file(info["file"])
+            n_int8, keep = _write_int8(w, name, fused[name], tok.config.code_dim)
             entry["graphs"][name] = {"int8_matmuls": n_int8, "float_matmuls_kept": keep,
                                      "fused_attention": n_fused[name]}
             printer(f"  tokenizer {name:<8} {n_int8} MatMuls -> int8 MatMulInteger (quantize_dynamic), "
@@ -381,12 +343,42 @@ def quantize_tokenizer_graphs(w, tok, tokenizer_precision: str, *, opset: int, v
     return entry
 
 
-def _session(path):
-    import onnxruntime as ort
+def _fused_graphs(w: BundleWriter, tok: LARPTokenizer, opset: int, fused_paths: dict[str, Path],
+                  ) -> tuple[dict[str, Any], dict[str, int]]:
+    """Step 1: the float32 graphs traced with the fused attention op, saved beside the bundle's graphs (their paths
+    into ``fused_paths``, which the caller removes); (the models, their MultiHeadAttention counts)."""
+    fused = dict(zip(("encoder", "decoder"), trace_fused(tok.float().eval(), opset), strict=True))
+    n_fused = {k: count_ops(m, ("MultiHeadAttention",)) for k, m in fused.items()}
+    for k, n in n_fused.items():
+        if n != len(getattr(tok, k).blocks):
+            raise ExportError(f"the fused {k} graph has {n} MultiHeadAttention nodes for "
+                              f"{len(getattr(tok, k).blocks)} blocks")
+    for k, m in fused.items():
+        fused_paths[k] = w.path(f".{k}_fused.onnx")
+        onnx.save_model(m, str(fused_paths[k]))
+    return fused, n_fused
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+def _write_int8(w: BundleWriter, name: str, fused, code_dim: int) -> tuple[int, list[str]]:
+    """Step 2 for graph ``name``: its fused model quantized (``quantize_int8``) replaces the bundle's graph (and its
+    external data); (the int8 MatMuls, the MatMuls kept float32)."""
+    info = w.manifest["graphs"][name]
+    qmodel, keep = quantize_int8(fused, code_dim)
+    n_int8 = count_ops(qmodel, INT8_OPS)
+    if n_int8 == 0:
+        raise ExportError(f"quantize_dynamic rewrote no MatMul of {info['file']} to int8")
+    for rel in info.get("data", []):  # the int8 graph holds its (4x smaller) weights itself when it can
+        p = w.path(rel)
+        if p.exists():
+            p.unlink()
+        w.manifest["files"].pop(rel, None)
+    info.pop("data", None)
+    data = save_graph(qmodel, w.path(info["file"]))
+    if data:
+        info["data"] = data
+        w.add_file(data[0])
+    w.add_file(info["file"])
+    return n_int8, keep
 
 
 def _probes(ref_paths, cfg, batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -394,7 +386,7 @@ def _probes(ref_paths, cfg, batch: int, seed: int) -> dict[str, np.ndarray]:
     tokenizer can represent, so that the encoder's indices are not near-ties everywhere, as on noise)."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, cfg.codebook_size, (batch, cfg.num_tokens)).astype(np.int64)
-    clips = _session(ref_paths["decoder"]).run(["video"], {"indices": rng.integers(
+    clips = ort_session(ref_paths["decoder"]).run(["video"], {"indices": rng.integers(
         0, cfg.codebook_size, (batch, cfg.num_tokens)).astype(np.int64)})[0]
     return {"indices": idx, "video": clips}
 
@@ -403,8 +395,8 @@ def _check_fused(ref_paths, fused_paths, probes) -> dict[str, float]:
     out = {}
     for k, feed, o in (("encoder", {"video": probes["video"]}, "latents"),
                        ("decoder", {"indices": probes["indices"]}, "video")):
-        a = _session(ref_paths[k]).run([o], feed)[0].astype(np.float64)
-        b = _session(fused_paths[k]).run([o], feed)[0].astype(np.float64)
+        a = ort_session(ref_paths[k]).run([o], feed)[0].astype(np.float64)
+        b = ort_session(fused_paths[k]).run([o], feed)[0].astype(np.float64)
         out[k] = float(np.abs(a - b).max())
     return out
 
@@ -418,8 +410,8 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 def measure_error(ref_paths, q_paths, probes) -> dict[str, float]:
     """The variant against the float32 graphs on the probes: encoder index agreement and latent error, decoder and
     round-trip (decode(encode(clip))) PSNR of the variant's output against float32's."""
-    ref = {k: _session(p) for k, p in ref_paths.items()}
-    q = {k: _session(p) for k, p in q_paths.items()}
+    ref = {k: ort_session(p) for k, p in ref_paths.items()}
+    q = {k: ort_session(p) for k, p in q_paths.items()}
     clips, idx = probes["video"], probes["indices"]
     ri, rz = ref["encoder"].run(["indices", "latents"], {"video": clips})
     qi, qz = q["encoder"].run(["indices", "latents"], {"video": clips})

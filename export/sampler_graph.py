@@ -17,7 +17,9 @@
   logits (``liblarp_rt_ort.so``, bit-exact with the reference): one session run per token returns the token ids
   and the new cache entries; the logits never leave the graph. For float32 bundles its attention is the custom
   ``larp_rt::DecodeAttention`` op (one node per layer). It shares the decode graph's external data file when
-  there is one (``share_external_data``).
+  there is one (``trace.share_external_data``).
+
+``onnx`` (the export extra) is imported inside the builders, so the I/O constants here import without it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["SAMPLER_OPSET", "SAMPLER_INPUTS", "SAMPLE_PARAM_INPUTS", "build_sampler_model", "fuse_decode_sample",
-           "share_external_data"]
+           "pack_matmuls", "FUSED_EXTRA_INPUTS"]
 
 SAMPLER_OPSET = 17
 # (name, ONNX element type name) of the per-row inputs, shared by both graphs
@@ -240,40 +242,3 @@ def pack_matmuls(model) -> int:
     if count and not any(o.domain == "larp_rt" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("larp_rt", 1))
     return count
-
-
-def share_external_data(model, reference_path) -> int:
-    """Point ``model``'s initializers at the external data of the saved model ``reference_path`` wherever the
-    reference holds a tensor of the same name, type, shape and bytes (so two graphs of one bundle share one
-    weights file). Returns the number of initializers shared; the others stay embedded."""
-    from pathlib import Path
-
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo
-
-    ref_path = Path(reference_path)
-    ref = onnx.load(str(ref_path), load_external_data=False)
-    by_name = {t.name: t for t in ref.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-    shared = 0
-    files: dict[str, object] = {}
-    try:
-        for t in model.graph.initializer:
-            r = by_name.get(t.name)
-            if r is None or r.data_type != t.data_type or list(r.dims) != list(t.dims) or not t.HasField("raw_data"):
-                continue
-            info = ExternalDataInfo(r)
-            f = files.get(info.location)
-            if f is None:
-                f = files[info.location] = open(ref_path.parent / info.location, "rb")  # noqa: SIM115
-            f.seek(info.offset or 0)
-            if f.read(info.length if info.length is not None else len(t.raw_data)) != t.raw_data:
-                continue
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            t.external_data.extend(r.external_data)
-            shared += 1
-    finally:
-        for f in files.values():
-            f.close()
-    return shared

@@ -27,6 +27,7 @@ leaves every file of the bundle exactly as it was.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..backends import tensorrt as trt_backend
 from ..bundle import MANIFEST, Bundle, BundleError, sha256_file
 
 __all__ = ["build_plans", "PlanBuildError", "PROFILES", "PLAN_EXCLUDED", "FLAVOURS", "DEFAULT_BATCH",
@@ -49,6 +51,7 @@ DEFAULT_BATCH = (1, 2, 4, 8, 16)
 # TensorRT-RTX's default targets when no compute capability is set (its CPU-only AOT documentation)
 RTX_DEFAULT_CC = ["8.0", "8.6", "8.9", "12.0"]
 PRECISIONS = ("fp32", "fp16", "bf16")
+TIMING_CACHE = "plans/timing.cache"  # datacenter TensorRT's timing cache, kept between builds
 
 # ---------------------------------------------------------------------------------------------------------------
 # The per-graph profile table: graph -> {ONNX dim symbol -> rule}. Rules:
@@ -147,7 +150,7 @@ def _check_batch(batch: Sequence[int] | str) -> list[int]:
 
 def _onnx_symbols(path: Path) -> tuple[dict[str, list], dict[str, list], dict[str, str]]:
     """The ONNX graph's inputs/outputs as name -> [dim symbol or int], and name -> ONNX element type name."""
-    import onnx
+    import onnx  # the export extra: imported here so that this module (its constants, checks) imports without it
 
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
@@ -315,9 +318,7 @@ def _same_io(graph: str, info, inputs: list[dict], outputs: list[dict]) -> None:
 
 def gpu_compute_capability(device: int = 0) -> str:
     """This machine's GPU compute capability ("8.6"), probed in a subprocess (see backends/tensorrt.py)."""
-    from ..backends.tensorrt import probe_gpus
-
-    gpus, why = probe_gpus()
+    gpus, why = trt_backend.probe_gpus()
     if not gpus:
         raise RuntimeError(f"datacenter TensorRT builds on the GPU it targets, and this machine has none usable "
                            f"({why}); use --trt rtx (TensorRT-RTX builds ahead of time without a GPU)")
@@ -358,6 +359,44 @@ def build_plans(
     flavour = _resolve_flavour(trt)
     buckets = _check_batch(batch)
     cc = _parse_cc(compute_capability)
+    _check_precision(precision, bundle)
+    seq = _kv_lengths(bundle, max_seq)
+    names = _plan_graphs(bundle, graphs, printer)
+    trtmod = import_trt(flavour)
+    version = trt_version(trtmod)
+    root = bundle.path
+    plans_dir = root / "plans"
+    stage = Path(tempfile.mkdtemp(prefix=".plans.tmp-", dir=root))
+    moved: list[Path] = []
+    made_dir = not plans_dir.exists()
+    old_plans = dict(bundle.manifest.get("plans") or {})
+    timing_stage = stage / "timing.cache" if flavour == "tensorrt" else None
+    if timing_stage is not None and (root / TIMING_CACHE).is_file():
+        shutil.copyfile(root / TIMING_CACHE, timing_stage)
+    printer(f"building {len(names)} plan(s) with {FLAVOURS[flavour][1]} {version} ({bundle.precision}, batch "
+            f"buckets {','.join(map(str, buckets))}, KV length 1..{seq['gen']}"
+            + (", weight-stripped" if strip_weights else "") + ")")
+    try:
+        t_all = time.perf_counter()
+        entries = {name: _build_plan(bundle, trtmod, flavour, version, name, buckets, seq, cc, strip_weights,
+                                     timing_stage, stage, printer) for name in names}
+        _install(root, entries, old_plans, stage, timing_stage, moved, flavour, version, buckets, seq)
+    except BaseException:
+        for p in moved:
+            p.unlink(missing_ok=True)
+        if made_dir and plans_dir.is_dir() and not any(plans_dir.iterdir()):
+            plans_dir.rmdir()
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    _retire(root, entries, old_plans, timing_stage)
+    total = sum(e["size"] for e in entries.values())
+    printer(f"{len(entries)} plan(s), {total / 1e6:.2f} MB, in {time.perf_counter() - t_all:.1f} s -> {plans_dir}")
+    return entries
+
+
+def _check_precision(precision: str | None, bundle: Bundle) -> None:
+    """Plans keep the bundle's types: ``precision`` must be None or the bundle's."""
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision is not None and precision != bundle.precision:
@@ -365,6 +404,11 @@ def build_plans(
             f"plans are strongly typed networks: every tensor keeps the ONNX graph's type, and this bundle's graphs "
             f"are {bundle.precision}. For {precision} plans export a {precision} bundle (`larp-rt export --precision "
             f"{precision} ...`; bf16 export is not available yet), or omit --precision")
+
+
+def _kv_lengths(bundle: Bundle, max_seq: int | None) -> dict[str, int]:
+    """The KV lengths the plans' profiles cover: {"gen": generator, "prior": prior}; ValueError for a bundle whose
+    decode graphs TensorRT cannot parse or a ``max_seq`` outside what a generation needs and the cache holds."""
     kv = bundle.kv_cache
     if kv.get("attention") == "larp_rt::DecodeAttention":
         raise ValueError(f"this bundle's decode graphs read a {kv.get('dtype')} KV cache through the custom op "
@@ -383,7 +427,11 @@ def build_plans(
         if need and max_seq < need:
             raise ValueError(f"max_seq {max_seq} is below the {need} positions a generation needs "
                              f"(cls tokens + {bundle.generator_config.max_seq_len} video tokens)")
-    seq = {"gen": max_seq or gen_max or 1, "prior": prior_max or 1}
+    return {"gen": max_seq or gen_max or 1, "prior": prior_max or 1}
+
+
+def _plan_graphs(bundle: Bundle, graphs: Sequence[str] | None, printer: Callable[[str], None]) -> list[str]:
+    """The graphs to build plans for: ``graphs``, or every graph of the bundle with a plan (``PROFILES``)."""
     if graphs is None:
         names = []
         for name in bundle.graphs:
@@ -410,83 +458,71 @@ def build_plans(
         names = [n for n in names if n not in ("encoder", "decoder")]
     if not names:
         raise PlanBuildError(f"bundle {str(bundle.path)!r} has no graph to build a plan for")
-    trtmod = import_trt(flavour)
-    version = trt_version(trtmod)
+    return names
+
+
+def _build_plan(bundle: Bundle, trtmod, flavour: str, version: str, name: str, buckets: list[int],
+                seq: dict[str, int], cc: list[str] | None, strip_weights: bool, timing_stage: Path | None,
+                stage: Path, printer: Callable[[str], None]) -> dict[str, Any]:
+    """Build graph ``name``'s plan into ``stage`` under its final name; returns its ``plans`` entry."""
     root = bundle.path
-    plans_dir = root / "plans"
-    stage = Path(tempfile.mkdtemp(prefix=".plans.tmp-", dir=root))
-    moved: list[Path] = []
-    made_dir = not plans_dir.exists()
-    old_manifest = dict(bundle.manifest)
-    old_plans = dict(old_manifest.get("plans") or {})
-    timing_rel = "plans/timing.cache"
-    timing_stage = stage / "timing.cache" if flavour == "tensorrt" else None
-    if timing_stage is not None and (root / timing_rel).is_file():
-        shutil.copyfile(root / timing_rel, timing_stage)
-    printer(f"building {len(names)} plan(s) with {FLAVOURS[flavour][1]} {version} ({bundle.precision}, batch "
-            f"buckets {','.join(map(str, buckets))}, KV length 1..{seq['gen']}"
-            + (", weight-stripped" if strip_weights else "") + ")")
-    entries: dict[str, dict] = {}
-    try:
-        t_all = time.perf_counter()
-        for name in names:
-            info = bundle.graph(name)
-            onnx_path = bundle.graph_path(name)
-            t0 = time.perf_counter()
-            plan, entry = _build_one(trtmod, flavour, name, onnx_path, buckets, seq, cc, strip_weights, timing_stage,
-                                     info)
-            dt = time.perf_counter() - t0
-            digest = __import__("hashlib").sha256(plan).hexdigest()
-            rel = f"plans/{name}-{digest[:12]}.plan"
-            (stage / Path(rel).name).write_bytes(plan)
-            weight_files = [info.file, *bundle.manifest["graphs"][name].get("data", [])]
-            weight_bytes = sum((root / f).stat().st_size for f in weight_files)
-            entries[name] = {
-                "file": rel, "sha256": digest, "size": len(plan),
-                "onnx": info.file, "onnx_sha256": sha256_file(onnx_path),
-                "onnx_data": bundle.manifest["graphs"][name].get("data", []),
-                "flavour": FLAVOURS[flavour][1], "version": version,
-                "compute_capabilities": entry["compute_capabilities"], "precision": bundle.precision,
-                "strongly_typed": True, "weights": "stripped" if strip_weights else "embedded",
-                "buckets": buckets, "profiles": entry["profiles"],
-                "inputs": entry["inputs"], "outputs": entry["outputs"],
-                "build_seconds": round(dt, 3), "onnx_bytes": weight_bytes,
-            }
-            printer(f"  {name:<12} {dt:7.2f} s  {len(plan) / 1e6:9.2f} MB  ({len(buckets)} profiles) -> {rel}")
-        # every plan built: move them in under their new names, then swap the manifest
-        plans_dir.mkdir(exist_ok=True)
-        for e in entries.values():
-            dst = root / e["file"]
-            os.replace(stage / Path(e["file"]).name, dst)
-            moved.append(dst)
-        m = json.loads((root / MANIFEST).read_text())
-        files = dict(m.get("files") or {})
-        for e in old_plans.values():
-            files.pop(e.get("file"), None)
-        for e in entries.values():
-            files[e["file"]] = e["sha256"]
-        if timing_stage is not None and timing_stage.is_file():
-            dst = root / (timing_rel + f".{os.getpid()}")
-            os.replace(timing_stage, dst)
-            moved.append(dst)
-        m["files"] = files
-        m["plans"] = entries
-        m["tensorrt"] = {"flavour": FLAVOURS[flavour][1], "version": version, "buckets": buckets,
-                         "max_seq": seq["gen"], "built_by": __version__,
-                         "compute_capabilities": next(iter(entries.values()))["compute_capabilities"],
-                         "timing_cache": timing_rel if timing_stage is not None else None}
-        _atomic_write(root / MANIFEST, json.dumps(m, indent=2) + "\n")
-    except BaseException:
-        for p in moved:
-            p.unlink(missing_ok=True)
-        if made_dir and plans_dir.is_dir() and not any(plans_dir.iterdir()):
-            plans_dir.rmdir()
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    shutil.rmtree(stage, ignore_errors=True)
-    # the new manifest is in place: retire what it no longer names
+    info = bundle.graph(name)
+    onnx_path = bundle.graph_path(name)
+    t0 = time.perf_counter()
+    plan, entry = _build_one(trtmod, flavour, name, onnx_path, buckets, seq, cc, strip_weights, timing_stage, info)
+    dt = time.perf_counter() - t0
+    digest = hashlib.sha256(plan).hexdigest()
+    rel = f"plans/{name}-{digest[:12]}.plan"
+    (stage / Path(rel).name).write_bytes(plan)
+    weight_files = [info.file, *bundle.manifest["graphs"][name].get("data", [])]
+    weight_bytes = sum((root / f).stat().st_size for f in weight_files)
+    printer(f"  {name:<12} {dt:7.2f} s  {len(plan) / 1e6:9.2f} MB  ({len(buckets)} profiles) -> {rel}")
+    return {
+        "file": rel, "sha256": digest, "size": len(plan),
+        "onnx": info.file, "onnx_sha256": sha256_file(onnx_path),
+        "onnx_data": bundle.manifest["graphs"][name].get("data", []),
+        "flavour": FLAVOURS[flavour][1], "version": version,
+        "compute_capabilities": entry["compute_capabilities"], "precision": bundle.precision,
+        "strongly_typed": True, "weights": "stripped" if strip_weights else "embedded",
+        "buckets": buckets, "profiles": entry["profiles"],
+        "inputs": entry["inputs"], "outputs": entry["outputs"],
+        "build_seconds": round(dt, 3), "onnx_bytes": weight_bytes,
+    }
+
+
+def _install(root: Path, entries: dict[str, dict], old_plans: dict[str, dict], stage: Path,
+             timing_stage: Path | None, moved: list[Path], flavour: str, version: str, buckets: list[int],
+             seq: dict[str, int]) -> None:
+    """Every plan built: move them in under their new names (each into ``moved``, for the caller's rollback), then
+    swap the manifest (one atomic write)."""
+    (root / "plans").mkdir(exist_ok=True)
+    for e in entries.values():
+        dst = root / e["file"]
+        os.replace(stage / Path(e["file"]).name, dst)
+        moved.append(dst)
+    m = json.loads((root / MANIFEST).read_text())
+    files = dict(m.get("files") or {})
+    for e in old_plans.values():
+        files.pop(e.get("file"), None)
+    for e in entries.values():
+        files[e["file"]] = e["sha256"]
+    if timing_stage is not None and timing_stage.is_file():
+        dst = root / (TIMING_CACHE + f".{os.getpid()}")
+        os.replace(timing_stage, dst)
+        moved.append(dst)
+    m["files"] = files
+    m["plans"] = entries
+    m["tensorrt"] = {"flavour": FLAVOURS[flavour][1], "version": version, "buckets": buckets,
+                     "max_seq": seq["gen"], "built_by": __version__,
+                     "compute_capabilities": next(iter(entries.values()))["compute_capabilities"],
+                     "timing_cache": TIMING_CACHE if timing_stage is not None else None}
+    _atomic_write(root / MANIFEST, json.dumps(m, indent=2) + "\n")
+
+
+def _retire(root: Path, entries: dict[str, dict], old_plans: dict[str, dict], timing_stage: Path | None) -> None:
+    """The new manifest is in place: retire what it no longer names, and check that the bundle reads back."""
     if timing_stage is not None:
-        os.replace(root / (timing_rel + f".{os.getpid()}"), root / timing_rel)
+        os.replace(root / (TIMING_CACHE + f".{os.getpid()}"), root / TIMING_CACHE)
     keep = {e["file"] for e in entries.values()}
     for e in old_plans.values():
         f = e.get("file")
@@ -496,6 +532,3 @@ def build_plans(
         Bundle(root, verify=True)
     except BundleError as e:  # cannot happen unless something else writes the bundle meanwhile
         raise PlanBuildError(f"the bundle does not read back after writing its plans: {e}") from e
-    total = sum(e["size"] for e in entries.values())
-    printer(f"{len(entries)} plan(s), {total / 1e6:.2f} MB, in {time.perf_counter() - t_all:.1f} s -> {plans_dir}")
-    return entries

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from _authors import NO_TORCH, write_authors_folders
-from larp_rt.export import ExportError, export_bundle, onnx_export
+from larp_rt.export import ExportError, export_bundle, onnx_export, trace
 
 from larp_rt import (
     Bundle,
@@ -332,7 +332,7 @@ def test_external_data_and_nan_logits(tmp_path, monkeypatch):
     with torch.no_grad():
         gen.output.weight[3, :] = float("nan")
     save_pretrained(gen, tmp_path / "g")
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # force the external-data layout
+    monkeypatch.setattr(trace, "EXTERNAL_DATA_BYTES", 0)  # force the external-data layout
     with pytest.raises(ExportError, match="verification failed"):  # NaN never verifies
         export_bundle(None, tmp_path / "g", tmp_path / "b", printer=lambda s: None)
     bundle = export_bundle(None, tmp_path / "g", tmp_path / "b", verify=False, printer=lambda s: None,

@@ -502,9 +502,9 @@ def test_prior_graph_argument_is_checked(prior_bundle):
 @needs_ort_lib
 def test_fused_graph_shares_prior_onnx_external_weights(tmp_path, monkeypatch):
     """A prior big enough for external data (forced here): prior_fused.onnx reads prior.onnx.data, no second copy."""
-    from larp_rt.export import onnx_export
+    from larp_rt.export import trace
 
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(trace, "EXTERNAL_DATA_BYTES", 0)
     save_pretrained(tiny_prior_tokenizer(seed=3), tmp_path / "tok")
     path = export_bundle(tmp_path / "tok", None, tmp_path / "b", onnx_only=True, **quiet)
     b = Bundle(path)

@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of repo ids (default main)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a tested set of the options below (given options win): "
-                        + "; ".join(f"{n}: {q.summary}" for n, q in PRESETS.items())
+                        + "; ".join(f"{n}: {q.summary}" for n, q in PRESETS.items()).replace("%", "%%")
                         + f" (default {DEFAULT_PRESET})")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default=None,
                    help="int8/int4: weight-only quantized generator (ONNX Runtime MatMulNBits, block 32, "

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from _authors import NO_TORCH
 
@@ -64,3 +65,15 @@ def test_import_larp_rt_without_torch():
     assert r.returncode == 0, r.stderr
     assert "load_pretrained needs PyTorch" in r.stdout and "larp_rt[torch]" in r.stdout
     assert torch  # the test itself runs where torch exists
+
+
+def test_every_verb_prints_its_help(capsys):
+    """`larp-rt VERB --help` formats for every verb (a bare '%' in a help text made argparse raise on `export`)."""
+    from larp_rt.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.choices and "export" in a.choices)
+    for verb in sub.choices:
+        with pytest.raises(SystemExit) as e:
+            main([verb, "--help"])
+        assert e.value.code == 0, verb
+        assert "usage: larp-rt" in capsys.readouterr().out, verb

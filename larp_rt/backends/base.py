@@ -464,11 +464,11 @@ class ContinuousBatch:
 
 
 class Backend(abc.ABC):
-    """What the Engine and the serving loop call on a backend. Subclasses implement ``encode``, ``decode`` and
-    ``new_runner``; the generation loops (``generate_iter``, ``predict_iter``) run over ``new_runner``'s runners
-    unless a backend overrides them with a faster path. The stochastic encoder (``encode_latents``) and the
-    tokenizer's AR prior (``prior_*``) are optional: the defaults raise ``BackendCapabilityError`` naming a
-    backend that has them.
+    """What the Engine and the serving loop call on a backend. Subclasses implement ``new_runner`` (abstract) and,
+    to serve a tokenizer, ``encode`` and ``decode``; the generation loops (``generate_iter``, ``predict_iter``) run
+    over ``new_runner``'s runners unless a backend overrides them with a faster path. The tokenizer's parts, the
+    stochastic encoder (``encode_latents``) and the AR prior (``prior_*``) have defaults that raise
+    ``BackendCapabilityError`` naming a backend that has them (a generator-only backend needs only the runner).
 
     Attributes the Engine reads: ``name``, ``tokenizer_config`` / ``generator_config`` (None when the bundle has
     no such part), ``sampler`` (the host sampler, ``larp_rt.sampling.sample``'s signature), ``sampler_takes_uniform``
@@ -489,13 +489,13 @@ class Backend(abc.ABC):
         return BackendCapabilityError(f"backend {self.name!r} has no {what}: use backend={use!r}")
 
     # tokenizer -------------------------------------------------------------------------------
-    @abc.abstractmethod
     def encode(self, video: np.ndarray) -> np.ndarray:
         """Video (B, C, T, H, W) float32 in [0, 1], C-contiguous (checked by the Engine) -> tokens (B, N) int64."""
+        raise self._lacks("tokenizer encoder (encode)")
 
-    @abc.abstractmethod
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Tokens (B, N) int64 in [0, codebook) -> video (B, C, T, H, W) float32 in [0, 1]."""
+        raise self._lacks("tokenizer decoder (decode)")
 
     def encode_latents(self, video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Video (B, C, T, H, W) float32 in [0, 1] -> (the encoder's L2-normalised latents (B, N, d) float32, the

@@ -6,7 +6,11 @@
     out = eng.generate([3, 7], SamplingParams(cfg_scale=1.25, seed=0))
     out.tokens, out.seeds                                    # (2, N) int64; the seed of every request
 
-Every argument is validated here, at the boundary, with an error that names it; backends get clean arrays.
+Every argument is validated here, at the boundary, with an error that names it (the checks of
+``larp_rt.checks``, shared with the scheduler, HTTP and the CLI); backends get clean arrays. The Engine is the thin
+API: the generation loops are the backend's (``larp_rt.backends.base``), the prior's loops ``larp_rt.prior``'s and
+the stochastic SVQ draw ``larp_rt.sampling.svq_sample``. ``require*``, ``request_rows`` and ``prefix_rows`` are the
+public checks other entry points build on.
 
 Threads: one Engine may be shared by any number of threads. ``encode`` and ``decode`` run concurrently (ONNX
 Runtime sessions and the torch modules' forward are safe to call from several threads; nothing of theirs is

@@ -6,7 +6,11 @@
     out = eng.generate([3, 7], SamplingParams(cfg_scale=1.25, seed=0))
     out.tokens, out.seeds                                    # (2, N) int64; the seed of every request
 
-Every argument is validated here, at the boundary, with an error that names it; backends get clean arrays.
+Every argument is validated here, at the boundary, with an error that names it (the checks of
+``larp_rt.checks``, shared with the scheduler, HTTP and the CLI); backends get clean arrays. The Engine is the thin
+API: the generation loops are the backend's (``larp_rt.backends.base``), the prior's loops ``larp_rt.prior``'s and
+the stochastic SVQ draw ``larp_rt.sampling.svq_sample``. ``require*``, ``request_rows`` and ``prefix_rows`` are the
+public checks other entry points build on.
 
 Threads: one Engine may be shared by any number of threads. ``encode`` and ``decode`` run concurrently (ONNX
 Runtime sessions and the torch modules' forward are safe to call from several threads; nothing of theirs is
@@ -29,8 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import checks, prior
+from .backends.base import Backend
 from .bundle import Bundle
-from .sampling import RowParams, SamplingParams, resolve_params
+from .sampling import RowParams, SamplingParams, resolve_params, svq_sample
 
 __all__ = ["Engine", "Generation"]
 
@@ -77,43 +83,11 @@ class Engine:
         prior_graph (ONNX Runtime): the prior's step graph, "auto" (the bundle's fused ``prior_fused`` graph where
         the custom-op library runs on the CPU, else ``prior``), "fused" or "standard"; ``engine.prior_graph_name``
         says which one runs. The other backends take "auto"."""
-        if preallocate is not None and (not isinstance(preallocate, int) or isinstance(preallocate, bool)
-                                        or preallocate < 0):
-            raise ValueError(f"preallocate must be a non-negative int (rows) or None, got {preallocate!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-        from .backends.onnxruntime import PRIOR_GRAPHS, SAMPLERS
-
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        if prior_graph not in PRIOR_GRAPHS:
-            raise ValueError(f"prior_graph must be one of {', '.join(PRIOR_GRAPHS)}, got {prior_graph!r}")
+        _check_init_args(backend, device=device, threads=threads, sampler=sampler, preallocate=preallocate,
+                         prior_graph=prior_graph)
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, verify=verify)
-        if backend == "auto":
-            backend = "onnxruntime" if self.bundle.graphs and importlib.util.find_spec("onnxruntime") else "torch"
-        if prior_graph != "auto" and backend != "onnxruntime":
-            raise ValueError(f"prior_graph={prior_graph!r} picks an ONNX Runtime step graph; the {backend} backend "
-                             "takes prior_graph='auto'")
-        if backend == "tensorrt":  # never picked by "auto": plans need a GPU, checked before anything is created
-            from .backends.tensorrt import TensorRTBackend
-
-            self.backend = TensorRTBackend(self.bundle, device=device, threads=threads, sampler=sampler)
-        elif backend == "onnxruntime":
-            from .backends.onnxruntime import OnnxRuntimeBackend
-
-            self.backend = OnnxRuntimeBackend(self.bundle, device=device, threads=threads, sampler=sampler,
+        self.backend: Backend = _make_backend(self.bundle, backend, device=device, threads=threads, sampler=sampler,
                                               prior_graph=prior_graph)
-        else:
-            if sampler not in ("auto", "kernel", "reference"):
-                raise ValueError(f"sampler={sampler!r} runs on the onnxruntime backend; the torch backend takes "
-                                 "'auto', 'kernel' or 'reference'")
-            from .backends.torch import TorchBackend
-
-            self.backend = TorchBackend(self.bundle, device=device, threads=threads, sampler=sampler)
         self.tokenizer_config = self.bundle.tokenizer_config
         self.generator_config = self.bundle.generator_config
         defaults = self.bundle.default_sampling
@@ -141,13 +115,13 @@ class Engine:
     @property
     def sampler_reason(self) -> str:
         """Why ``sampler_name`` was picked (e.g. why the bundle's fused step is not used here)."""
-        return getattr(self.backend, "sampler_reason", "")
+        return self.backend.sampler_reason
 
     @property
     def prior_graph_name(self) -> str | None:
         """The bundle graph the prior's steps run through on ONNX Runtime ("prior_fused" or "prior"); None for
         the other backends or without a prior."""
-        return getattr(self.backend, "prior_graph_name", None)
+        return self.backend.prior_graph_name
 
     def close(self) -> None:
         with self._gen_lock:
@@ -162,11 +136,15 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     # tokenizer
     # ------------------------------------------------------------------------------------------
-    def _need(self, part: str):
+    def require(self, part: str):
+        """The config of ``part`` ("tokenizer" or "generator"), or a ValueError saying the bundle has none (and how
+        to export one)."""
         cfg = self.tokenizer_config if part == "tokenizer" else self.generator_config
         if cfg is None:
             raise ValueError(f"bundle {str(self.bundle.path)!r} has no {part}; export one with --{part}")
         return cfg
+
+    _need = require  # the old private name (cli.py): until its callers use require
 
     def encode(self, video) -> np.ndarray:
         """Video (B, C, T, H, W) float in [0, 1], or uint8 frames (B, T, H, W, C) -> tokens (B, N) int64."""
@@ -177,59 +155,24 @@ class Engine:
         return self.backend.decode(self.check_tokens(tokens))
 
     def check_video(self, video) -> np.ndarray:
-        cfg = self._need("tokenizer")
-        C, T, H, W = cfg.video_shape
-        x = _as_array(video, "video")
-        if x.dtype == np.uint8:
-            if x.ndim != 5 or x.shape[1:] != (T, H, W, C) or x.shape[0] == 0:
-                raise ValueError(f"uint8 video must have shape (B, {T}, {H}, {W}, {C}) (frames, channels last), "
-                                 f"got {x.shape}; use larp_rt.video.fit_clip to resize/crop")
-            return np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3), dtype=np.float32) / np.float32(255.0)
-        if not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"video must be float in [0, 1] (B, {C}, {T}, {H}, {W}) or uint8 (B, {T}, {H}, {W}, {C}), "
-                             f"got dtype {x.dtype}")
-        if x.ndim != 5 or x.shape[1:] != (C, T, H, W) or x.shape[0] == 0:
-            raise ValueError(f"float video must have shape (B, {C}, {T}, {H}, {W}) (channels first), got {x.shape}; "
-                             "add a batch axis with video[None] or resize with larp_rt.video.fit_clip")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        lo, hi = float(x.min()), float(x.max())
-        if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
-            raise ValueError(f"video values must be finite and in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
-        return x
+        """``larp_rt.checks.check_video`` for this bundle's tokenizer: -> (B, C, T, H, W) float32 in [0, 1]."""
+        return checks.check_video(video, self.require("tokenizer"))
 
     def check_tokens(self, tokens) -> np.ndarray:
-        cfg = self._need("tokenizer")
-        x = _as_array(tokens, "tokens")
-        if not np.issubdtype(x.dtype, np.integer):
-            raise ValueError(f"tokens must be integers, got dtype {x.dtype}")
-        if x.ndim != 2 or x.shape[1] != cfg.num_tokens or x.shape[0] == 0:
-            raise ValueError(f"tokens must have shape (B, {cfg.num_tokens}), got {x.shape}")
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi >= cfg.codebook_size:
-            raise ValueError(f"tokens must be in [0, {cfg.codebook_size - 1}] (the codebook), got [{lo}, {hi}]")
-        return np.ascontiguousarray(x, dtype=np.int64)
+        """``larp_rt.checks.check_tokens`` for this bundle's tokenizer: -> (B, N) int64 in [0, codebook)."""
+        return checks.check_tokens(tokens, self.require("tokenizer"))
 
     # ------------------------------------------------------------------------------------------
     # generator
     # ------------------------------------------------------------------------------------------
     def check_class_ids(self, class_ids) -> np.ndarray:
-        cfg = self._need("generator")
-        if cfg.frame_prediction:
-            raise ValueError(f"bundle {str(self.bundle.path)!r} holds a frame-prediction generator: it has no classes; "
-                             "predict from conditioning frames with Engine.predict (`larp-rt predict`)")
-        ids = _as_array(class_ids, "class_ids")
-        if ids.ndim == 0:
-            ids = ids.reshape(1)
-        if ids.ndim != 1 or ids.size == 0 or not (np.issubdtype(ids.dtype, np.integer) or ids.dtype == bool):
-            raise ValueError(f"class_ids must be a non-empty 1-D sequence of ints, got {ids.dtype} {ids.shape}")
-        ids = ids.astype(np.int64)
-        bad = ids[(ids < 0) | (ids >= cfg.num_classes)]
-        if bad.size:
-            raise ValueError(f"class_ids must be in [0, {cfg.num_classes - 1}] ({cfg.num_classes} classes), "
-                             f"got {bad.tolist()}")
-        return ids
+        """``larp_rt.checks.check_class_ids`` for this bundle's generator: -> (B,) int64 in [0, num_classes)."""
+        return checks.check_class_ids(class_ids, self.require("generator"), where=f"bundle {str(self.bundle.path)!r}")
 
-    def _rows(self, class_ids, params) -> tuple[np.ndarray, RowParams, list[SamplingParams]]:
+    def request_rows(self, class_ids, params) -> tuple[np.ndarray, RowParams, list[SamplingParams]]:
+        """Checked class-conditional requests: (class ids (B,) int64, their RowParams (seeds drawn where None), the
+        SamplingParams of each row). ``params``: as ``generate`` takes them (None: the bundle's defaults). Raises
+        ValueError for guidance without a null class."""
         ids = self.check_class_ids(class_ids)
         cfg = self.generator_config
         if params is None:
@@ -241,6 +184,8 @@ class Engine:
                              "this one has none: use cfg_scale=1.0")
         return ids, rp, plist
 
+    _rows = request_rows  # the old private name: until every caller uses request_rows
+
     def _has_null_class(self) -> bool:
         return self.generator_config.class_dropout_prob > 0
 
@@ -249,7 +194,7 @@ class Engine:
 
         The arguments are checked at once; the generation holds the Engine's generator from its first step until
         it is exhausted or closed (``close()`` it, or use ``generate``, when stopping early)."""
-        ids, rp, plist = self._rows(class_ids, params)
+        ids, rp, plist = self.request_rows(class_ids, params)
         return self._generate_iter(ids, rp, plist)
 
     def _generate_iter(self, ids, rp, plist):
@@ -274,7 +219,7 @@ class Engine:
 
     def generate_video(self, class_ids, params=None, *, progress=None) -> tuple[np.ndarray, Generation]:
         """generate + decode: (B, C, T, H, W) float32 videos and the Generation."""
-        self._need("tokenizer")
+        self.require("tokenizer")
         gen = self.generate(class_ids, params, progress=progress)
         return self.decode(gen.tokens), gen
 
@@ -286,9 +231,11 @@ class Engine:
         """True for a frame-prediction bundle (``predict``); False for a class-conditional one (``generate``)."""
         return bool(self.generator_config is not None and self.generator_config.frame_prediction)
 
-    def _need_fp(self):
-        cfg = self._need("generator")
-        self._need("tokenizer")
+    def require_frame_prediction(self):
+        """The generator's config when the bundle predicts frames (a frame-prediction generator whose prefix is the
+        tokenizer's N tokens + the separator), else a ValueError saying why not."""
+        cfg = self.require("generator")
+        self.require("tokenizer")
         if not cfg.frame_prediction:
             raise ValueError(f"bundle {str(self.bundle.path)!r} holds a class-conditional generator: it generates "
                              "from class ids (Engine.generate / `larp-rt generate`), it cannot predict frames; "
@@ -298,43 +245,14 @@ class Engine:
                              f"{self.tokenizer_config.num_tokens} tokens + the separator: re-export a matching pair")
         return cfg
 
+    _need_fp = require_frame_prediction  # the old private name (cli.py): until its callers use the public one
+
     def check_frames(self, frames, num_cond_frames: int = 5) -> np.ndarray:
         """Conditioning frames -> the padded clip (B, C, T, H, W) float32 in [0, 1] the encoder takes: the first
         ``num_cond_frames`` frames, the last of them repeated up to the tokenizer's T (the authors' recipe).
-        ``frames``: uint8 (B, t, H, W, C) or float in [0, 1] (B, C, t, H, W) with t >= num_cond_frames."""
-        cfg = self._need("tokenizer")
-        C, T, H, W = cfg.video_shape
-        if isinstance(num_cond_frames, bool) or not isinstance(num_cond_frames, (int, np.integer)) or \
-                not 1 <= num_cond_frames <= T:
-            raise ValueError(f"num_cond_frames must be an int in [1, {T}] (the tokenizer's {T} frames), "
-                             f"got {num_cond_frames!r}")
-        n = int(num_cond_frames)
-        x = _as_array(frames, "frames")
-        if x.dtype == np.uint8:
-            if x.ndim != 5 or x.shape[0] == 0 or x.shape[2:] != (H, W, C):
-                raise ValueError(f"uint8 frames must have shape (B, t, {H}, {W}, {C}) (channels last), got {x.shape}; "
-                                 "use larp_rt.video.fit_clip to resize/crop")
-            t = x.shape[1]
-        elif np.issubdtype(x.dtype, np.floating):
-            if x.ndim != 5 or x.shape[0] == 0 or x.shape[1] != C or x.shape[3:] != (H, W):
-                raise ValueError(f"float frames must have shape (B, {C}, t, {H}, {W}) (channels first), got {x.shape}; "
-                                 "add a batch axis with frames[None] or resize with larp_rt.video.fit_clip")
-            t = x.shape[2]
-        else:
-            raise ValueError(f"frames must be uint8 (B, t, {H}, {W}, {C}) or float in [0, 1] (B, {C}, t, {H}, {W}), "
-                             f"got dtype {x.dtype}")
-        if t < n:
-            raise ValueError(f"frames hold {t} frame(s); prediction is conditioned on the first num_cond_frames={n}: "
-                             f"give at least {n} frames (or lower num_cond_frames)")
-        if x.dtype == np.uint8:
-            cond = x[:, :n].transpose(0, 4, 1, 2, 3).astype(np.float32) / np.float32(255.0)
-        else:
-            cond = np.asarray(x[:, :, :n], np.float32)
-            lo, hi = float(cond.min()), float(cond.max())
-            if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
-                raise ValueError(f"frame values must be finite and in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
-        pad = np.repeat(cond[:, :, n - 1:n], T - n, axis=2)  # the last conditioning frame, repeated
-        return np.ascontiguousarray(np.concatenate([cond, pad], axis=2))
+        ``frames``: uint8 (B, t, H, W, C) or float in [0, 1] (B, C, t, H, W) with t >= num_cond_frames
+        (``larp_rt.checks.check_frames``)."""
+        return checks.check_frames(frames, num_cond_frames, self.require("tokenizer"))
 
     def cond_tokens(self, frames, *, num_cond_frames: int = 5, stochastic_cond: bool = False,
                     seed: int | None = None) -> np.ndarray:
@@ -342,7 +260,7 @@ class Engine:
         (index codebook size). Deterministic SVQ (argmax) by default; ``stochastic_cond=True`` draws each token from
         ``softmax(cos(latent, code) / svq_temperature)`` (the authors' SVQ) with ``numpy.random.default_rng(seed)``
         (reproducible for a given seed; a fresh one when None)."""
-        self._need_fp()
+        self.require_frame_prediction()
         clip = self.check_frames(frames, num_cond_frames)
         if stochastic_cond:
             tokens = self._stochastic_encode(clip, seed)
@@ -355,19 +273,13 @@ class Engine:
 
     def _stochastic_encode(self, clip: np.ndarray, seed: int | None) -> np.ndarray:
         cfg = self.tokenizer_config
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        checks.check_seed(seed)
         latents, codes = self.backend.encode_latents(clip)  # (B, N, d) normalised, (K, d) normalised
-        z = latents.astype(np.float64) @ codes.astype(np.float64).T / cfg.svq_temperature  # (B, N, K)
-        z -= z.max(axis=-1, keepdims=True)
-        p = np.exp(z)
-        cdf = np.cumsum(p, axis=-1)
-        rng = np.random.default_rng(seed)
-        u = rng.random(cdf.shape[:2]) * cdf[..., -1]
-        idx = (cdf < u[..., None]).sum(axis=-1)
-        return np.minimum(idx, cfg.codebook_size - 1).astype(np.int64)
+        return svq_sample(latents, codes, cfg.svq_temperature, seed, cfg.codebook_size)
 
-    def _fp_rows(self, prefix: np.ndarray, params):
+    def prefix_rows(self, prefix: np.ndarray, params) -> tuple[RowParams, list[SamplingParams]]:
+        """Checked frame-prediction requests over ``prefix`` (B, cls_token_num) (``cond_tokens``): (their RowParams,
+        the SamplingParams of each row). ``params`` as ``predict`` takes them; guidance is refused."""
         cfg = self.generator_config
         if params is None:
             params = self.default_params
@@ -378,13 +290,15 @@ class Engine:
         plist = [params] * len(prefix) if isinstance(params, SamplingParams) else list(params)
         return rp, plist
 
+    _fp_rows = prefix_rows  # the old private name: until every caller uses prefix_rows
+
     def predict_iter(self, frames, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                      num_cond_frames: int = 5, stochastic_cond: bool = False, seed: int | None = None):
         """``predict``'s token stream: a StepEvent per generated token (step 0 is the prefix's one-run prefill);
         returns the Generation (the N generated tokens). Decode ``Generation.tokens`` for the video."""
         prefix = self.cond_tokens(frames, num_cond_frames=num_cond_frames, stochastic_cond=stochastic_cond,
                                   seed=seed)
-        rp, plist = self._fp_rows(prefix, params)
+        rp, plist = self.prefix_rows(prefix, params)
         return self._predict_iter(prefix, rp, plist)
 
     def _predict_iter(self, prefix, rp, plist):
@@ -419,14 +333,17 @@ class Engine:
     def has_prior(self) -> bool:
         return self.bundle.prior is not None
 
-    def _need_prior(self) -> dict:
-        self._need("tokenizer")
+    def require_prior(self) -> dict:
+        """The bundle's prior entry (its manifest), or a ValueError saying the tokenizer was exported without one."""
+        self.require("tokenizer")
         if self.bundle.prior is None:
             raise ValueError(
                 f"bundle {str(self.bundle.path)!r} has no AR prior: its tokenizer was exported without one (a "
                 "checkpoint without prior_model.* weights, or a bundle exported before larp_rt exported priors); "
                 "export a tokenizer trained with the prior (`larp-rt export --tokenizer DIR`)")
         return self.bundle.prior
+
+    _need_prior = require_prior  # the old private name (cli.py): until its callers use require_prior
 
     def prior_logprobs(self, tokens, *, method: str = "auto") -> np.ndarray:
         """Tokens (B, N) -> (B, N - 1) float32: ``log p(token t | tokens < t)`` under the tokenizer's AR prior, for
@@ -435,10 +352,10 @@ class Engine:
         "auto" (= "full")."""
         if method not in ("auto", "full", "steps"):
             raise ValueError(f"method must be 'auto', 'full' or 'steps', got {method!r}")
-        self._need_prior()
+        self.require_prior()
         tokens = self.check_tokens(tokens)
         if method == "steps":
-            return self._prior_logprobs_steps(tokens)
+            return prior.logprobs_steps(self.backend, tokens)
         return np.asarray(self.backend.prior_logprobs_full(tokens), np.float32)
 
     def prior_nll(self, tokens, *, method: str = "auto") -> np.ndarray:
@@ -446,43 +363,13 @@ class Engine:
         (the mean of ``-prior_logprobs`` over tokens 1 .. N - 1). Compare with log(codebook size), a uniform guess."""
         return -self.prior_logprobs(tokens, method=method).astype(np.float64).mean(axis=1)
 
-    def _prior_logprobs_steps(self, tokens: np.ndarray) -> np.ndarray:
-        B, N = tokens.shape
-        out = np.empty((B, N - 1), np.float32)
-        runner = self.backend.prior_runner(B)
-        try:
-            for t in range(N - 1):
-                z = runner.run(tokens[:, t], np.full(B, t, np.int64)).astype(np.float64)  # logits of token t + 1
-                zmax = z.max(axis=1, keepdims=True)
-                lse = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
-                out[:, t] = z[np.arange(B), tokens[:, t + 1]] - lse
-        finally:
-            runner.close()
-        return out
-
     def check_prefix(self, prefix_tokens) -> np.ndarray:
-        """A prior prefix: (B, P) ints in [0, codebook) with 1 <= P <= N -> int64."""
-        cfg = self._need("tokenizer")
-        N, K = cfg.num_tokens, cfg.codebook_size
-        x = _as_array(prefix_tokens, "prefix_tokens")
-        if not np.issubdtype(x.dtype, np.integer):
-            raise ValueError(f"prefix_tokens must be integers, got dtype {x.dtype}")
-        if x.ndim != 2 or x.shape[0] == 0:
-            raise ValueError(f"prefix_tokens must have shape (B, P) with B >= 1 (a row per video; add a batch axis "
-                             f"with tokens[None]), got {x.shape}")
-        if x.shape[1] == 0:
-            raise ValueError("prefix_tokens is empty: the prior continues a prefix of at least 1 token per row "
-                             "(token 0 is never predicted)")
-        if x.shape[1] > N:
-            raise ValueError(f"prefix_tokens has {x.shape[1]} tokens per row, more than the tokenizer's N = {N}")
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi >= K:
-            raise ValueError(f"prefix_tokens must be in [0, {K - 1}] (the codebook), got [{lo}, {hi}]")
-        return np.ascontiguousarray(x, dtype=np.int64)
+        """A prior prefix: (B, P) ints in [0, codebook) with 1 <= P <= N -> int64 (``larp_rt.checks.check_prefix``)."""
+        return checks.check_prefix(prefix_tokens, self.require("tokenizer"))
 
     def prior_generate_iter(self, prefix_tokens, params: SamplingParams | Sequence[SamplingParams] | None = None):
         """Yield a StepEvent per sampled token (``.step`` = the token's index P .. N-1); returns the Generation."""
-        self._need_prior()
+        self.require_prior()
         prefix = self.check_prefix(prefix_tokens)
         cfg = self.tokenizer_config
         if params is None:
@@ -496,27 +383,7 @@ class Engine:
         return self._prior_iter(prefix, rp, plist)
 
     def _prior_iter(self, prefix: np.ndarray, rp: RowParams, plist):
-        from .backends.base import StepEvent
-
-        B, P = prefix.shape
-        N = self.tokenizer_config.num_tokens
-        out = np.empty((B, N), np.int64)
-        out[:, :P] = prefix
-        if P < N:
-            be = self.backend
-            sampler = be.prior_sampler
-            runner = be.prior_runner(B)
-            pos = np.zeros(B, np.int64)
-            try:
-                for t in range(N - 1):  # feed token t at position t: the logits of token t + 1
-                    pos[:] = t
-                    logits = runner.run(out[:, t], pos)
-                    if t + 1 < P:
-                        continue  # a prefix position: its cache entries are what the step was for
-                    out[:, t + 1] = sampler(logits, None, rp, t + 1)  # token index = the Philox step counter
-                    yield StepEvent(t + 1, N, out[:, t + 1].copy())
-            finally:
-                runner.close()
+        out = yield from prior.sample_iter(self.backend, prefix, rp, self.tokenizer_config.num_tokens)
         return Generation(out, [int(s) for s in rp.seed], plist)
 
     def prior_generate(
@@ -539,6 +406,50 @@ class Engine:
         return f"Engine({str(self.bundle.path)!r}, backend={self.backend_name!r}, parts={parts})"
 
 
+def _check_init_args(backend: str, *, device: str, threads: int | None, sampler: str, preallocate: int | None,
+                     prior_graph: str) -> None:
+    """The arguments of ``Engine.__init__`` that need no bundle, each with what was expected."""
+    if preallocate is not None and (not isinstance(preallocate, int) or isinstance(preallocate, bool)
+                                    or preallocate < 0):
+        raise ValueError(f"preallocate must be a non-negative int (rows) or None, got {preallocate!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    from .backends.onnxruntime import PRIOR_GRAPHS, SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if prior_graph not in PRIOR_GRAPHS:
+        raise ValueError(f"prior_graph must be one of {', '.join(PRIOR_GRAPHS)}, got {prior_graph!r}")
+
+
+def _make_backend(bundle: Bundle, backend: str, *, device: str, threads: int | None, sampler: str,
+                  prior_graph: str) -> Backend:
+    """The backend ``backend`` (resolved from "auto") over ``bundle``."""
+    if backend == "auto":
+        backend = "onnxruntime" if bundle.graphs and importlib.util.find_spec("onnxruntime") else "torch"
+    if prior_graph != "auto" and backend != "onnxruntime":
+        raise ValueError(f"prior_graph={prior_graph!r} picks an ONNX Runtime step graph; the {backend} backend "
+                         "takes prior_graph='auto'")
+    if backend == "tensorrt":  # never picked by "auto": plans need a GPU, checked before anything is created
+        from .backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(bundle, device=device, threads=threads, sampler=sampler)
+    if backend == "onnxruntime":
+        from .backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle, device=device, threads=threads, sampler=sampler, prior_graph=prior_graph)
+    if sampler not in ("auto", "kernel", "reference"):
+        raise ValueError(f"sampler={sampler!r} runs on the onnxruntime backend; the torch backend takes "
+                         "'auto', 'kernel' or 'reference'")
+    from .backends.torch import TorchBackend
+
+    return TorchBackend(bundle, device=device, threads=threads, sampler=sampler)
+
+
 def _run(it, progress: Callable[[int, int], None] | None) -> Generation:
     """Exhaust a generation iterator (StepEvents, then its Generation), reporting ``progress(step + 1, total)``."""
     while True:
@@ -548,15 +459,3 @@ def _run(it, progress: Callable[[int, int], None] | None) -> Generation:
             return stop.value
         if progress is not None:
             progress(ev.step + 1, ev.total)
-
-
-def _as_array(x, name: str) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
-        return x.detach().cpu().numpy()
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be array-like, got {type(x).__name__}") from e
-

@@ -31,10 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import NonFiniteLogitsError, SamplingParamsError
+
 __all__ = [
     "SamplingParams", "RowParams", "resolve_params", "philox4x32", "uniform", "uniform_table", "sample",
     "cfg_mix", "filtered_distribution", "check_step", "check_row_params", "MAX_CFG_SCALE", "MAX_TEMPERATURE",
-    "MIN_TEMPERATURE", "MIN_TOP_P", "PARAM_RULES",
+    "MIN_TEMPERATURE", "MIN_TOP_P", "PARAM_RULES", "svq_sample",
 ]
 
 _M32 = 0xFFFFFFFF
@@ -65,6 +67,21 @@ PARAM_RULES = {
     "temperature": f"a finite number: 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]",
     "top_p": f"in (0, 1], at least {float(np.float32(MIN_TOP_P)):.8g} (the smallest normal float32; 1.0 = off)",
 }
+_F64_BOUNDS = (MAX_CFG_SCALE, MIN_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_P)  # SamplingParams.validate's
+_F32_BOUNDS = tuple(float(np.float32(v)) for v in _F64_BOUNDS)  # the kernels' (on the float32 copies)
+
+
+def _within(name: str, v, bounds: tuple[float, float, float, float]):
+    """The one rule of each bounded float parameter, for a value or an array (NaN fails it): True where ``v`` is
+    inside ``bounds`` (max cfg_scale, min and max temperature, min top_p). ``SamplingParams.validate`` applies it
+    to the request's values with the exact bounds, ``check_row_params`` to the float32 rows with float32 ones."""
+    max_cfg, min_t, max_t, min_p = bounds
+    with np.errstate(invalid="ignore"):
+        if name == "cfg_scale":
+            return np.logical_and(v >= 0, v <= max_cfg)
+        if name == "temperature":
+            return np.logical_or(v == 0, np.logical_and(v >= min_t, v <= max_t))
+        return np.logical_and(v >= min_p, v <= 1)  # top_p
 
 
 @dataclass(frozen=True)
@@ -92,16 +109,14 @@ class SamplingParams:
             return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
         # comparisons, not float(): a huge int compares exactly, NaN fails every one
-        if not is_num(self.cfg_scale) or not 0 <= self.cfg_scale <= MAX_CFG_SCALE:
-            raise bad("cfg_scale", PARAM_RULES["cfg_scale"])
-        t = self.temperature
-        if not is_num(t) or not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
-            raise bad("temperature", PARAM_RULES["temperature"])
+        for name in ("cfg_scale", "temperature"):
+            if not is_num(getattr(self, name)) or not bool(_within(name, getattr(self, name), _F64_BOUNDS)):
+                raise bad(name, PARAM_RULES[name])
         if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise bad("top_k", "an int >= 0 (0 = off)")
         if vocab_size is not None and self.top_k > vocab_size:
             raise bad("top_k", f"at most the vocabulary size {vocab_size} (0 = off)")
-        if not is_num(self.top_p) or not MIN_TOP_P <= self.top_p <= 1.0:
+        if not is_num(self.top_p) or not bool(_within("top_p", self.top_p, _F64_BOUNDS)):
             raise bad("top_p", PARAM_RULES["top_p"])
         int_seed = isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
         if self.seed is not None and (not int_seed or not 0 <= self.seed <= MAX_SEED):
@@ -235,32 +250,28 @@ def check_step(step, batch: int, name: str = "step") -> int | np.ndarray:
     return a.astype(np.uint64)
 
 
-_F32_BOUNDS = tuple(float(np.float32(v)) for v in (MAX_CFG_SCALE, MIN_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_P))
-
-
 def check_row_params(params: RowParams, vocab: int | None = None) -> None:
     """The kernels' check of per-row parameters (``larp_sample_cpu``'s, same bounds on the same float32 values,
-    same message): raises ValueError naming the first bad row, e.g. "cfg_scale[3] = inf: must be ...". The
-    values ``SamplingParams.validate`` accepts always pass. ``vocab``: also check top_k <= vocab."""
-    max_cfg, min_t, max_t, min_p = _F32_BOUNDS
+    same message): raises SamplingParamsError (a ValueError) naming the first bad row, e.g. "cfg_scale[3] = inf:
+    must be ...". The values ``SamplingParams.validate`` accepts always pass (the same rules, ``_within``).
+    ``vocab``: also check top_k <= vocab."""
     s = np.asarray(params.cfg_scale, np.float32)
     t = np.asarray(params.temperature, np.float32)
     k = np.asarray(params.top_k)
     p = np.asarray(params.top_p, np.float32)
-    with np.errstate(invalid="ignore"):
-        checks = [
-            ("cfg_scale", s, ~((s >= 0) & (s <= max_cfg)), PARAM_RULES["cfg_scale"]),
-            ("temperature", t, ~((t == 0) | ((t >= min_t) & (t <= max_t))), PARAM_RULES["temperature"]),
-            ("top_k", k, (k < 0) | (k > vocab) if vocab is not None else k < 0,
-             f"in [0, vocab = {vocab}] (0 = off)" if vocab is not None else ">= 0 (0 = off)"),
-            ("top_p", p, ~((p >= min_p) & (p <= 1)), PARAM_RULES["top_p"]),
-        ]
+    checks = [
+        ("cfg_scale", s, ~_within("cfg_scale", s, _F32_BOUNDS), PARAM_RULES["cfg_scale"]),
+        ("temperature", t, ~_within("temperature", t, _F32_BOUNDS), PARAM_RULES["temperature"]),
+        ("top_k", k, (k < 0) | (k > vocab) if vocab is not None else k < 0,
+         f"in [0, vocab = {vocab}] (0 = off)" if vocab is not None else ">= 0 (0 = off)"),
+        ("top_p", p, ~_within("top_p", p, _F32_BOUNDS), PARAM_RULES["top_p"]),
+    ]
     first = [int(np.argmax(bad)) if bad.any() else len(s) for _, _, bad, _ in checks]
     r = min(first)
     if r == len(s):
         return
     name, v, _, rule = checks[first.index(r)]
-    raise ValueError(f"{name}[{r}] = {_f32(v[r])}: must be {rule}")
+    raise SamplingParamsError(f"{name}[{r}] = {_f32(v[r])}: must be {rule}", row=r)
 
 
 def _f32(x) -> str:
@@ -286,9 +297,9 @@ def _check_logits(name: str, x: np.ndarray, rows: int | None = None) -> np.ndarr
     bad = ~np.isfinite(x)
     if bad.any():
         r, i = np.argwhere(bad)[0]
-        raise ValueError(
+        raise NonFiniteLogitsError(
             f"{name} contain NaN/Inf (first at row {r}, token {i}): the model produced non-finite values; "
-            "check the weights and the precision (fp16 overflow?)"
+            "check the weights and the precision (fp16 overflow?)", row=int(r)
         )
     return x
 
@@ -357,9 +368,10 @@ def sample(
         bad = ~np.isfinite(l)
         if bad.any():
             r, i = np.argwhere(bad)[0]
-            raise ValueError(
+            raise NonFiniteLogitsError(
                 f"guided logits contain NaN/Inf (first at row {r}, token {i}): cond and uncond are finite but "
-                "uncond + (cond - uncond) * cfg_scale overflows float32; check the logits' scale or lower cfg_scale"
+                "uncond + (cond - uncond) * cfg_scale overflows float32; check the logits' scale or lower cfg_scale",
+                row=int(r),
             )
     if u is None:
         u = uniform(params.seed, params.stream, step)
@@ -377,3 +389,22 @@ def sample(
         tokens[r] = t
         logp[r] = z[t] - zmax - math.log(cw[-1])
     return (tokens, logp) if return_logprobs else tokens
+
+
+# --------------------------------------------------------------------------------------------
+# the tokenizer's stochastic SVQ (frame prediction's conditioning, ``stochastic_cond=True``)
+# --------------------------------------------------------------------------------------------
+def svq_sample(latents: np.ndarray, codes: np.ndarray, temperature: float, seed: int | None,
+               codebook_size: int | None = None) -> np.ndarray:
+    """The authors' stochastic SVQ: each token drawn from ``softmax(cos(latent, code) / temperature)``.
+
+    latents (B, N, d) and codes (K, d), both L2-normalised (``Backend.encode_latents``) -> (B, N) int64 indices
+    in [0, codebook_size) (default K). One uniform per token from ``numpy.random.default_rng(seed)`` (reproducible
+    for a seed; fresh when None), inverted through the cumulative weights in float64."""
+    z = latents.astype(np.float64) @ codes.astype(np.float64).T / temperature  # (B, N, K)
+    z -= z.max(axis=-1, keepdims=True)
+    cdf = np.cumsum(np.exp(z), axis=-1)
+    rng = np.random.default_rng(seed)
+    u = rng.random(cdf.shape[:2]) * cdf[..., -1]
+    idx = (cdf < u[..., None]).sum(axis=-1)
+    return np.minimum(idx, (len(codes) if codebook_size is None else codebook_size) - 1).astype(np.int64)

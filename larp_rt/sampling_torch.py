@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteLogitsError
 from .sampling import PHILOX_M, PHILOX_W, RowParams, check_row_params, check_step
 
 __all__ = ["DeviceRowParams", "philox4x32", "uniform", "sample", "as_step"]
@@ -132,7 +133,8 @@ def sample(
     check_row_params(params.host, cond_logits.shape[1])  # host arrays: no device sync
     l = cfg_mix(cond_logits, uncond_logits, params.cfg_scale)  # (B, V) float32
     if check_finite and not bool(torch.isfinite(l).all()):
-        raise ValueError("logits contain NaN/Inf: the model produced non-finite values; check weights and precision")
+        raise NonFiniteLogitsError("logits contain NaN/Inf: the model produced non-finite values; check weights and "
+                                   "precision")
     B, V = l.shape
     greedy = l.argmax(dim=-1)  # first max: lowest index wins ties
     if params.all_greedy:

@@ -200,7 +200,10 @@ def test_in_graph_sampler_failures_are_found_by_bisection_or_marks(mode):
 
     cfg = GeneratorConfig.from_name("tiny")
     runner = _GraphRunner(mode)
-    batch = ContinuousBatch(Backend(None, cfg), runner)
+    class LoopOnly(Backend):  # the shared loop and its host sampler only (the runner is the fake above)
+        new_runner = None
+
+    batch = ContinuousBatch(LoopOnly(None, cfg), runner)
     seqs = [Sequence(i, resolve_params(SP(seed=10 * i, cfg_scale=2.0 if i % 3 == 0 else 1.0), 1), 12)
             for i in range(5)]
     for s in seqs:

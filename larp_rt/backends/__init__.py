@@ -1,6 +1,8 @@
 """Backends: onnxruntime.py (the embedded default), tensorrt.py (plans on a GPU), torch.py (reference / CUDA
-path); the same small interface."""
+path); the same interface, ``base.Backend`` (an abstract base class: what the Engine and the serving loop call),
+and one layout of rows, positions and cache slots (``layout.py``)."""
 
-from .base import Backend, StepEvent
+from .base import Backend, StepEvent, StepRunner
+from .layout import RowLayout
 
-__all__ = ["Backend", "StepEvent"]
+__all__ = ["Backend", "StepEvent", "StepRunner", "RowLayout"]

@@ -12,7 +12,10 @@ A row that cannot be sampled (NaN/Inf logits, a parameter the kernel refuses) fa
 sampler samples each request of a refused batch alone; a runner that samples in its graph reports rows (a
 device kernel's negative tokens) or is run again over the same rows and positions without the failing requests
 (``ContinuousBatch._run_sampling``); the failed request's rows are cleared (``StepRunner.clear_rows``) and freed.
-``inject_faults`` is the tests' hook to make a request's step fail.
+``inject_faults`` is the tests' hook to make a request's step fail. Failures are typed (``larp_rt.errors``): a
+``NonFiniteLogitsError`` or a ``SamplingParamsError``, both ValueErrors; ``Sequence.failure`` holds it.
+
+Where rows, positions and cache slots sit is ``layout.py`` (``RowLayout``, ``step_position``, the cache window).
 
 ``Backend.generate`` is that loop with every request admitted at step 0; the serving scheduler
 (``larp_rt.serving``) is the same loop with requests arriving while it runs. Either way a request draws from
@@ -21,10 +24,10 @@ its own Philox stream at its own step, so its tokens never depend on what shares
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import itertools
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -32,10 +35,13 @@ import numpy as np
 
 from .. import sampling
 from ..config import GeneratorConfig, TokenizerConfig
+from ..errors import BackendCapabilityError, NonFiniteLogitsError, SamplingError, SamplingParamsError
 from ..sampling import RowParams
+from .layout import RowLayout, cache_slots, cache_window, rebind_width, step_position, window_width
 
 __all__ = ["Backend", "ContinuousBatch", "Sequence", "StepEvent", "StepRunner", "StepSample", "NON_FINITE",
-           "BAD_PARAMS", "bucket", "inject_faults", "device_row_error"]
+           "BAD_PARAMS", "bucket", "inject_faults", "device_row_error", "device_row_exception", "RowLayout",
+           "step_position", "cache_slots", "cache_window", "window_width", "rebind_width"]
 
 Sampler = Callable[..., np.ndarray]
 # raised when a sampler met NaN/Inf logits (a device sampler marks such a row with token -1)
@@ -49,6 +55,22 @@ _DEVICE_CODES = {-1: NON_FINITE, -2: BAD_PARAMS}  # kernels.TOKEN_NON_FINITE, ke
 def device_row_error(token: int) -> str:
     """What a device sampler's negative token means (-1: NaN/Inf logits, -2: parameters out of bounds)."""
     return _DEVICE_CODES.get(int(token), f"the sampler marked the row with token {int(token)}")
+
+
+def device_row_exception(token: int, message: str | None = None, *, row: int | None = None) -> ValueError:
+    """The typed error of a device sampler's negative token: NonFiniteLogitsError (-1), SamplingParamsError (-2),
+    else a ValueError; ``message`` defaults to ``device_row_error(token)``."""
+    cls = {-1: NonFiniteLogitsError, -2: SamplingParamsError}.get(int(token))
+    msg = device_row_error(token) if message is None else message
+    return ValueError(msg) if cls is None else cls(msg, row=row)
+
+
+def retyped(error: BaseException | None, message: str, *, row: int | None = None) -> ValueError:
+    """A new error with ``message`` of ``error``'s type when it is a SamplingError (a NaN/Inf or a refused row keeps
+    its type through the loops that reword it), else a ValueError."""
+    if isinstance(error, SamplingError):
+        return type(error)(message, row=row)
+    return ValueError(message)
 
 
 # Test hook: ``fault(seq) -> bool`` is asked for every active sequence at every step; True makes that sequence's
@@ -70,16 +92,12 @@ def inject_faults(fault: Callable[[Sequence], bool] | None):
         _fault = old
 
 
-_ROW_IN_ERROR = re.compile(r"(?:first at row (\d+)\b)|(?:^(?:larp_rt\.Sample: )?[a-z_]+\[(\d+)\] = )")
+def _failed_row(error: ValueError, n: int) -> int | None:
+    """The row of a batch of ``n`` that a sampler's typed refusal names (``SamplingError.row``), if any."""
+    r = error.row if isinstance(error, SamplingError) else None
+    return r if r is not None and 0 <= r < n else None
 
 
-def _failed_row(msg: str, n: int) -> int | None:
-    """The row a kernel's refusal names ("... (first at row 3, ...)", "temperature[3] = nan: ..."), if any."""
-    m = _ROW_IN_ERROR.search(msg)
-    if m is None:
-        return None
-    r = int(m.group(1) or m.group(2))
-    return r if 0 <= r < n else None
 _versions = itertools.count(1)  # membership versions, unique across batches (a runner outlives its batches)
 
 
@@ -142,10 +160,12 @@ class Sequence:
     """One request in a ``ContinuousBatch``: a class id, its one-row ``RowParams``, and its tokens so far.
 
     ``rows`` are assigned on admission: its own row, and a null-class row when it uses guidance. ``step`` is the
-    next step to sample (``total`` when finished); ``error`` is set when it failed (NaN/Inf logits, or the sampler
-    refused its row): it failed alone, the other sequences of its steps went on."""
+    next step to sample (``total`` when finished); ``error`` (the message) and ``failure`` (the typed error:
+    ``NonFiniteLogitsError``, ``SamplingParamsError`` or another ValueError) are set when it failed (NaN/Inf logits,
+    or the sampler refused its row): it failed alone, the other sequences of its steps went on."""
 
-    __slots__ = ("class_id", "params", "total", "tag", "row", "null_row", "step", "tokens", "error", "prefix")
+    __slots__ = ("class_id", "params", "total", "tag", "row", "null_row", "step", "tokens", "error", "failure",
+                 "prefix")
 
     def __init__(self, class_id: int, params: RowParams, total: int, tag=None, *, prefix: np.ndarray | None = None):
         if len(params) != 1:
@@ -157,6 +177,7 @@ class Sequence:
         self.step = 0
         self.tokens = np.zeros(self.total, np.int64)
         self.error: str | None = None
+        self.failure: ValueError | None = None
 
     @property
     def guided(self) -> bool:
@@ -169,6 +190,16 @@ class Sequence:
     @property
     def done(self) -> bool:
         return self.step >= self.total or self.error is not None
+
+    def fail(self, error: ValueError) -> None:
+        """Record the failure of this sequence's step (its message in ``error``, the error in ``failure``)."""
+        self.error, self.failure = str(error), error
+
+    def exception(self) -> ValueError | None:
+        """The error that ended this sequence (a fresh one of the failure's type and message), or None."""
+        if self.error is None:
+            return None
+        return retyped(self.failure, self.error, row=getattr(self.failure, "row", None))
 
 
 def _row_params(seqs: list[Sequence]) -> RowParams:
@@ -246,17 +277,17 @@ class ContinuousBatch:
     def _pack(self) -> None:
         """Per-sequence arrays of the current membership (rebuilt when it changes, not per step)."""
         seqs = self.sequences
-        self._rows = np.array([s.row for s in seqs], np.int64)
-        guided = np.array([s.null_row >= 0 for s in seqs], bool)
-        self._guided = np.flatnonzero(guided)
-        self._null = np.array([s.null_row for s in seqs if s.null_row >= 0], np.int64)
+        layout = self._layout = RowLayout(np.array([s.row for s in seqs], np.int64),
+                                          np.array([s.null_row for s in seqs], np.int64))
+        self._rows = layout.rows
+        self._guided = np.flatnonzero(layout.guided)
+        self._null = layout.null_rows[self._guided]
         self._classes = np.array([s.class_id for s in seqs], np.int64)
         self._params = _row_params(seqs)
-        self._any_guided = bool(len(self._guided))
-        # the sampler's uncond rows: the null row of a guided sequence, its own row otherwise (mixes to cond)
-        self._uncond = np.where(guided, np.array([s.null_row for s in seqs], np.int64), self._rows)
-        self._sample_rows = np.concatenate([self._rows, self._uncond]) if self._any_guided else self._rows
-        self._hi = int(max(self._rows.max(), self._null.max() if len(self._null) else -1)) + 1
+        self._any_guided = layout.any_guided
+        self._uncond = layout.uncond_rows  # the sampler's uncond rows (see layout.RowLayout)
+        self._sample_rows = layout.sample_rows()
+        self._hi = layout.num_rows
         used = np.zeros(self._hi, bool)
         used[self._rows] = True
         used[self._null] = True
@@ -286,7 +317,7 @@ class ContinuousBatch:
         if len(self._idle):  # idle rows: token 0 at position 0 (reads no cache slot; its slot-0 write is never read)
             tok[self._idle] = 0
             pos[self._idle] = 0
-        p = cfg.cls_token_num - 1 + k  # step k >= 1 feeds token k - 1 at position cls + k - 1; step 0 prefills at 0
+        p = step_position(k, cfg.cls_token_num)  # step k >= 1 feeds token k - 1 at cls - 1 + k; step 0 prefills at 0
         if k.all():
             tok[self._rows] = last
             pos[self._rows] = p
@@ -295,7 +326,6 @@ class ContinuousBatch:
                 pos[self._null] = p[self._guided]
         else:
             first = k == 0
-            p = np.where(first, 0, p)
             tok[self._rows] = np.where(first, V + self._classes, last)
             pos[self._rows] = p
             if self._any_guided:
@@ -324,7 +354,7 @@ class ContinuousBatch:
         mask = np.fromiter((bool(_fault(s)) for s in seqs), bool, len(seqs))
         return mask if mask.any() else None
 
-    def _finish_step(self, idx: np.ndarray, tokens: np.ndarray, errors: list[str | None]) -> list[Sequence]:
+    def _finish_step(self, idx: np.ndarray, tokens: np.ndarray, errors: list[ValueError | None]) -> list[Sequence]:
         """Record the step of sequences ``idx``: a token for each one without an error (its step advances), the error
         of each one that failed (its rows are cleared and freed; nothing of it reaches the others). Returns the
         sequences that finished or failed (evicted)."""
@@ -332,7 +362,7 @@ class ContinuousBatch:
         for j, i in enumerate(idx):
             s = self.sequences[i]
             if errors[j] is not None:
-                s.error = errors[j]
+                s.fail(errors[j])
                 self.runner.clear_rows(np.array([r for r in (s.row, s.null_row) if r >= 0], np.int64))
             else:
                 s.tokens[s.step] = tokens[j]
@@ -364,15 +394,14 @@ class ContinuousBatch:
             if idx is None:  # (poisoned parameters: a fresh key, so that the runner binds them, and rebinds after)
                 sample = StepSample(self._sample_rows, params, k, self._version if poison is None else next(_versions))
             else:
-                rows = np.concatenate([self._rows[idx], self._uncond[idx]]) if self._any_guided else self._rows[idx]
-                sample = StepSample(rows, params.select(idx), k[idx], next(_versions))  # a fresh binding key
-            try:
+                sample = StepSample(self._layout.sample_rows(idx), params.select(idx), k[idx], next(_versions))
+            try:  # (a fresh binding key above)
                 return np.array(self.runner.run(tok, pos, sample), np.int64), None  # a copy: the buffer is reused
             except ValueError as e:
-                return None, str(e)
+                return None, e
 
         n = len(k)
-        errors: list[str | None] = [None] * n
+        errors: list[ValueError | None] = [None] * n
         tokens, err = probe(None)
         if err is not None:
             tokens = np.zeros(n, np.int64)
@@ -394,7 +423,7 @@ class ContinuousBatch:
                         pending.append((part, e2))
         for i in np.flatnonzero(tokens < 0):  # a device sampler marked the row
             if errors[i] is None:
-                errors[i] = device_row_error(tokens[i])
+                errors[i] = device_row_exception(tokens[i])
         return tokens, errors
 
     def _prefill_step(self) -> list[Sequence]:
@@ -423,19 +452,27 @@ class ContinuousBatch:
         except ValueError:
             pass
         tokens = np.zeros(n, np.int64)
-        errors: list[str | None] = [None] * n
+        errors: list[ValueError | None] = [None] * n
         for i in range(n):
             one = slice(i, i + 1)
             try:
                 tokens[i] = be.sampler(cond[one], None if uncond is None else uncond[one], params.select(one), k[one],
                                        **({"u": extra["u"][one]} if extra else {}))[0]
             except ValueError as e:
-                errors[i] = str(e)
+                errors[i] = e
         return tokens, errors
 
 
-class Backend:
-    """Base class: subclasses implement encode/decode and ``new_runner`` (or override generate_iter)."""
+class Backend(abc.ABC):
+    """What the Engine and the serving loop call on a backend. Subclasses implement ``new_runner`` (abstract) and,
+    to serve a tokenizer, ``encode`` and ``decode``; the generation loops (``generate_iter``, ``predict_iter``) run
+    over ``new_runner``'s runners unless a backend overrides them with a faster path. The tokenizer's parts, the
+    stochastic encoder (``encode_latents``) and the AR prior (``prior_*``) have defaults that raise
+    ``BackendCapabilityError`` naming a backend that has them (a generator-only backend needs only the runner).
+
+    Attributes the Engine reads: ``name``, ``tokenizer_config`` / ``generator_config`` (None when the bundle has
+    no such part), ``sampler`` (the host sampler, ``larp_rt.sampling.sample``'s signature), ``sampler_takes_uniform``
+    (it accepts ``u=``), ``sampler_name`` / ``sampler_reason`` and ``prior_graph_name``."""
 
     name = "base"
 
@@ -448,20 +485,29 @@ class Backend:
         self.sampler_reason = ""  # why ``sampler_name`` was picked (said by the Engine and the CLI)
         self._runner: StepRunner | None = None
 
+    def _lacks(self, what: str, use: str = "onnxruntime") -> BackendCapabilityError:
+        return BackendCapabilityError(f"backend {self.name!r} has no {what}: use backend={use!r}")
+
     # tokenizer -------------------------------------------------------------------------------
     def encode(self, video: np.ndarray) -> np.ndarray:
-        """(B, C, T, H, W) float32 in [0, 1] -> (B, N) int64."""
-        raise NotImplementedError
+        """Video (B, C, T, H, W) float32 in [0, 1], C-contiguous (checked by the Engine) -> tokens (B, N) int64."""
+        raise self._lacks("tokenizer encoder (encode)")
 
     def decode(self, tokens: np.ndarray) -> np.ndarray:
-        """(B, N) int64 -> (B, C, T, H, W) float32 in [0, 1]."""
-        raise NotImplementedError
+        """Tokens (B, N) int64 in [0, codebook) -> video (B, C, T, H, W) float32 in [0, 1]."""
+        raise self._lacks("tokenizer decoder (decode)")
+
+    def encode_latents(self, video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Video (B, C, T, H, W) float32 in [0, 1] -> (the encoder's L2-normalised latents (B, N, d) float32, the
+        normalised codebook (K, d) float32): the inputs of the stochastic SVQ draw (``predict(stochastic_cond=True)``,
+        ``larp_rt.sampling.svq_sample``). Optional: the default raises BackendCapabilityError."""
+        raise self._lacks("stochastic encoder (encode_latents, for stochastic_cond=True)")
 
     # generator -------------------------------------------------------------------------------
+    @abc.abstractmethod
     def new_runner(self, capacity: int) -> StepRunner:
         """A StepRunner with its own KV caches for ``capacity`` rows (the scheduler owns one; ``generate`` reuses
-        the backend's own)."""
-        raise NotImplementedError
+        the backend's own). Its ``capacity`` may be larger (a plan's bucket)."""
 
     def runner(self, rows: int) -> StepRunner:
         """The backend's own runner for ``generate``: kept, and replaced by a bigger bucket when ``rows`` outgrow it."""
@@ -472,22 +518,25 @@ class Backend:
         return self._runner
 
     def generate_iter(self, class_ids: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
-        """Every request admitted at step 0 on the backend's runner: rows [0, B) are the requests, then one null
-        row per guided request; one StepEvent (B tokens) per step."""
+        """Class ids (B,) int64 (checked) and their (B,) RowParams -> one StepEvent per step k = 0 .. N-1 with the
+        (B,) int64 tokens of step k. Every request is admitted at step 0 on the backend's runner, rows laid out by
+        ``RowLayout.offline`` (rows [0, B) the requests, then one null row per guided request). A row that fails
+        raises its typed error (a ValueError) naming its row, class id and step."""
         cfg = self.generator_config
         assert cfg is not None
-        B, N = len(class_ids), cfg.max_seq_len
-        guided = np.flatnonzero(params.cfg_scale != 1.0)
-        batch = ContinuousBatch(self, self.runner(B + len(guided)))
+        N = cfg.max_seq_len
+        layout = RowLayout.offline(params.cfg_scale != 1.0)
+        batch = ContinuousBatch(self, self.runner(layout.num_rows))
         seqs = [Sequence(c, params.select(slice(i, i + 1)), N) for i, c in enumerate(class_ids)]
-        null = dict(zip(guided.tolist(), range(B, B + len(guided)), strict=True))
         for i, s in enumerate(seqs):
-            batch.admit(s, (i, null.get(i, -1)))
+            batch.admit(s, (int(layout.rows[i]), int(layout.null_rows[i])))
         yield from _run_admitted(batch, seqs, N)
 
     def predict_iter(self, prefix: np.ndarray, params: RowParams) -> Iterator[StepEvent]:
-        """Frame prediction: every prefix (B, cls_token_num) admitted at step 0 on the backend's runner (row i =
-        request i, no guidance); step 0 is one multi-token prefill, then one decode step per token."""
+        """Frame prediction: prefixes (B, cls_token_num) int64 (the conditioning tokens + the separator) and their
+        (B,) RowParams (no guidance) -> one StepEvent per generated token, (B,) int64. Every prefix is admitted at
+        step 0 on the backend's runner (row i = request i); step 0 is one multi-token prefill, then one decode
+        step per token."""
         cfg = self.generator_config
         assert cfg is not None and cfg.frame_prediction
         B, N = len(prefix), cfg.max_seq_len
@@ -497,8 +546,29 @@ class Backend:
             batch.admit(s, (i, -1))
         yield from _run_admitted(batch, seqs, N)
 
+    # the tokenizer's AR prior (optional) -----------------------------------------------------
+    def prior_logprobs_full(self, tokens: np.ndarray) -> np.ndarray:
+        """Tokens (B, N) int64 (checked) -> (B, N - 1) float32 ``log p(token t | tokens < t)`` for t = 1 .. N-1,
+        from one causal forward of the prior over the whole sequence (``prior_score``)."""
+        raise self._lacks("AR prior scorer (prior_logprobs_full)")
+
+    def prior_runner(self, capacity: int) -> StepRunner:
+        """A StepRunner over the prior's cached step: ``run(tokens (R,) int64, pos (R,) int64)`` -> (R, K) float32
+        logits of the next tokens (the host samples); ``close()`` frees its caches. Each caller owns its runner."""
+        raise self._lacks("AR prior step (prior_runner)")
+
+    @property
+    def prior_sampler(self) -> Sampler:
+        """The host sampler of the prior's loop (``larp_rt.sampling.sample``'s signature; the same draws)."""
+        return sampling.sample
+
+    @property
+    def prior_graph_name(self) -> str | None:
+        """The bundle graph the prior's steps run through, where the backend picks one (ONNX Runtime); else None."""
+        return None
+
     def close(self) -> None:
-        """Release sessions and buffers."""
+        """Release sessions and buffers (the backend's own runner; subclasses free theirs)."""
         if self._runner is not None:
             self._runner.close()
             self._runner = None
@@ -506,7 +576,7 @@ class Backend:
 
 def _run_admitted(batch: ContinuousBatch, seqs: list[Sequence], N: int) -> Iterator[StepEvent]:
     """Step ``batch`` N times for ``seqs`` (all admitted at step 0), yielding every step's tokens; a sequence that
-    failed (non-finite logits, a refused row) evicts them all and raises its error, naming its row."""
+    failed (non-finite logits, a refused row) evicts them all and raises its error (its type kept), naming its row."""
     for k in range(N):
         batch.step()
         bad = [(i, s) for i, s in enumerate(seqs) if s.error]
@@ -515,5 +585,5 @@ def _run_admitted(batch: ContinuousBatch, seqs: list[Sequence], N: int) -> Itera
                 batch.evict(s)
             i, s = bad[0]
             what = "" if s.prefix is not None else f" (class id {s.class_id})"
-            raise ValueError(f"row {i} of the batch{what} failed at step {k}: {s.error}")
+            raise retyped(s.failure, f"row {i} of the batch{what} failed at step {k}: {s.error}", row=i)
         yield StepEvent(k, N, np.fromiter((s.tokens[k] for s in seqs), np.int64, len(seqs)))

@@ -26,8 +26,10 @@ import numpy as np
 
 from .. import sampling
 from ..bundle import Bundle
+from ..errors import NonFiniteLogitsError, kernel_error
 from ..sampling import RowParams
 from .base import Backend, StepRunner, StepSample
+from .layout import cache_window, rebind_width, window_width
 
 __all__ = ["OnnxRuntimeBackend", "SAMPLERS", "PRIOR_GRAPHS", "available_providers", "prefaulted"]
 
@@ -317,7 +319,7 @@ class _OrtRunner(StepRunner):
         self.be, self.capacity = be, int(capacity)
         self.L, self.H, self.S, self.hd = cfg.n_layer, cfg.n_head, int(kv["max_seq"]), cfg.head_dim
         self.V = cfg.vocab_size
-        self.window = max(16, self.S // 8)
+        self.window = cache_window(self.S)
         self.samples = be.sampler_name == "fused"
         self.sess = be.session("decode_sample" if self.samples else "decode")
         # the fused graph of a float32 bundle reads the cache through its own op (only the valid slots); so does
@@ -432,8 +434,8 @@ class _OrtRunner(StepRunner):
         if top >= self.S:
             raise ValueError(f"position {top} is past the cache's {self.S} slots")
         if self.dev is None and self.windowed:
-            need = min(self.S, -(-(top + 1) // self.window) * self.window)
-            if need > self.width or need <= self.width // 2:
+            need = rebind_width(top, self.window, self.S, self.width)
+            if need is not None:
                 self._rewidth(need, min(self.width, need))
         if self.samples:
             if sample is None:
@@ -444,10 +446,10 @@ class _OrtRunner(StepRunner):
                 self.sess.run_with_iobinding(self.binding)
             except Exception as e:  # the op's CPU kernel refuses a row (NaN/Inf logits, a parameter) like the reference
                 msg = str(e)
-                if "larp_rt.Sample:" in msg:
-                    raise ValueError(msg[msg.index("larp_rt.Sample:"):].strip()) from None
-                if "NaN/Inf" in msg:
-                    raise ValueError(msg) from None
+                if "larp_rt.Sample:" in msg:  # ONNX Runtime's text around the op's message: typed, row named
+                    raise kernel_error(msg[msg.index("larp_rt.Sample:"):].strip()) from None
+                if isinstance(err := kernel_error(msg), NonFiniteLogitsError):
+                    raise err from None
                 raise
         else:
             self.sess.run_with_iobinding(self.binding)
@@ -488,7 +490,7 @@ class _OrtRunner(StepRunner):
         if hi > self.rows:
             self._bind_rows(hi)  # rows above the bound ones: their views (the layout of a row is its own)
         if self.windowed:
-            need = min(self.S, -(-(P + 1) // self.window) * self.window)  # the next step sits at position P
+            need = window_width(P, self.window, self.S)  # the next step sits at position P
             if need > self.width:
                 self._rewidth(need, self.width)
         if self.scaled:  # the graph's float32 entries -> int8 + scales, as the decode graph quantizes its own
@@ -539,7 +541,7 @@ class _OrtPriorRunner(_OrtRunner):
         self.be, self.capacity = be, int(capacity)
         self.L, self.H, self.S, self.hd = int(kv["layers"]), int(kv["heads"]), int(kv["max_seq"]), int(kv["head_dim"])
         self.V = int(prior["codebook_size"])
-        self.window = max(16, self.S // 8)
+        self.window = cache_window(self.S)
         self.samples = False
         self.graph_name = graph
         self.sess = be.session(graph)

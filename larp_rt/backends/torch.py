@@ -21,9 +21,9 @@ import numpy as np
 from .. import kernels
 from ..bundle import Bundle, BundleError
 from ..checkpoint import load_pretrained, require_torch
-from ..config import find_multiple
 from ..sampling import RowParams
 from .base import Backend, StepEvent, StepRunner
+from .layout import cache_slots
 
 __all__ = ["TorchBackend"]
 ENV_CUDA_GRAPHS = "LARP_RT_CUDA_GRAPHS"
@@ -172,7 +172,7 @@ class _TorchRunner(StepRunner):
         torch, gen = be.torch, be.gen
         cfg = gen.config
         self.be, self.capacity = be, int(capacity)
-        S = find_multiple(cfg.num_positions, 8)  # every position a video needs (the bundle's kv_cache.max_seq)
+        S = cache_slots(cfg.num_positions)  # every position a video needs (the bundle's kv_cache.max_seq)
         dtype, device = gen.tok_embeddings.weight.dtype, be.device
         self.caches = [KVCache(self.capacity, S, cfg.n_head, cfg.head_dim, dtype, device) for _ in gen.layers]
         self.mask = torch.tril(torch.ones(S, S, dtype=torch.bool, device=device))
@@ -250,7 +250,7 @@ class _TorchPriorRunner(StepRunner):
         torch, step = be.torch, be._prior_step
         self.be, self.step, self.capacity = be, step, int(capacity)
         cfg = be.tok.prior_model.config
-        self.S = find_multiple(be.tokenizer_config.num_tokens, 8)
+        self.S = cache_slots(be.tokenizer_config.num_tokens)
         dtype = step.codes.dtype
         self.caches = [torch.zeros(self.capacity, step.heads, self.S, step.head_dim, dtype=dtype, device=be.device)
                        for _ in range(2 * cfg.depth)]

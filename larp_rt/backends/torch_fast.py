@@ -44,7 +44,8 @@ from .. import kernels
 from .. import sampling_torch as ST
 from ..models.generator import LARPGenerator
 from ..sampling import RowParams
-from .base import NON_FINITE, StepEvent, bucket, device_row_error
+from .base import NON_FINITE, StepEvent, bucket, device_row_error, device_row_exception
+from .layout import RowLayout, step_position
 
 __all__ = ["FastGenerator", "StaticRowParams", "bucket_size", "pad_params", "use_kernel_sampler", "NON_FINITE"]
 
@@ -247,9 +248,9 @@ class FastGenerator:
         kernel = use_kernel_sampler(self.device) if self.kernel_sampler is None else self.kernel_sampler
         branches = () if kernel else _reference_branches(padded, cfg.vocab_size)
         b = self._bucket(Bb, params.uses_cfg, kernel, branches)
-        rows = np.concatenate([ids, np.repeat(ids[:1], Bb - B)])
-        if b.cfg:
-            rows = np.concatenate([rows, np.full(Bb, cfg.null_class, np.int64)])
+        # the bucket's layout: request rows [0, Bb) (the padding repeats request 0), then a null row for every one
+        layout = RowLayout.offline(np.full(Bb, b.cfg))
+        rows = layout.row_values(np.concatenate([ids, np.repeat(ids[:1], Bb - B)]), cfg.null_class, b.rows)
         b.params.load(padded)
         self._generation += 1
         b.generation = self._generation
@@ -258,7 +259,7 @@ class FastGenerator:
             if b.table is not None:
                 b.table.copy_(b.params.uniform_table(b.steps))
             b.step.zero_()
-            b.pos.fill_(cfg.cls_token_num - 1)  # step 0 samples from the prefill; step k >= 1 feeds position cls+k-1
+            b.pos.fill_(step_position(1, cfg.cls_token_num) - 1)  # _sample_and_write moves it to step 1's position
             logits = self.gen.prefill(torch.as_tensor(rows, device=self.device))
             self._sample_and_write(b, logits)
         b.done = 1
@@ -349,4 +350,5 @@ def _raise_marked(chunk: np.ndarray, lo: int) -> None:
     bad = np.argwhere(chunk < 0)
     if len(bad):
         j, r = bad[0]
-        raise ValueError(f"row {r} of the batch failed at step {lo + j}: {device_row_error(chunk[j, r])}")
+        raise device_row_exception(chunk[j, r], f"row {r} of the batch failed at step {lo + j}: "
+                                   f"{device_row_error(chunk[j, r])}", row=int(r))

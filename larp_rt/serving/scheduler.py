@@ -34,6 +34,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..backends.base import ContinuousBatch, Sequence
+from ..checks import check_request_args
 from ..engine import Engine, Generation
 from ..sampling import SamplingParams
 
@@ -116,8 +117,8 @@ class Request:
     def result(self, timeout: float | None = None) -> Generation:
         """Wait for the tokens: a Generation with tokens (1, N) int64. Raises RequestCancelled, TimeoutError (its
         own deadline passed; a ``timeout`` here that runs out first raises TimeoutError too, and the request goes
-        on), or the error that ended it (ValueError for non-finite logits or the sampler's refusal of its row: it
-        failed alone)."""
+        on), or the error that ended it (``larp_rt.errors.NonFiniteLogitsError`` for non-finite logits,
+        ``SamplingParamsError`` for the sampler's refusal of its row, both ValueErrors: it failed alone)."""
         if not self._event.wait(timeout):
             raise TimeoutError(f"request {self.id} has not finished within {timeout} s (it is still running)")
         if self._error is not None:
@@ -153,7 +154,7 @@ class Scheduler:
     def __init__(self, engine: Engine, *, max_batch: int = 8, max_queue: int = 64, observer: Observer | None = None):
         if not isinstance(engine, Engine):
             raise ValueError(f"engine must be a larp_rt.Engine, got {type(engine).__name__}")
-        engine._need("generator")
+        engine.require("generator")
         for name, v, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1)):  # every request queues first
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -225,8 +226,8 @@ class Scheduler:
         Raises ValueError (bad arguments, the Engine's message), QueueFull, SchedulerClosed."""
         if isinstance(class_id, (bool, np.bool_)) or not isinstance(class_id, (int, np.integer)):
             raise ValueError(f"class_id must be an int, got {type(class_id).__name__}")
-        _check_request_args(params, stream, timeout, on_step)
-        ids, rp, _ = self.engine._rows([int(class_id)], [params or self.engine.default_params])
+        check_request_args(params, stream, timeout, on_step)
+        ids, rp, _ = self.engine.request_rows([int(class_id)], [params or self.engine.default_params])
         rp = dataclasses.replace(rp, stream=np.array([stream], np.uint64))
         p = dataclasses.replace(params or self.engine.default_params, seed=int(rp.seed[0]))
         seq = Sequence(int(ids[0]), rp, self.engine.generator_config.max_seq_len)
@@ -243,12 +244,12 @@ class Scheduler:
         uint8 or (1, C, t, H, W) float, as ``Engine.predict`` takes them (its conditioning is encoded here, on the
         caller's thread). Its prefix is prefilled in one run when it joins; ``result()`` holds the N generated
         tokens (decode them with ``engine.decode``). The other arguments as in ``submit``."""
-        _check_request_args(params, stream, timeout, on_step)
+        check_request_args(params, stream, timeout, on_step)
         prefix = self.engine.cond_tokens(frames, num_cond_frames=num_cond_frames, stochastic_cond=stochastic_cond,
                                          seed=seed)
         if len(prefix) != 1:
             raise ValueError(f"submit_predict takes the frames of one clip (batch 1), got {len(prefix)}")
-        rp, _ = self.engine._fp_rows(prefix, [params or self.engine.default_params])
+        rp, _ = self.engine.prefix_rows(prefix, [params or self.engine.default_params])
         rp = dataclasses.replace(rp, stream=np.array([stream], np.uint64))
         p = dataclasses.replace(params or self.engine.default_params, seed=int(rp.seed[0]))
         seq = Sequence(0, rp, self.engine.generator_config.max_seq_len, prefix=prefix[0])
@@ -372,20 +373,7 @@ class Scheduler:
                     for s in finished:
                         req = self._active.pop(id(s))
                         if s.error is not None:
-                            self._end(req, "error", error=ValueError(s.error))
+                            self._end(req, "error", error=s.exception())  # its type: NonFiniteLogitsError, ...
                         else:
                             self._end(req, "ok", Generation(s.tokens[None].copy(), [req.seed], [req.params]))
         self.runner.close()
-
-
-def _check_request_args(params, stream, timeout, on_step) -> None:
-    """The arguments ``submit`` and ``submit_predict`` share, each with what was expected."""
-    if params is not None and not isinstance(params, SamplingParams):
-        raise ValueError(f"params must be a SamplingParams or None, got {type(params).__name__}")
-    if isinstance(stream, bool) or not isinstance(stream, (int, np.integer)) or not 0 <= stream < 2**64:
-        raise ValueError(f"stream must be an int in [0, 2**64), got {stream!r}")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not timeout > 0):
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
-    if on_step is not None and not callable(on_step):
-        raise ValueError("on_step must be callable or None")

@@ -6,7 +6,7 @@
 Random weights of the presets' shapes (no checkpoint files). For every batch (CFG --cfg-scale 1.25, temperature
 1, top_k 0, top_p 1):
 
-  fast     larp_rt's path (``larp_rt.backends.torch_fast.FastGenerator``): static KV cache, one decode step with the
+  fast     larp_rt's path (``larp_rt.backends.torch.fast.FastGenerator``): static KV cache, one decode step with the
            fused sampler, captured as a CUDA graph per batch bucket. step_ms p50/p90: CUDA events around every
            replay of a whole generation, after a warm-up generation (which captures). ttft_ms: prefill + first
            sample (wall, synced, best of 3). tokens_per_s, s_per_video: a whole generation (one sync at the end)
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # authors_loop
 from authors_loop import authors_generate  # noqa: E402
 
 from larp_rt import GeneratorConfig, SamplingParams, TokenizerConfig  # noqa: E402
-from larp_rt.backends.torch_fast import FastGenerator, bucket_size, use_kernel_sampler  # noqa: E402
+from larp_rt.backends.torch.fast import FastGenerator, bucket_size, use_kernel_sampler  # noqa: E402
 from larp_rt.bench import (  # noqa: E402
     copy_bandwidth,
     decoder_flops,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import LARPGenerator, LARPTokenizer
+from ..models.prior_step import slot_bias
 
 
 class EncoderGraph(nn.Module):
@@ -97,14 +98,6 @@ def quantize_entry(x: Tensor) -> tuple[Tensor, Tensor]:
     amax = x.abs().amax(-1)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     return torch.round(x / scale.unsqueeze(-1)).clamp(-127.0, 127.0).to(torch.int8), scale
-
-
-def slot_bias(pos: Tensor, S: int) -> Tensor:
-    """(B, 1, 1, S) additive mask over the cache slots: 0 for row b's slots < pos[b] (written before this step),
-    -inf for the rest (unwritten, or stale entries of the slot's previous request)."""
-    slots = torch.arange(S, device=pos.device).view(1, S)
-    return torch.zeros(1, S, dtype=torch.float32, device=pos.device).masked_fill(
-        slots >= pos.view(-1, 1), float("-inf")).view(-1, 1, 1, S)
 
 
 class DecodeGraph(nn.Module):

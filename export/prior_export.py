@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
 from ..bundle import PRIOR_FUSED_ATTENTION, BundleWriter
 from ..config import find_multiple
 from ..models import LARPTokenizer
+from ..models.prior_step import prior_reference_logits
 from .graphs import decode_names, kv_names
 from .prior_graph import PriorScoreGraph, PriorStepGraph
 from .trace import export_module, share_external_data, trace_module
@@ -38,15 +38,6 @@ __all__ = ["export_prior", "prior_reference_logits", "STEP_POSITIONS", "FUSED_GR
 STEP_POSITIONS = 12  # positions the step graph is verified at (each row; rows start one step apart)
 FUSED_GRAPH = "prior_fused"  # the step graph with larp_rt::DecodeAttention (float32 priors, kernels built)
 FUSED_ATTENTION = PRIOR_FUSED_ATTENTION  # the op the reader (larp_rt.bundle.check_prior) requires
-
-
-def prior_reference_logits(tok: LARPTokenizer, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, L) tokens -> (B, L - 1, K) logits of tokens 1 .. L-1: the PyTorch prior's full causal forward."""
-    prior = tok.prior_model
-    emb = tok.bottleneck.regularizer.codebook()
-    pred = prior.ar_predict(F.embedding(tokens, emb))  # (B, L, d) normalised, slot 0 = the input
-    return F.linear(pred.to(torch.promote_types(pred.dtype, torch.float32)),
-                    emb.to(torch.promote_types(emb.dtype, torch.float32)))[:, 1:] / prior.config.latent_ce_temperature
 
 
 def export_prior(w: BundleWriter, tok: LARPTokenizer, dtype: torch.dtype, opset: int, batch: int,

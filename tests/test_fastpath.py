@@ -1,4 +1,4 @@
-"""The generation fast path (larp_rt/backends/torch_fast.py) on the CPU, where its step runs eagerly.
+"""The generation fast path (larp_rt/backends/torch/fast.py) on the CPU, where its step runs eagerly.
 
 Oracles for the same seeds: the loop every backend shares (``base.ContinuousBatch``: B + G rows, each at its own
 position, logits to the host) over the model's per-row step, sampled by the CPU kernel and by the numpy reference
@@ -13,7 +13,7 @@ import torch
 from larp_rt import GeneratorConfig, SamplingParams, kernels, sampling, save_pretrained
 from larp_rt.backends.base import Backend, StepRunner
 from larp_rt.backends.torch import TorchBackend
-from larp_rt.backends.torch_fast import FastGenerator, bucket_size, pad_params
+from larp_rt.backends.torch.fast import FastGenerator, bucket_size, pad_params
 from larp_rt.models import LARPGenerator
 from larp_rt.sampling import RowParams, resolve_params
 

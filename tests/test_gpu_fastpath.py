@@ -12,7 +12,7 @@ from larp_rt.sampling import resolve_params
 pytestmark = pytest.mark.gpu
 torch = pytest.importorskip("torch")
 
-from larp_rt.backends.torch_fast import FastGenerator  # noqa: E402
+from larp_rt.backends.torch.fast import FastGenerator  # noqa: E402
 from larp_rt.models import LARPGenerator, LARPTokenizer  # noqa: E402
 
 SP = SamplingParams

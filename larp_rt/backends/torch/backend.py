@@ -1,6 +1,6 @@
 """PyTorch backend: the bundle's checkpoints (``torch/``) on the CPU or a CUDA device (generator bf16, tokenizer fp16).
 
-Generation runs the fast path of ``torch_fast.py`` by default: static buffers per batch bucket and one decode step
+Generation runs the fast path (``fast.py``) by default: static buffers per batch bucket and one decode step
 (model step + CFG mix + sampler) that is captured as a CUDA graph on CUDA and runs eagerly on the CPU. Token ids
 and the sampler's state stay on the device; the host fetches tokens in chunks. ``fast_path=False`` (and the serving
 scheduler) runs the loop every backend shares (``base.ContinuousBatch``) over ``_TorchRunner``: the model's
@@ -18,12 +18,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .. import kernels
-from ..bundle import Bundle, BundleError
-from ..checkpoint import load_pretrained, require_torch
-from ..sampling import RowParams
-from .base import Backend, StepEvent, StepRunner
-from .layout import cache_slots
+from ... import kernels
+from ...bundle import Bundle, BundleError
+from ...checkpoint import load_pretrained, require_torch
+from ...sampling import RowParams
+from ..base import Backend, StepEvent, StepRunner
+from ..layout import cache_slots
 
 __all__ = ["TorchBackend"]
 ENV_CUDA_GRAPHS = "LARP_RT_CUDA_GRAPHS"
@@ -57,7 +57,7 @@ class TorchBackend(Backend):
             cuda_graphs = os.environ.get(ENV_CUDA_GRAPHS, "1").strip().lower() not in ("0", "false", "no", "off")
         if sampler not in ("auto", "kernel", "reference"):
             raise ValueError(f"sampler must be 'auto', 'kernel' or 'reference' on the torch backend, got {sampler!r}")
-        from .torch_fast import use_kernel_sampler
+        from .fast import use_kernel_sampler
 
         have = use_kernel_sampler(self.device)
         if sampler == "kernel" and not have:
@@ -104,7 +104,7 @@ class TorchBackend(Backend):
     def fast(self):
         """The generator's ``FastGenerator`` (created on first use)."""
         if self._fast is None:
-            from .torch_fast import FastGenerator
+            from .fast import FastGenerator
 
             self._fast = FastGenerator(self.gen, cuda_graphs=self.cuda_graphs, kernel_sampler=self.kernel_sampler)
         return self._fast
@@ -120,7 +120,7 @@ class TorchBackend(Backend):
 
     def prior_logprobs_full(self, tokens: np.ndarray) -> np.ndarray:
         """(B, N) int64 -> (B, N - 1) float32: the prior's full causal forward, the authors' logits, log-softmax."""
-        from ..export.prior_export import prior_reference_logits
+        from ...models.prior_step import prior_reference_logits
 
         self._prior()
         torch = self.torch
@@ -131,13 +131,13 @@ class TorchBackend(Backend):
             return lp.cpu().numpy()
 
     def prior_runner(self, capacity: int) -> _TorchPriorRunner:
-        """A StepRunner over the prior's cached step (``PriorStepGraph``, the computation of ``prior.onnx``)."""
+        """A StepRunner over the prior's cached step (``models.prior_step.PriorStep``: what ``prior.onnx`` computes)."""
         self._prior()
         with self.model_lock:
             if self._prior_step is None:
-                from ..export.prior_graph import PriorStepGraph
+                from ...models.prior_step import PriorStep
 
-                self._prior_step = PriorStepGraph(self.tok).eval()
+                self._prior_step = PriorStep(self.tok).eval()
         return _TorchPriorRunner(self, capacity)
 
     @property
@@ -167,7 +167,7 @@ class _TorchRunner(StepRunner):
     fast path's) share one model. Logits come back to the host, where the loop samples."""
 
     def __init__(self, be: TorchBackend, capacity: int):
-        from ..models.generator import KVCache
+        from ...models.generator import KVCache
 
         torch, gen = be.torch, be.gen
         cfg = gen.config
@@ -211,7 +211,7 @@ class _TorchRunner(StepRunner):
     def prefill(self, rows: np.ndarray, prefix: np.ndarray) -> np.ndarray:
         """Frame prediction: the model's cached prefill of the prefixes (R, P) over caches of their own, its P
         entries per layer copied into slots 0 .. P-1 of rows ``rows`` of this runner's caches."""
-        from ..models.generator import KVCache
+        from ...models.generator import KVCache
 
         torch, gen = self.be.torch, self.be.gen
         R, P = prefix.shape

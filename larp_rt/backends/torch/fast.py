@@ -40,12 +40,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import kernels
-from .. import sampling_torch as ST
-from ..models.generator import LARPGenerator
-from ..sampling import RowParams
-from .base import NON_FINITE, StepEvent, bucket, device_row_error, device_row_exception
-from .layout import RowLayout, step_position
+from ... import kernels
+from ... import sampling_torch as ST
+from ...models.generator import LARPGenerator
+from ...sampling import RowParams
+from ..base import NON_FINITE, StepEvent, bucket, device_row_error, device_row_exception
+from ..layout import RowLayout, step_position
 
 __all__ = ["FastGenerator", "StaticRowParams", "bucket_size", "pad_params", "use_kernel_sampler", "NON_FINITE"]
 

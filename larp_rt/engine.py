@@ -144,7 +144,6 @@ class Engine:
             raise ValueError(f"bundle {str(self.bundle.path)!r} has no {part}; export one with --{part}")
         return cfg
 
-    _need = require  # the old private name (cli.py): until its callers use require
 
     def encode(self, video) -> np.ndarray:
         """Video (B, C, T, H, W) float in [0, 1], or uint8 frames (B, T, H, W, C) -> tokens (B, N) int64."""
@@ -184,7 +183,6 @@ class Engine:
                              "this one has none: use cfg_scale=1.0")
         return ids, rp, plist
 
-    _rows = request_rows  # the old private name: until every caller uses request_rows
 
     def _has_null_class(self) -> bool:
         return self.generator_config.class_dropout_prob > 0
@@ -245,7 +243,6 @@ class Engine:
                              f"{self.tokenizer_config.num_tokens} tokens + the separator: re-export a matching pair")
         return cfg
 
-    _need_fp = require_frame_prediction  # the old private name (cli.py): until its callers use the public one
 
     def check_frames(self, frames, num_cond_frames: int = 5) -> np.ndarray:
         """Conditioning frames -> the padded clip (B, C, T, H, W) float32 in [0, 1] the encoder takes: the first
@@ -290,7 +287,6 @@ class Engine:
         plist = [params] * len(prefix) if isinstance(params, SamplingParams) else list(params)
         return rp, plist
 
-    _fp_rows = prefix_rows  # the old private name: until every caller uses prefix_rows
 
     def predict_iter(self, frames, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                      num_cond_frames: int = 5, stochastic_cond: bool = False, seed: int | None = None):
@@ -343,7 +339,6 @@ class Engine:
                 "export a tokenizer trained with the prior (`larp-rt export --tokenizer DIR`)")
         return self.bundle.prior
 
-    _need_prior = require_prior  # the old private name (cli.py): until its callers use require_prior
 
     def prior_logprobs(self, tokens, *, method: str = "auto") -> np.ndarray:
         """Tokens (B, N) -> (B, N - 1) float32: ``log p(token t | tokens < t)`` under the tokenizer's AR prior, for

@@ -111,3 +111,23 @@ def test_checks_module_words_what_the_engine_words():
         checks.check_seed(-1)
     with pytest.raises(ValueError, match="stream must be an int"):
         checks.check_request_args(None, -1, None, None)
+
+
+def test_the_cpu_kernel_raises_the_same_typed_errors():
+    """The C++ sampler's refusals cross into Python typed (kernels.library.raise_last_error -> kernel_error), with
+    the reference's row: callers test isinstance, never the message."""
+    from larp_rt import kernels
+
+    if kernels.cpu_library() is None or kernels.disabled():
+        pytest.skip("the CPU kernels are not built (pip install -e .)")
+    params = resolve_params(SamplingParams(seed=1), 3)
+    logits = np.zeros((3, 8), np.float32)
+    logits[1, 4] = np.inf
+    with pytest.raises(NonFiniteLogitsError) as e:
+        kernels.sample_numpy(logits, None, params, 0)
+    assert e.value.row == 1
+    bad = resolve_params([SamplingParams(seed=1), SamplingParams(seed=2), SamplingParams(seed=3)], 3)
+    bad.top_p[2] = 0.0
+    with pytest.raises(SamplingParamsError) as e:
+        kernels.sample_numpy(np.zeros((3, 8), np.float32), None, bad, 0)
+    assert e.value.row == 2 and "top_p" in str(e.value)

@@ -53,7 +53,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".mp4", ".gif", ".npy"):
         raise ValueError(f"--out must end in .mp4, .gif or .npy, got {args.out!r}")
     eng = open_engine(args)
-    eng._need_fp()  # a class-conditional bundle says so before the video is read
+    eng.require_frame_prediction()  # a class-conditional bundle says so before the video is read
     C, T, H, W = eng.tokenizer_config.video_shape
     n = args.cond_frames
     if not 1 <= n <= T:

@@ -37,7 +37,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     import math
 
     eng = open_engine(args)
-    eng._need_prior()  # a clear error before any video is read
+    eng.require_prior()  # a clear error before any video is read
     K = eng.tokenizer_config.codebook_size
     rows = []
     for path in args.inputs:
@@ -62,7 +62,7 @@ def _cmd_prior_generate(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".mp4", ".gif", ".npy"):
         raise ValueError(f"--out must end in .mp4, .gif or .npy, got {args.out!r}")
     eng = open_engine(args)
-    eng._need_prior()
+    eng.require_prior()
     N = eng.tokenizer_config.num_tokens
     keep = N // 2 if args.keep is None else args.keep
     if not 1 <= keep <= N:

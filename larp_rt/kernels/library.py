@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import kernel_error
+
 ENV_DISABLE = "LARP_RT_DISABLE_KERNELS"
 ENV_LIB_DIR = "LARP_RT_KERNELS_DIR"
 CPU_LIB = "liblarp_sampling.so"
@@ -239,11 +241,14 @@ def load_error(name: str, default: str | None = None) -> str | None:
 
 
 def raise_last_error(lib: ctypes.CDLL, rc: int = 1, cuda: bool = False) -> None:
-    """Raise the library's last error message: RuntimeError for rc 2 (a CUDA failure), ValueError otherwise."""
+    """Raise the library's last error message: RuntimeError for rc 2 (a CUDA failure), else the typed refusal of
+    ``errors.kernel_error`` (NonFiniteLogitsError, SamplingParamsError: both ValueErrors, or a plain ValueError)."""
     fn = lib.larp_cuda_last_error if cuda else lib.larp_last_error
     fn.restype = ctypes.c_char_p
     msg = fn().decode("utf-8", "replace")
-    raise (RuntimeError if rc == 2 else ValueError)(msg)
+    if rc == 2:
+        raise RuntimeError(msg)
+    raise kernel_error(msg)
 
 
 # --------------------------------------------------------------------------------------------

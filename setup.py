@@ -2,7 +2,7 @@
 
 The metadata lives in pyproject.toml; this file only adds the custom build_ext. No torch needed.
 
-    liblarp_sampling.so        CPU kernel (C ABI, larp_rt/kernels.py)
+    liblarp_sampling.so        CPU kernel (C ABI, larp_rt/kernels/)
     liblarp_sampling_cuda.so   CPU + CUDA kernels (only when a CUDA toolkit is found; static cudart)
     liblarp_rt_ort.so          ONNX Runtime custom-op library (CPU; + CUDA EP kernel when CUDA is built)
 

@@ -317,7 +317,7 @@ def _same_io(graph: str, info, inputs: list[dict], outputs: list[dict]) -> None:
 
 
 def gpu_compute_capability(device: int = 0) -> str:
-    """This machine's GPU compute capability ("8.6"), probed in a subprocess (see backends/tensorrt.py)."""
+    """This machine's GPU compute capability ("8.6"), probed in a subprocess (see backends/tensorrt/device.py)."""
     gpus, why = trt_backend.probe_gpus()
     if not gpus:
         raise RuntimeError(f"datacenter TensorRT builds on the GPU it targets, and this machine has none usable "

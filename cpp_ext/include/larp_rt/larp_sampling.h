@@ -1,5 +1,5 @@
 /* larp_rt sampling kernels: the C ABI of the launchers (liblarp_sampling.so, liblarp_sampling_cuda.so).
- * Loaded with ctypes by larp_rt/kernels.py (the PyTorch op and the numpy entry point), linked into the ONNX
+ * Loaded with ctypes by larp_rt/kernels/ (the PyTorch op and the numpy entry point), linked into the ONNX
  * Runtime custom-op library, and callable from cuda-python for the TensorRT path. */
 #ifndef LARP_RT_LARP_SAMPLING_H_
 #define LARP_RT_LARP_SAMPLING_H_

@@ -190,7 +190,7 @@ class Bundle:
         try:
             return ManifestSpec.from_dict(m, "")
         except PlanError as e:
-            why = str(e).replace(BUILD_FIX, f"rebuild the plans with `{build_command(self.path, m, flavour='auto')}`")
+            why = str(e).replace(BUILD_FIX, f"rebuild the plans with `{build_command(self.path, m)}`")
             raise PlanError(f"{str(self.path / MANIFEST)!r}: {why}") from None
         except BundleError as e:
             raise BundleError(f"{str(self.path / MANIFEST)!r}: {e}") from None

@@ -40,7 +40,7 @@ class PlanError(BundleError):
 # ---------------------------------------------------------------------------------------------------------------
 def _at(where: str, key: str) -> str:
     """The dotted manifest key of ``key`` inside entry ``where`` ("" at the top)."""
-    return f"{where}.{key}" if where else key
+    return f"{where}.{key}" if where and key else where or key
 
 
 def _bad(where: str, key: str, what: str, fix: str) -> BundleError:
@@ -144,8 +144,20 @@ class _Spec:
 # ---------------------------------------------------------------------------------------------------------------
 # graphs
 # ---------------------------------------------------------------------------------------------------------------
+class _DictView:
+    """Transitional: read access by JSON key (``spec["file"]``, ``spec.get("weights")``) for the readers and tests
+    that still index these entries as dicts (graph I/O in tests, plan entries in tests/test_trt_emulated.py's fake
+    plan). Remove once every caller uses the attributes."""
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]  # type: ignore[attr-defined]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True, eq=False)
-class TensorSpec(_Spec):
+class TensorSpec(_DictView, _Spec):
     """One input or output of a graph or plan: ``{"name", "dtype", "shape"}`` (axis names for dynamic axes)."""
 
     KEYS: ClassVar = ("name", "dtype", "shape")
@@ -157,14 +169,6 @@ class TensorSpec(_Spec):
     def _parse(cls, d, where):
         return {"name": _field(d, where, "name", "str", cls.FIX), "dtype": _field(d, where, "dtype", "str", cls.FIX),
                 "shape": _field(d, where, "shape", "dims", cls.FIX)}
-
-    # transitional: readers outside this module still index graph inputs as dicts (``i["name"]``) and tests compare
-    # them with dicts; remove once every caller uses the attributes
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, TensorSpec | Mapping):
@@ -372,7 +376,7 @@ class SamplerSpec(_Spec):
 # TensorRT plans
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class PlanEntry(_Spec):
+class PlanEntry(_DictView, _Spec):
     """``plans.NAME``: one TensorRT plan: its file (content-addressed, ``sha256``, ``size``), the ONNX graph it was
     built from (``onnx``, ``onnx_sha256``, ``onnx_data``), the builder (``flavour`` tensorrt-rtx | tensorrt,
     ``version``, ``compute_capabilities``), the build options (``precision``, ``weights`` embedded | stripped,
@@ -417,6 +421,22 @@ class PlanEntry(_Spec):
         for k in ("inputs", "outputs"):
             out[k] = _tensors(d, where, k, cls.FIX) if d.get(k) is not None else None
         return out
+
+    def max_shape(self, name: str) -> list[int] | None:
+        """I/O tensor ``name``'s largest shape over the plan's profiles (axis names resolved to each profile's max),
+        None when the plan has no such tensor."""
+        hi: dict[str, int] = {}
+        for prof in self.profiles or ():
+            for sym, (_, _, mx) in prof.items():
+                hi[sym] = max(hi.get(sym, 0), mx)
+        for t in (*(self.inputs or ()), *(self.outputs or ())):
+            if t.name == name:
+                return [hi.get(x, x) if isinstance(x, str) else x for x in t.shape]
+        return None
+
+    def max_of(self, symbol: str) -> int:
+        """The largest value of dynamic axis ``symbol`` over the profiles (0 when no profile has it)."""
+        return max((int(p[symbol][2]) for p in self.profiles or () if symbol in p), default=0)
 
     @classmethod
     def missing(cls, d: Any) -> list[str]:

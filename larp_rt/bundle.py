@@ -13,14 +13,29 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, GeneratorConfig, TokenizerConfig
+from .config import GeneratorConfig, TokenizerConfig
+from .manifest import (
+    BUILD_FIX,
+    BundleError,
+    GeneratorSpec,
+    GraphInfo,
+    GraphSpec,
+    KVCacheSpec,
+    ManifestSpec,
+    PlanEntry,
+    PlanError,
+    PriorSpec,
+    SamplerSpec,
+    TensorRTSpec,
+    TensorSpec,
+    TokenizerSpec,
+)
 
 __all__ = ["BundleError", "PlanError", "Bundle", "BundleWriter", "sha256_file", "FORMAT", "FORMAT_VERSION",
-           "build_command", "export_command", "plan_files", "read_manifest", "MANIFEST"]
+           "build_command", "export_command", "plan_files", "read_manifest", "MANIFEST", "GraphInfo", "GraphSpec"]
 
 FORMAT = "larp_rt.bundle"
 # 2: the decode step takes a position per row (``pos`` (B,)) and the fused graph ``sample_rows`` + per-request steps
@@ -31,24 +46,19 @@ GRAPHS = ("encoder", "decoder", "prefill", "decode", "sample", "decode_sample", 
 # prior_fused: the prior's step with larp_rt::DecodeAttention (optional; prior.onnx is its fallback)
 
 
-class BundleError(ValueError):
-    """A bundle is missing, altered, of an unknown version or inconsistent; the message says what to do."""
-
-
-class PlanError(BundleError):
-    """A TensorRT plan of the bundle is missing, altered or stale; the message names the ``larp-rt build`` command."""
-
-
 TRT_FLAGS = {"tensorrt-rtx": "rtx", "tensorrt": "tensorrt"}  # a plan's recorded flavour -> `larp-rt build --trt`
 
 
-def build_command(path: str | os.PathLike, manifest: dict[str, Any], entry: dict[str, Any] | None = None, *,
-                  flavour: str | None = None, cc: str | None = None) -> str:
+def build_command(path: str | os.PathLike, manifest: dict[str, Any], entry: PlanEntry | dict[str, Any] | None = None,
+                  *, flavour: str | None = None, cc: str | None = None) -> str:
     """The ``larp-rt build`` command that rebuilds the bundle's plans with the options the manifest recorded
     (builder, batch buckets, TensorRT-RTX targets, KV length, weight stripping). ``entry``: the plan entry to
     reproduce (default: the first one); ``flavour``: another builder (its recorded targets are then left out);
     ``cc``: target this compute capability instead of the recorded ones. One build makes every plan of the
-    bundle, so the command rebuilds them all."""
+    bundle, so the command rebuilds them all. Reads the raw manifest on purpose (as ``export_command`` and
+    ``plan_files`` do): it names the fix for manifests too damaged for ``ManifestSpec`` to read."""
+    if isinstance(entry, PlanEntry):
+        entry = entry.to_dict()
     trt = manifest.get("tensorrt") or {}
     e = entry if entry is not None else next(iter((manifest.get("plans") or {}).values()), {})
     recorded = e.get("flavour") or trt.get("flavour")
@@ -107,22 +117,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class GraphInfo:
-    name: str
-    file: str
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-
-    @property
-    def input_names(self) -> list[str]:
-        return [i["name"] for i in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [o["name"] for o in self.outputs]
-
-
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """A bundle directory's ``manifest.json`` as a dict, checked only for being a larp_rt bundle manifest (``Bundle``
     validates the rest)."""
@@ -166,24 +160,16 @@ class Bundle:
                 f"{str(mpath)!r} has bundle format_version {version!r}; this larp_rt reads version "
                 f"{FORMAT_VERSION}: upgrade larp_rt or re-export the bundle with this version"
             )
-        try:
-            tc = m.get("tokenizer")
-            gc = m.get("generator")
-            self.tokenizer_config = TokenizerConfig.from_dict(tc["config"]) if tc else None
-            self.generator_config = GeneratorConfig.from_dict(gc["config"]) if gc else None
-        except (ConfigError, KeyError, TypeError) as e:
-            raise BundleError(f"{str(mpath)!r} holds an invalid model config ({e}); re-export the bundle") from e
+        self.spec: ManifestSpec = self._parse(m)
+        self.tokenizer_config: TokenizerConfig | None = self.spec.tokenizer.model if self.spec.tokenizer else None
+        self.generator_config: GeneratorConfig | None = self.spec.generator.model if self.spec.generator else None
         if self.tokenizer_config is None and self.generator_config is None:
             raise BundleError(f"{str(mpath)!r} holds neither a tokenizer nor a generator")
-        self.graphs: dict[str, GraphInfo] = {}
-        for name, g in (m.get("graphs") or {}).items():
+        self.graphs: dict[str, GraphSpec] = dict(self.spec.graphs)
+        for name in self.graphs:
             if name not in GRAPHS:
                 raise BundleError(f"{str(mpath)!r}: unknown graph {name!r} (known: {', '.join(GRAPHS)})")
-            try:
-                self.graphs[name] = GraphInfo(name, g["file"], list(g["inputs"]), list(g["outputs"]))
-            except (KeyError, TypeError) as e:
-                raise BundleError(f"{str(mpath)!r}: graph {name!r} entry is malformed ({e}); re-export") from e
-        self.files: dict[str, str] = dict(m.get("files") or {})
+        self.files: dict[str, str] = dict(self.spec.files or {})
         for rel in self.files:
             p = (self.path / rel).resolve()
             if self.path.resolve() not in p.parents:
@@ -198,11 +184,22 @@ class Bundle:
         if why is not None:
             raise BundleError(f"{str(mpath)!r}: {why}; re-export the bundle (larp-rt export --tokenizer DIR)")
 
+    def _parse(self, m: dict[str, Any]) -> ManifestSpec:
+        """The manifest's typed parts; a malformed entry raises here, at load, naming its key and the fix (a plan's:
+        PlanError with the ``larp-rt build`` command)."""
+        try:
+            return ManifestSpec.from_dict(m, "")
+        except PlanError as e:
+            why = str(e).replace(BUILD_FIX, f"rebuild the plans with `{build_command(self.path, m)}`")
+            raise PlanError(f"{str(self.path / MANIFEST)!r}: {why}") from None
+        except BundleError as e:
+            raise BundleError(f"{str(self.path / MANIFEST)!r}: {e}") from None
+
     def verify(self, *, plans: bool = True) -> None:
         """Check every listed file (``plans=False``: but the TensorRT plans) exists and has its recorded sha256. A
         plan's failure (PlanError) names the ``larp-rt build`` command that rebuilds it, any other file's the
         ``larp-rt export`` one."""
-        plan_entries = plan_files(self.manifest)
+        plan_entries = {e.file: e for e in self.plans.values()}
         for rel, digest in self.files.items():
             p = self.path / rel
             if rel in plan_entries:
@@ -227,21 +224,56 @@ class Bundle:
     # ------------------------------------------------------------------------------------------
     @property
     def precision(self) -> str:
-        return self.manifest.get("precision", "fp32")
+        return self.spec.precision or "fp32"
+
+    @property
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """The manifest's ``tokenizer`` entry (config, codebook, prior, precision), None without a tokenizer."""
+        return self.spec.tokenizer
+
+    @property
+    def generator_spec(self) -> GeneratorSpec | None:
+        """The manifest's ``generator`` entry (config, KV cache, prefill), None without a generator."""
+        return self.spec.generator
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec | None:
+        """The generator's KV cache, None without a generator."""
+        return self.spec.generator.kv_cache if self.spec.generator else None
+
+    @property
+    def prior_spec(self) -> PriorSpec | None:
+        """The tokenizer's AR prior (graphs, KV-cache geometry), None when the bundle has none."""
+        return self.spec.tokenizer.prior if self.spec.tokenizer else None
+
+    @property
+    def sampler(self) -> SamplerSpec | None:
+        """The sampler graphs (standard, fused decode+sample), None without a generator."""
+        return self.spec.sampler
+
+    @property
+    def plans(self) -> dict[str, PlanEntry]:
+        """The TensorRT plans (graph name -> entry); empty before ``larp-rt build``."""
+        return dict(self.spec.plans or {})
+
+    @property
+    def tensorrt(self) -> TensorRTSpec | None:
+        """The options of the ``larp-rt build`` that made the plans, None before one."""
+        return self.spec.tensorrt
 
     @property
     def tokenizer_precision(self) -> str | None:
         """The tokenizer graphs' precision ("fp32" | "fp16" | "int8"), None without a tokenizer."""
-        tok = self.manifest.get("tokenizer")
-        if not tok:
+        tok = self.spec.tokenizer
+        if tok is None:
             return None
-        return tok.get("precision", "fp16" if self.precision == "fp16" else "fp32")
+        return tok.precision or ("fp16" if self.precision == "fp16" else "fp32")
 
     @property
     def default_sampling(self) -> dict[str, Any]:
-        return dict(self.manifest.get("default_sampling") or {})
+        return dict(self.spec.default_sampling or {})
 
-    def graph(self, name: str) -> GraphInfo:
+    def graph(self, name: str) -> GraphSpec:
         if name not in self.graphs:
             raise BundleError(
                 f"bundle {str(self.path)!r} has no {name!r} graph (it has: {', '.join(self.graphs) or 'none'}); "
@@ -253,16 +285,19 @@ class Bundle:
         return self.path / self.graph(name).file
 
     def checkpoint_dir(self, kind: str) -> Path | None:
-        rel = (self.manifest.get("checkpoints") or {}).get(kind)
+        rel = (self.spec.checkpoints or {}).get(kind)
         return None if rel is None else self.path / rel
 
+    # transitional: the raw-dict views of the prior and the KV cache that engine.py, backends/onnxruntime.py and
+    # export/trt_build.py still index; they move to ``prior_spec`` / ``kv_cache_spec``, then these two go
     @property
     def prior(self) -> dict[str, Any] | None:
-        """The tokenizer's AR prior entry (graphs, KV-cache geometry), or None when the bundle has none."""
+        """The tokenizer's AR prior entry as a dict (transitional: use ``prior_spec``), or None."""
         return (self.manifest.get("tokenizer") or {}).get("prior")
 
     @property
     def kv_cache(self) -> dict[str, Any]:
+        """The generator's KV cache entry as a dict, {} without a generator (transitional: use ``kv_cache_spec``)."""
         return dict((self.manifest.get("generator") or {}).get("kv_cache") or {})
 
 
@@ -315,13 +350,12 @@ _TOKENIZER_INT8_OPS = ("MatMulInteger", "DynamicQuantizeMatMul")
 
 
 def check_tokenizer_precision(bundle: Bundle) -> str | None:
-    """None when encoder.onnx / decoder.onnx hold what ``manifest["tokenizer"]["precision"]`` claims (absent: the
+    """None when encoder.onnx / decoder.onnx hold what the tokenizer entry's ``precision`` claims (absent: the
     bundle's float precision), else what is wrong: int8 graphs must have int8 MatMuls (MatMulInteger), float ones
     none (and no MatMulNBits). Reads the graphs with ``onnx`` when installed, else scans the files for the op names."""
-    tok = bundle.manifest.get("tokenizer")
-    if not isinstance(tok, dict):
+    claim = bundle.tokenizer_precision
+    if claim is None:
         return None
-    claim = tok.get("precision", "fp16" if bundle.precision == "fp16" else "fp32")
     if claim not in TOKENIZER_PRECISIONS:
         return f"unknown tokenizer precision {claim!r} (known: {', '.join(TOKENIZER_PRECISIONS)})"
     want_int8 = claim == "int8"
@@ -356,22 +390,18 @@ def check_prior(bundle: Bundle) -> str | None:
     else what is wrong: it and the step ``graph`` are graphs of the bundle with the same inputs and outputs,
     ``fused_attention`` is larp_rt::DecodeAttention and (with ``onnx`` installed) the graph has such a node.
     Entries without ``fused_graph`` (older bundles, fp16 priors, exports without the kernels) are valid."""
-    prior = bundle.prior
-    if prior is None:
+    prior = bundle.prior_spec
+    if prior is None or prior.fused_graph is None:
         return None
-    if not isinstance(prior, dict):
-        return f"the tokenizer's prior entry must be an object, got {type(prior).__name__}"
-    fused = prior.get("fused_graph")
-    if fused is None:
-        return None
-    if prior.get("graph") not in bundle.graphs:
-        return f"the prior entry names a fused_graph but its step graph {prior.get('graph')!r} is not in the bundle"
+    fused = prior.fused_graph
+    if prior.graph not in bundle.graphs:
+        return f"the prior entry names a fused_graph but its step graph {prior.graph!r} is not in the bundle"
     if not isinstance(fused, str) or fused not in bundle.graphs:
         return f"the prior entry's fused_graph {fused!r} is not a graph of the bundle"
-    if prior.get("fused_attention") != PRIOR_FUSED_ATTENTION:
-        return (f"the prior entry's fused_attention is {prior.get('fused_attention')!r}; this larp_rt runs "
+    if prior.fused_attention != PRIOR_FUSED_ATTENTION:
+        return (f"the prior entry's fused_attention is {prior.fused_attention!r}; this larp_rt runs "
                 f"{PRIOR_FUSED_ATTENTION!r}")
-    step, info = bundle.graphs[prior["graph"]], bundle.graphs[fused]
+    step, info = bundle.graphs[prior.graph], bundle.graphs[fused]
     if info.inputs != step.inputs or info.outputs != step.outputs:
         return f"the prior's fused step graph {info.file} has other inputs/outputs than {step.file}"
     path = bundle.path / info.file
@@ -395,8 +425,8 @@ _KV_ONNX_TYPES = {"fp32": 1, "fp16": 10, "int8": 3}  # onnx.TensorProto FLOAT, F
 def _check_kv_graph(bundle: Bundle, file: str, graph) -> str | None:
     """None when a decode graph's cache inputs have the manifest's ``kv_cache.dtype`` (int8: with their
     ``past_*_scale_*`` inputs; a narrow cache under float32 activations: read by larp_rt::DecodeAttention)."""
-    kv = bundle.kv_cache
-    claim = kv.get("dtype") or ("fp16" if bundle.precision == "fp16" else "fp32")
+    kv = bundle.kv_cache_spec or KVCacheSpec()
+    claim = kv.dtype_or(bundle.precision)
     if claim not in _KV_ONNX_TYPES:
         return f"unknown kv_cache dtype {claim!r} (known: {', '.join(_KV_ONNX_TYPES)})"
     inputs = {i.name: i.type.tensor_type.elem_type for i in graph.input}
@@ -411,15 +441,24 @@ def _check_kv_graph(bundle: Bundle, file: str, graph) -> str | None:
         return (f"the manifest claims a {claim} KV cache but {file} "
                 + ("has no per-slot scale inputs (past_k_scale_0, ...)" if claim == "int8" else
                    "has int8 scale inputs"))
-    if kv.get("attention") == "larp_rt::DecodeAttention" and not any(
+    if kv.attention == "larp_rt::DecodeAttention" and not any(
             n.op_type == "DecodeAttention" and n.domain == "larp_rt" for n in graph.node):
         return (f"the manifest says {file} reads its {claim} cache with larp_rt::DecodeAttention, but it has no "
                 "such node")
     return None
 
 
+def _io_list(lst: list | None) -> list:
+    """A graph's inputs or outputs as manifest JSON (dicts are kept as given: the exporter extends these lists)."""
+    if isinstance(lst, list) and not any(isinstance(x, TensorSpec) for x in lst):
+        return lst
+    return [x.to_dict() if isinstance(x, TensorSpec) else x for x in lst or ()]
+
+
 class BundleWriter:
-    """Collects files in a temporary directory beside ``dest``; ``commit`` writes the manifest and renames."""
+    """Collects files in a temporary directory beside ``dest``; ``commit`` writes the manifest and renames. The
+    manifest's parts are recorded from specs (``add_graph``, ``set_generator``, ``set_kv_cache``, ``set_prior``,
+    ``set_sampler``, ``add_plan``...), written with their ``to_dict()``; ``manifest`` is the dict being written."""
 
     def __init__(self, dest: str | os.PathLike, *, overwrite: bool = False):
         self.dest = Path(dest)
@@ -437,12 +476,58 @@ class BundleWriter:
     def add_file(self, rel: str) -> None:
         self.manifest["files"][rel] = sha256_file(self.tmp / rel)
 
-    def add_graph(self, name: str, file: str, inputs: list[dict], outputs: list[dict], extra_files=()) -> None:
-        self.manifest["graphs"][name] = {"file": file, "inputs": inputs, "outputs": outputs}
-        if extra_files:
-            self.manifest["graphs"][name]["data"] = list(extra_files)  # external data the graph reads
+    def add_graph(self, name: str | GraphSpec, file: str | None = None, inputs: list | None = None,
+                  outputs: list | None = None, extra_files=()) -> None:
+        """Record graph ``name`` (its file and external data files already written under ``path``, hashed here):
+        ``add_graph(GraphSpec(...))`` or ``add_graph(name, file, inputs, outputs, extra_files)`` with the I/O as
+        TensorSpecs or ``{"name", "dtype", "shape"}`` dicts."""
+        if isinstance(name, GraphSpec):
+            spec = name
+            name, file, extra_files = spec.name, spec.file, tuple(spec.data or ())
+            entry = spec.to_dict()
+        else:
+            entry = {"file": file, "inputs": _io_list(inputs), "outputs": _io_list(outputs)}
+            if extra_files:
+                entry["data"] = list(extra_files)  # external data the graph reads
+        self.manifest["graphs"][name] = entry
         for rel in (file, *extra_files):
             self.add_file(rel)
+
+    def set_tokenizer(self, spec: TokenizerSpec | None) -> None:
+        self.manifest["tokenizer"] = None if spec is None else spec.to_dict()
+
+    def set_generator(self, spec: GeneratorSpec | None) -> None:
+        self.manifest["generator"] = None if spec is None else spec.to_dict()
+
+    def set_kv_cache(self, spec: KVCacheSpec) -> None:
+        """The generator's KV cache (after ``set_generator`` or with a ``generator`` entry written)."""
+        self._part("generator")["kv_cache"] = spec.to_dict()
+
+    def set_prior(self, spec: PriorSpec | None) -> None:
+        """The tokenizer's AR prior (None: the tokenizer has none; written as null, as the exporter does)."""
+        self._part("tokenizer")["prior"] = None if spec is None else spec.to_dict()
+
+    def set_sampler(self, spec: SamplerSpec) -> None:
+        self.manifest["sampler"] = spec.to_dict()
+
+    def add_plan(self, name: str, entry: PlanEntry) -> None:
+        """Record plan ``name`` (its file already written under ``path``; its sha256 is the entry's)."""
+        self.manifest.setdefault("plans", {})[name] = entry.to_dict()
+        self.manifest["files"][entry.file] = entry.sha256
+
+    def set_tensorrt(self, spec: TensorRTSpec) -> None:
+        self.manifest["tensorrt"] = spec.to_dict()
+
+    @property
+    def spec(self) -> ManifestSpec:
+        """What has been recorded so far, typed (raises BundleError where an entry is malformed)."""
+        return ManifestSpec.from_dict(self.manifest, "")
+
+    def _part(self, key: str) -> dict[str, Any]:
+        part = self.manifest.get(key)
+        if not isinstance(part, dict):
+            raise BundleError(f"the manifest has no {key} entry yet: call set_{key} first")
+        return part
 
     def commit(self) -> Path:
         (self.tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")

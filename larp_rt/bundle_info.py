@@ -32,6 +32,7 @@ from .bundle import (
     read_manifest,
     sha256_file,
 )
+from .manifest import GeneratorSpec, PriorSpec, TokenizerSpec
 
 __all__ = ["is_bundle", "bundle_info", "verify_bundle", "format_info", "graph_precision", "FLAVOUR_NAMES"]
 
@@ -51,27 +52,44 @@ def _float(m: dict) -> str:
     return "fp16" if m.get("precision") == "fp16" else "fp32"
 
 
-def _generator_kv(m: dict) -> dict[str, Any] | None:
-    gen = m.get("generator")
-    if not isinstance(gen, dict):
+def _part(spec: type, d: Any, where: str):
+    """Entry ``d`` typed (``spec.from_dict``), or None where it is absent or malformed: info describes what it can
+    read, and ``verify_bundle`` (loading ``Bundle``) names the malformed entry."""
+    if not d:
         return None
-    kv = dict(gen.get("kv_cache") or {})
+    try:
+        return spec.from_dict(d, where)
+    except BundleError:
+        return None
+
+
+def _generator_kv(m: dict) -> dict[str, Any] | None:
+    gen = _part(GeneratorSpec, m.get("generator"), "generator")
+    if gen is None:
+        return None
+    kv = gen.kv_cache.to_dict()
     kv.setdefault("dtype", _float(m))  # older manifests: the weights' float type
     return kv
 
 
+def _prior(m: dict) -> PriorSpec | None:
+    return _part(PriorSpec, (m.get("tokenizer") or {}).get("prior"), "tokenizer.prior")
+
+
 def _prior_kv(m: dict) -> dict[str, Any] | None:
-    prior = (m.get("tokenizer") or {}).get("prior")
-    return dict(prior.get("kv_cache") or {}) if isinstance(prior, dict) else None
+    prior = _prior(m)
+    return None if prior is None else prior.kv_cache.to_dict()
 
 
 def graph_precision(manifest: dict, name: str) -> str:
     """The precision graph ``name`` computes in: the tokenizer's for encoder/decoder, the float type for the prior's
     graphs (fp16 bundles: fp16, else fp32), float64 for the sampler graph, the bundle's for the generator's."""
     if name in _TOKENIZER_GRAPHS:
-        return (manifest.get("tokenizer") or {}).get("precision") or _float(manifest)
+        tok = _part(TokenizerSpec, manifest.get("tokenizer"), "tokenizer")
+        return (tok.precision if tok else None) or _float(manifest)
     if name in _PRIOR_GRAPHS:
-        return (_prior_kv(manifest) or {}).get("dtype") or _float(manifest)
+        prior = _prior(manifest)
+        return (prior.kv_cache.dtype if prior else None) or _float(manifest)
     if name == "sample":
         return "fp64"
     return manifest.get("precision", "fp32")

@@ -298,30 +298,30 @@ class State:
         return out
 
     def models(self) -> dict:
-        eng, m = self.engine, self.engine.bundle.manifest
-        parts = [k for k in ("tokenizer", "generator") if m.get(k)]
+        eng = self.engine
+        spec = eng.bundle.spec
+        parts = {k: v for k, v in (("tokenizer", spec.tokenizer), ("generator", spec.generator)) if v is not None}
         out: dict[str, Any] = {
             "id": eng.bundle.path.name,
             "larp_rt": __version__,
-            "format_version": m.get("format_version"),
-            "parts": parts,
+            "format_version": spec.format_version,
+            "parts": list(parts),
             "tasks": self.tasks(),
-            "precision": m.get("precision", "fp32"),
-            "graphs": {name: {"file": g.get("file"), "inputs": [i.get("name") for i in g.get("inputs", [])],
-                              "outputs": [o.get("name") for o in g.get("outputs", [])]}
-                       for name, g in (m.get("graphs") or {}).items()},
+            "precision": eng.bundle.precision,
+            "graphs": {name: {"file": g.file, "inputs": g.input_names, "outputs": g.output_names}
+                       for name, g in eng.bundle.graphs.items()},
             "backend": eng.backend_name,
-            "sampler": {"running": eng.sampler_name, "bundle": m.get("sampler")},
+            "sampler": {"running": eng.sampler_name, "bundle": spec.sampler and spec.sampler.to_dict()},
             "default_sampling": dataclasses.asdict(eng.default_params),
-            "created_by": m.get("created_by"),
+            "created_by": None if spec.created_by is None else dict(spec.created_by),
             "limits": {"max_body_bytes": self.max_body_bytes, "request_timeout": self.request_timeout,
                        "max_classes_per_request": self.max_classes, "max_token_rows": S.MAX_TOKEN_ROWS,
                        "max_uploads_per_score": S.MAX_UPLOADS, "max_video_pixels": self.max_video_pixels,
                        "gif_cost": GIF_COST, "max_upload_pixels": self.max_upload_pixels,
                        "max_media_jobs": self.max_media_jobs, "fps": [S.MIN_FPS, S.MAX_FPS]},
         }
-        for k in parts:
-            out[k] = m[k]
+        for k, part in parts.items():
+            out[k] = part.to_dict()
         sched = self.scheduler
         out["scheduler"] = None if sched is None else {"max_batch": sched.max_batch, "max_queue": sched.max_queue}
         return out

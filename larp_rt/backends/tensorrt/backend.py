@@ -18,6 +18,7 @@ import numpy as np
 
 from ... import kernels, sampling
 from ...bundle import Bundle, BundleError
+from ...manifest import PlanEntry
 from ..base import NON_FINITE, Backend, StepEvent
 from .device import PKG, DeviceBuffer, KVKernels, cuda_ok, load_cudart, machine
 from .plans import PlanMismatchError, check_plans, rebuild_command
@@ -27,31 +28,31 @@ from .runner import TrtRunner
 class LoadedPlan:
     """One deserialised plan: its engine, one execution context per profile (batch bucket), created lazily."""
 
-    def __init__(self, be: TensorRTBackend, name: str, entry: dict):
+    def __init__(self, be: TensorRTBackend, name: str, entry: PlanEntry):
         trt = be.trt
         self.be, self.name, self.entry = be, name, entry
-        blob = (be.bundle.path / entry["file"]).read_bytes()
+        blob = (be.bundle.path / entry.file).read_bytes()
         validity = getattr(be.runtime, "get_engine_validity", None)
         if validity is not None:
             state, diag = validity(blob)
             if state == trt.EngineValidity.INVALID:
                 raise PlanMismatchError(
-                    f"TensorRT says plan {entry['file']!r} is not valid on this machine (diagnostics {diag}); "
+                    f"TensorRT says plan {entry.file!r} is not valid on this machine (diagnostics {diag}); "
                     f"{be.machine.describe()}; rebuild with "
-                    f"`{rebuild_command(be.bundle, entry['flavour'], be.gpu['cc'])}`")
+                    f"`{rebuild_command(be.bundle, entry.flavour, be.gpu['cc'])}`")
         self.engine = be.runtime.deserialize_cuda_engine(blob)
         if self.engine is None:
-            raise PlanMismatchError(f"TensorRT could not deserialise plan {entry['file']!r}; rebuild with "
-                                    f"`{rebuild_command(be.bundle, entry['flavour'], be.gpu['cc'])}`")
-        if entry.get("weights") == "stripped":  # refit from the bundle's own ONNX weights
+            raise PlanMismatchError(f"TensorRT could not deserialise plan {entry.file!r}; rebuild with "
+                                    f"`{rebuild_command(be.bundle, entry.flavour, be.gpu['cc'])}`")
+        if entry.weights == "stripped":  # refit from the bundle's own ONNX weights
             refitter = trt.Refitter(self.engine, be.logger)
             parser = trt.OnnxParserRefitter(refitter, be.logger)
-            if not parser.refit_from_file(str(be.bundle.path / entry["onnx"])) or not refitter.refit_cuda_engine():
-                raise RuntimeError(f"refitting weight-stripped plan {entry['file']!r} from {entry['onnx']} failed")
-        self.buckets = list(entry["buckets"])
-        self.inputs = [i["name"] for i in entry["inputs"]]
-        self.outputs = [o["name"] for o in entry["outputs"]]
-        self.dtypes = {d["name"]: np.dtype(d["dtype"]) for d in entry["inputs"] + entry["outputs"]}
+            if not parser.refit_from_file(str(be.bundle.path / entry.onnx)) or not refitter.refit_cuda_engine():
+                raise RuntimeError(f"refitting weight-stripped plan {entry.file!r} from {entry.onnx} failed")
+        self.buckets = list(entry.buckets or ())
+        self.inputs = [i.name for i in entry.inputs or ()]
+        self.outputs = [o.name for o in entry.outputs or ()]
+        self.dtypes = {d.name: np.dtype(d.dtype) for d in (*(entry.inputs or ()), *(entry.outputs or ()))}
         self._contexts: dict[int, object] = {}
         self.runtime_cache = None
         self.cache_path = None
@@ -66,7 +67,7 @@ class LoadedPlan:
                 rc = self.engine.create_runtime_config()
                 if self.runtime_cache is None:
                     self.runtime_cache = rc.create_runtime_cache()
-                    self.cache_path = be.cache_dir / f"{self.entry['sha256'][:24]}-{be.gpu['cc']}.rtcache"
+                    self.cache_path = be.cache_dir / f"{self.entry.sha256[:24]}-{be.gpu['cc']}.rtcache"
                     if self.cache_path.is_file():
                         self.runtime_cache.deserialize(self.cache_path.read_bytes())
                 rc.set_runtime_cache(self.runtime_cache)
@@ -82,7 +83,7 @@ class LoadedPlan:
         for b in self.buckets:
             if b >= rows:
                 return b
-        raise ValueError(f"plan {self.entry['file']!r} serves at most {self.buckets[-1]} rows, got {rows}; rebuild "
+        raise ValueError(f"plan {self.entry.file!r} serves at most {self.buckets[-1]} rows, got {rows}; rebuild "
                          f"with a bigger bucket: `larp-rt build {self.be.bundle.path} --batch "
                          f"{','.join(map(str, self.buckets + [rows]))}`")
 
@@ -162,7 +163,7 @@ class TensorRTBackend(Backend):
             if io is None:  # buffers at the bucket's largest shapes, once
                 io = {}
                 for n in plan.inputs + plan.outputs:
-                    shape = [bucket if isinstance(d, str) else d for d in _entry_shape(plan.entry, n)]
+                    shape = [bucket if isinstance(d, str) else d for d in plan.entry.max_shape(n)]
                     io[n] = (DeviceBuffer(cudart, int(np.prod(shape)) * plan.dtypes[n].itemsize), shape)
                 self._io[(name, bucket)] = io
             for n in plan.inputs:
@@ -174,7 +175,7 @@ class TensorRTBackend(Backend):
             for n in plan.outputs:
                 ctx.set_tensor_address(n, io[n][0].ptr)
             if not ctx.execute_async_v3(s):
-                raise RuntimeError(f"TensorRT could not run plan {plan.entry['file']!r}")
+                raise RuntimeError(f"TensorRT could not run plan {plan.entry.file!r}")
             out = {}
             for n in plan.outputs:
                 y = np.empty(tuple(ctx.get_tensor_shape(n)), plan.dtypes[n])
@@ -231,9 +232,10 @@ class TensorRTBackend(Backend):
 
     def prior_runner(self, capacity: int) -> TrtRunner:
         """A StepRunner over the prior's step plan (``run(tokens, pos)`` -> (rows, K) logits; host sampler)."""
-        if self.bundle.prior is None:
+        prior = self.bundle.prior_spec
+        if prior is None:
             raise ValueError(f"bundle {str(self.bundle.path)!r} has no AR prior")
-        return TrtRunner(self, capacity, graph=self.bundle.prior["graph"])
+        return TrtRunner(self, capacity, graph=prior.graph)
 
     @property
     def prior_sampler(self):
@@ -251,15 +253,3 @@ class TensorRTBackend(Backend):
             for buf, _ in io.values():
                 buf.free()
         self._io = {}
-
-
-def _entry_shape(entry: dict, name: str) -> list:
-    """An I/O tensor's largest shape over the plan's profiles (symbols resolved to each profile's max)."""
-    for d in entry["inputs"] + entry["outputs"]:
-        if d["name"] == name:
-            hi = {}
-            for prof in entry["profiles"]:
-                for sym, (_, _, mx) in prof.items():
-                    hi[sym] = max(hi.get(sym, 0), mx)
-            return [hi.get(x, x) if isinstance(x, str) else x for x in d["shape"]]
-    raise KeyError(name)

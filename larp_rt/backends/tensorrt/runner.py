@@ -39,16 +39,16 @@ class TrtRunner(StepRunner):
             cfg = be.generator_config
             if cfg is None:
                 raise ValueError("this bundle has no generator")
-            kv = be.bundle.kv_cache
+            kv = be.bundle.kv_cache_spec
             self.L, self.H, self.hd, self.V = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size
             self.samples = be.cuda_sampler
         else:  # the tokenizer's prior: its own cache geometry, logits to the host sampler
-            kv = be.bundle.prior["kv_cache"]
-            self.L, self.H, self.hd = int(kv["layers"]), int(kv["heads"]), int(kv["head_dim"])
-            self.V = int(be.bundle.prior["codebook_size"])
+            prior = be.bundle.prior_spec
+            kv = prior.kv_cache
+            self.L, self.H, self.hd = kv.layers, kv.heads, kv.head_dim
+            self.V = prior.codebook_size
             self.samples = False
-        plan_max = max(p["S"][2] for p in plan.entry["profiles"] if "S" in p) if plan.entry["profiles"] else 0
-        self.S = min(int(kv["max_seq"]), int(plan_max or kv["max_seq"]))
+        self.S = min(kv.max_seq, plan.entry.max_of("S") or kv.max_seq)
         self.window = max(16, self.S // 8)
         self.kv_dtype = plan.dtypes["past_k_0"]
         es = self.kv_dtype.itemsize

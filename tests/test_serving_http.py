@@ -28,6 +28,7 @@ from larp_rt.export import export_bundle  # noqa: E402
 
 from larp_rt import Engine, GeneratorConfig, SamplingParams, TokenizerConfig, save_pretrained  # noqa: E402
 from larp_rt.models import LARPGenerator, LARPTokenizer  # noqa: E402
+from larp_rt.serving import Observer  # noqa: E402
 from larp_rt.serving.app import build_server  # noqa: E402
 from larp_rt.video import fit_clip, read_video, write_video  # noqa: E402
 
@@ -254,6 +255,56 @@ def test_32_concurrent_clients_match_offline(main, ref):
         n_rows += len(body["class_ids"])
     # they shared the batch: far fewer steps than one generation loop per class id would take
     assert main.scheduler.stats()["steps"] - steps0 < n_rows * 64 * 0.7
+
+
+class StepGate(Observer):
+    """Wraps a running scheduler's observer (the server's metrics still see every call): records each step's
+    (rows, requests) and holds the loop thread after its ``at``-th step until ``release()``, so that a request
+    queued meanwhile joins at the next step, deterministically."""
+
+    def __init__(self, inner: Observer, at: int):
+        self.inner, self.at, self.steps = inner, at, []
+        self.reached, self._release = threading.Event(), threading.Event()
+
+    def on_queue(self, depth):
+        self.inner.on_queue(depth)
+
+    def on_request(self, outcome, seconds):
+        self.inner.on_request(outcome, seconds)
+
+    def on_step(self, rows, requests, seconds, tokens):
+        self.inner.on_step(rows, requests, seconds, tokens)
+        self.steps.append((rows, requests))
+        if len(self.steps) == self.at:
+            self.reached.set()
+            self._release.wait(WAIT)
+
+    def release(self):
+        self._release.set()
+
+
+def test_a_request_joins_a_running_one_at_a_known_step(start, ref):
+    """A (one row) runs alone; the loop is held after A's step 20 while B (guided: two rows) arrives over HTTP; B
+    joins at A's step 21, each at its own position, and both responses hold exactly their offline tokens."""
+    srv = start(max_batch=4)
+    gate = StepGate(srv.scheduler.observer, at=21)
+    srv.scheduler.observer = gate  # the loop reads its observer at every step
+    a = {"class_ids": [1], "seed": 21, "cfg_scale": 1.0, "top_k": 20}
+    b = {"class_ids": [6], "seed": 22, "cfg_scale": 2.0, "top_p": 0.9}
+    try:
+        with ThreadPoolExecutor(2) as pool, srv.client() as c:
+            fa = pool.submit(c.post, "/v1/generate", json=a)
+            assert gate.reached.wait(WAIT), "A never ran 21 steps"
+            fb = pool.submit(c.post, "/v1/generate", json=b)
+            wait_for(lambda: srv.scheduler.stats()["queue_depth"] == 1, "B to queue")
+            gate.release()
+            ra, rb = fa.result(timeout=WAIT), fb.result(timeout=WAIT)
+    finally:
+        gate.release()
+    assert ra.status_code == 200 and rb.status_code == 200, (ra.text, rb.text)
+    assert gate.steps == [(1, 1)] * 21 + [(3, 2)] * 43 + [(2, 1)] * 21  # B runs steps 21 .. 84 of the loop, A 0 .. 63
+    np.testing.assert_array_equal(ra.json()["tokens"], expected(ref, a, 21))
+    np.testing.assert_array_equal(rb.json()["tokens"], expected(ref, b, 22))
 
 
 def test_bad_requests_get_their_4xx_beside_good_ones(main, ref, tmp_path):

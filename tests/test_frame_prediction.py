@@ -335,15 +335,33 @@ TINY_FP = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny" / "fp_gen
 
 
 @pytest.mark.skipif(not (TINY_FP / "model.safetensors").is_file(), reason="the tiny FP generator is not committed")
-def test_committed_tiny_fp_generator_beats_repeating_the_last_frame(tmp_path):
+def test_committed_tiny_fp_generator_beats_repeating_the_last_frame(tmp_path, monkeypatch):
     """Through the runtime (ONNX Runtime bundle, greedy): held-out clips, PSNR of the predicted frames against the
-    repeat-last-conditioning-frame baseline; and the committed metrics say the same."""
-    from larp_rt.demo_predict import run_predict_demo
+    repeat-last-conditioning-frame baseline; and the committed metrics say the same. The demo's tokens are exactly
+    the float64 full-forward greedy tokens of the committed checkpoints (wrong prefill positions fail here, however
+    good the PSNR)."""
+    from larp_rt import demo_predict
+    from larp_rt.demo import REPO_TINY
 
+    calls = []
+
+    class Recording(Engine):
+        def predict(self, frames, *a, **kw):
+            out = super().predict(frames, *a, **kw)
+            calls.append((self, frames, kw.get("num_cond_frames", 5), out[1].tokens))
+            return out
+
+    monkeypatch.setattr(demo_predict, "Engine", Recording)
     metrics = json.loads((TINY_FP / "metrics.json").read_text())
     m = metrics["metrics"]
     assert metrics["beats_baseline"] and m["psnr_greedy"] > m["psnr_repeat_last_frame"]
-    res = run_predict_demo(tmp_path, clips=16, scale=1, printer=lambda s: None)
+    res = demo_predict.run_predict_demo(tmp_path, clips=16, scale=1, printer=lambda s: None)
+    [(eng, truth, n, got)] = calls
+    tok, gen = load_pretrained(REPO_TINY / "tokenizer"), load_pretrained(TINY_FP)
+    with torch.no_grad():
+        prefix = fp_prefix(tok.eval(), torch.from_numpy(truth), n)
+    assert np.array_equal(eng.cond_tokens(truth, num_cond_frames=n), prefix.numpy())
+    np.testing.assert_array_equal(got, full_forward_greedy(gen.eval(), prefix))
     pred = np.mean([r["psnr_prediction"] for r in res["clips"]])
     base = np.mean([r["psnr_repeat_last_frame"] for r in res["clips"]])
     assert pred > base, (pred, base)

@@ -3,6 +3,7 @@ backends, the authors' FP key layout, bad input."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -48,6 +49,23 @@ def fp_bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engines(fp_bundle):
     return {"onnxruntime": Engine(fp_bundle[2], backend="onnxruntime"), "torch": Engine(fp_bundle[2], backend="torch")}
+
+
+def full_forward_greedy(gen: LARPGenerator, prefix: torch.Tensor) -> np.ndarray:
+    """Greedy tokens (B, N) of a float64 copy of ``gen`` by its full causal forward over the prefix and the tokens
+    so far, no KV cache, argmax in float64: independent of the cached prefill / step code every backend runs."""
+    g = copy.deepcopy(gen).double().eval()
+    tokens = prefix.new_zeros((len(prefix), 0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 64 tiny forwards: on 2 busy cores the thread pool only adds waits
+    try:
+        with torch.no_grad():
+            for _ in range(g.config.max_seq_len):
+                logits = g(prefix, tokens)[:, -1]  # (B, V) float64: the logits of the next token
+                tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    finally:
+        torch.set_num_threads(threads)
+    return tokens.numpy()
 
 
 def clip(B=2, t=8, seed=0):
@@ -141,7 +159,8 @@ def test_predict_greedy_equals_the_pytorch_model(fp_bundle, engines, backend):
     frames = clip(2, t=7)
     with torch.no_grad():
         prefix = fp_prefix(tok, torch.from_numpy(frames[:, :, :5]), 5)  # the recipe: pad the first 5, encode, sep
-        want = predict_tokens(gen, prefix).numpy()
+        want = full_forward_greedy(gen, prefix)
+        assert np.array_equal(predict_tokens(gen, prefix).numpy(), want)  # the model's cached sampling agrees
         want_video = tok.decode(torch.from_numpy(want)).clamp(0, 1).numpy()
     assert np.array_equal(eng.cond_tokens(frames), prefix.numpy())
     video, out = eng.predict(frames, SamplingParams(temperature=0.0, seed=0))
@@ -316,15 +335,33 @@ TINY_FP = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny" / "fp_gen
 
 
 @pytest.mark.skipif(not (TINY_FP / "model.safetensors").is_file(), reason="the tiny FP generator is not committed")
-def test_committed_tiny_fp_generator_beats_repeating_the_last_frame(tmp_path):
+def test_committed_tiny_fp_generator_beats_repeating_the_last_frame(tmp_path, monkeypatch):
     """Through the runtime (ONNX Runtime bundle, greedy): held-out clips, PSNR of the predicted frames against the
-    repeat-last-conditioning-frame baseline; and the committed metrics say the same."""
-    from larp_rt.demo_predict import run_predict_demo
+    repeat-last-conditioning-frame baseline; and the committed metrics say the same. The demo's tokens are exactly
+    the float64 full-forward greedy tokens of the committed checkpoints (wrong prefill positions fail here, however
+    good the PSNR)."""
+    from larp_rt import demo_predict
+    from larp_rt.demo import REPO_TINY
 
+    calls = []
+
+    class Recording(Engine):
+        def predict(self, frames, *a, **kw):
+            out = super().predict(frames, *a, **kw)
+            calls.append((self, frames, kw.get("num_cond_frames", 5), out[1].tokens))
+            return out
+
+    monkeypatch.setattr(demo_predict, "Engine", Recording)
     metrics = json.loads((TINY_FP / "metrics.json").read_text())
     m = metrics["metrics"]
     assert metrics["beats_baseline"] and m["psnr_greedy"] > m["psnr_repeat_last_frame"]
-    res = run_predict_demo(tmp_path, clips=16, scale=1, printer=lambda s: None)
+    res = demo_predict.run_predict_demo(tmp_path, clips=16, scale=1, printer=lambda s: None)
+    [(eng, truth, n, got)] = calls
+    tok, gen = load_pretrained(REPO_TINY / "tokenizer"), load_pretrained(TINY_FP)
+    with torch.no_grad():
+        prefix = fp_prefix(tok.eval(), torch.from_numpy(truth), n)
+    assert np.array_equal(eng.cond_tokens(truth, num_cond_frames=n), prefix.numpy())
+    np.testing.assert_array_equal(got, full_forward_greedy(gen.eval(), prefix))
     pred = np.mean([r["psnr_prediction"] for r in res["clips"]])
     base = np.mean([r["psnr_repeat_last_frame"] for r in res["clips"]])
     assert pred > base, (pred, base)

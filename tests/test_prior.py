@@ -48,10 +48,12 @@ def engines(prior_bundle):
 
 
 def reference_logprobs(tok: LARPTokenizer, tokens: np.ndarray) -> np.ndarray:
-    t = torch.from_numpy(tokens)
+    """log p(token t | tokens < t), float64, written from the state dict's key names (``_authors_prior_logprobs``):
+    no larp_rt model or export code, so it is independent of what every backend (torch's "full" included) runs."""
+    cfg = tok.prior_model.config
     with torch.no_grad():
-        logits = prior_reference_logits(tok, t).double()
-    return torch.log_softmax(logits, -1).gather(-1, t[:, 1:, None])[..., 0].numpy()
+        return _authors_prior_logprobs(tok.state_dict(), cfg.heads, cfg.latent_ce_temperature,
+                                       torch.from_numpy(tokens)).numpy()
 
 
 # ------------------------------------------------------------------------------------------------

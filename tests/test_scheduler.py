@@ -46,36 +46,94 @@ class Recorder(Observer):
         self.outcomes.append(outcome)
 
 
+def expected_steps(arrivals: list[int], rows_needed: list[int], max_batch: int, total: int = 64):
+    """The (rows, requests) of every step of a FIFO step-level scheduler, computed by hand: request i is queued
+    after global step ``arrivals[i]`` (-1: before the first), joins at the first boundary where the rows are free
+    and every earlier request has joined, and leaves after its ``total``-th step. Also each request's first step."""
+    steps, joined, active, queue, i, g = [], {}, {}, [], 0, 0
+    order = sorted(range(len(arrivals)), key=lambda r: (arrivals[r], r))
+    while i < len(order) or queue or active:
+        while i < len(order) and arrivals[order[i]] < g:
+            queue.append(order[i])
+            i += 1
+        while queue and max_batch - sum(rows_needed[r] for r in active) >= rows_needed[queue[0]]:
+            r = queue.pop(0)
+            active[r], joined[r] = 0, g
+        if active:
+            steps.append((sum(rows_needed[r] for r in active), len(active)))
+            for r in list(active):
+                active[r] += 1
+                if active[r] == total:
+                    del active[r]
+        g += 1
+    return steps, [joined[r] for r in range(len(arrivals))]
+
+
 SAMPLERS = ["fused", "kernel", "graph", "reference"] if HAVE_ORT_OP else ["graph", "reference"]
+# request i (> 0) is submitted by request 0's progress callback after its step ARRIVALS[i] (on the loop thread, at a
+# step boundary): no sleeps, so every run joins at the same steps. Some join mid-video, some wait for rows.
+ARRIVALS = [-1, 0, 0, 4, 9, 9, 15, 22, 30, 41, 50, 62]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_staggered_arrivals_equal_offline_generation(models_and_bundle, sampler):  # noqa: F811
     eng = Engine(models_and_bundle[2], backend="onnxruntime", sampler=sampler)
     rec = Recorder()
-    reqs = []
+    reqs, first = {}, {}
+    params = [MIXED[i % len(MIXED)] for i in range(len(ARRIVALS))]
+
+    def submit(i: int, sched: Scheduler) -> None:
+        def on_step(step, total, token):
+            if step == 0:
+                first[i] = len(rec.steps) - 1  # the observer has seen this step already
+            if i == 0:
+                for j in (j for j, a in enumerate(ARRIVALS) if a == step):
+                    submit(j, sched)
+        reqs[i] = sched.submit(i % 8, params[i], on_step=on_step)
+
     with Scheduler(eng, max_batch=6, max_queue=32, observer=rec) as sched:
-        for i in range(12):  # arrivals spread over the run: some join mid-video, some wait for rows
-            reqs.append(sched.submit(i % 8, MIXED[i % len(MIXED)]))
-            time.sleep(0.002 * (i % 3))
-        results = [r.result(timeout=60) for r in reqs]
-    for i, (r, g) in enumerate(zip(reqs, results, strict=True)):
-        assert r.outcome == "ok" and g.tokens.shape == (1, 64) and g.seeds == [MIXED[i % len(MIXED)].seed]
-        np.testing.assert_array_equal(g.tokens[0], alone(eng, i % 8, MIXED[i % len(MIXED)]), err_msg=f"request {i}")
-    assert max(rows for rows, _, _ in rec.steps) <= 6 and rec.outcomes == ["ok"] * 12
-    assert any(n > 1 for _, n, _ in rec.steps)  # requests shared steps
-    assert sum(t for _, _, t in rec.steps) == 12 * 64
+        submit(0, sched)
+        results = [reqs[i].result(timeout=60) for i in range(len(ARRIVALS))]
+    for i, g in enumerate(results):
+        assert reqs[i].outcome == "ok" and g.tokens.shape == (1, 64) and g.seeds == [params[i].seed]
+        np.testing.assert_array_equal(g.tokens[0], alone(eng, i % 8, params[i]), err_msg=f"request {i}")
+    want_steps, want_first = expected_steps(ARRIVALS, [1 + (p.cfg_scale != 1.0) for p in params], 6)
+    assert [first[i] for i in range(len(ARRIVALS))] == want_first
+    # read off the plan: 3 joins 0, 1 and 2 mid-video; 4 waits for 0's row and the free one, 5 and 6 for 1's and 2's
+    assert want_first == [0, 1, 1, 5, 64, 65, 65, 128, 128, 129, 129, 192]
+    assert [(r, n) for r, n, _ in rec.steps] == want_steps
+    assert all(t == n for _, n, t in rec.steps) and rec.outcomes == ["ok"] * len(ARRIVALS)
 
 
 def test_torch_backend_and_streams(models_and_bundle):  # noqa: F811
+    """On torch, rows join mid-run at known steps (each row at its own position) and every request equals its
+    offline tokens. A (guided, stream 0) runs alone; its callback after step 9 submits B (guided, stream 1): B joins
+    at step 10; after step 30, L (greedy): it joins at step 31; B's callback after its step 40 submits C (guided,
+    stream 2), which waits for rows until A leaves (it joins at step 64)."""
     eng = Engine(models_and_bundle[2], backend="torch")
-    with Scheduler(eng, max_batch=4) as sched:
-        reqs = [sched.submit(c, SP(seed=9, cfg_scale=1.25), stream=i) for i, c in enumerate([1, 2, 3])]
-        late = sched.submit(5, SP(seed=4, temperature=0.0))
-        got = [r.result(timeout=60).tokens[0] for r in reqs]
-        np.testing.assert_array_equal(late.result(timeout=60).tokens[0], alone(eng, 5, SP(seed=4, temperature=0.0)))
+    rec, reqs, first = Recorder(), {}, {}
+    g, greedy = SP(seed=9, cfg_scale=1.25), SP(seed=4, temperature=0.0)
+    plan = {"A": (1, g, 0), "B": (2, g, 1), "L": (5, greedy, 0), "C": (3, g, 2)}
+    triggers = {("A", 9): "B", ("A", 30): "L", ("B", 40): "C"}
+
+    def submit(name: str, sched: Scheduler) -> None:
+        def on_step(step, total, token):
+            if step == 0:
+                first[name] = len(rec.steps) - 1
+            if (name, step) in triggers:
+                submit(triggers[name, step], sched)
+        c, p, stream = plan[name]
+        reqs[name] = sched.submit(c, p, stream=stream, on_step=on_step)
+
+    with Scheduler(eng, max_batch=5, observer=rec) as sched:
+        submit("A", sched)
+        got = {n: reqs[n].result(timeout=60).tokens[0] for n in "ABLC"}  # each one exists once the one before ends
+    assert first == {"A": 0, "B": 10, "L": 31, "C": 64}
+    assert [(r, n) for r, n, _ in rec.steps] == ([(2, 1)] * 10 + [(4, 2)] * 21 + [(5, 3)] * 43 + [(3, 2)] * 21
+                                                  + [(2, 1)] * 33)
+    np.testing.assert_array_equal(got["L"], alone(eng, 5, greedy))
     # the HTTP server's mapping: one SamplingParams for class ids [1, 2, 3] = streams 0, 1, 2 of one seed
-    np.testing.assert_array_equal(np.stack(got), eng.generate([1, 2, 3], SP(seed=9, cfg_scale=1.25)).tokens)
+    np.testing.assert_array_equal(np.stack([got[n] for n in "ABC"]), eng.generate([1, 2, 3], g).tokens)
 
 
 def test_cancel_timeout_queue_full_and_progress(models_and_bundle):  # noqa: F811

@@ -28,8 +28,9 @@ from larp_rt.export import export_bundle  # noqa: E402
 
 from larp_rt import Engine, GeneratorConfig, SamplingParams, TokenizerConfig, save_pretrained  # noqa: E402
 from larp_rt.models import LARPGenerator, LARPTokenizer  # noqa: E402
+from larp_rt.serving import Observer  # noqa: E402
 from larp_rt.serving.app import build_server  # noqa: E402
-from larp_rt.video import fit_clip, read_video, write_video  # noqa: E402
+from larp_rt.video import fit_clip, grid, read_video, write_video  # noqa: E402
 
 LIMIT = 32 << 10  # the main server's body limit: an mp4 of the test clip is ~2 KB
 WAIT = 20.0  # the bound of every wait for the server / the scheduler
@@ -40,6 +41,8 @@ def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     torch.manual_seed(0)
     tok = LARPTokenizer(TokenizerConfig.from_name("tiny")).eval()
+    torch.nn.init.normal_(tok.final_layer.linear.weight, std=0.05)  # decoded videos with content, not all black:
+    torch.nn.init.constant_(tok.final_layer.linear.bias, 0.5)  # the mp4 checks compare pixels
     gen = LARPGenerator(GeneratorConfig.from_name("tiny")).eval()
     torch.nn.init.normal_(gen.output.weight, std=0.3)  # peaked enough that greedy has no near-ties
     save_pretrained(tok, root / "tok")
@@ -256,6 +259,56 @@ def test_32_concurrent_clients_match_offline(main, ref):
     assert main.scheduler.stats()["steps"] - steps0 < n_rows * 64 * 0.7
 
 
+class StepGate(Observer):
+    """Wraps a running scheduler's observer (the server's metrics still see every call): records each step's
+    (rows, requests) and holds the loop thread after its ``at``-th step until ``release()``, so that a request
+    queued meanwhile joins at the next step, deterministically."""
+
+    def __init__(self, inner: Observer, at: int):
+        self.inner, self.at, self.steps = inner, at, []
+        self.reached, self._release = threading.Event(), threading.Event()
+
+    def on_queue(self, depth):
+        self.inner.on_queue(depth)
+
+    def on_request(self, outcome, seconds):
+        self.inner.on_request(outcome, seconds)
+
+    def on_step(self, rows, requests, seconds, tokens):
+        self.inner.on_step(rows, requests, seconds, tokens)
+        self.steps.append((rows, requests))
+        if len(self.steps) == self.at:
+            self.reached.set()
+            self._release.wait(WAIT)
+
+    def release(self):
+        self._release.set()
+
+
+def test_a_request_joins_a_running_one_at_a_known_step(start, ref):
+    """A (one row) runs alone; the loop is held after A's step 20 while B (guided: two rows) arrives over HTTP; B
+    joins at A's step 21, each at its own position, and both responses hold exactly their offline tokens."""
+    srv = start(max_batch=4)
+    gate = StepGate(srv.scheduler.observer, at=21)
+    srv.scheduler.observer = gate  # the loop reads its observer at every step
+    a = {"class_ids": [1], "seed": 21, "cfg_scale": 1.0, "top_k": 20}
+    b = {"class_ids": [6], "seed": 22, "cfg_scale": 2.0, "top_p": 0.9}
+    try:
+        with ThreadPoolExecutor(2) as pool, srv.client() as c:
+            fa = pool.submit(c.post, "/v1/generate", json=a)
+            assert gate.reached.wait(WAIT), "A never ran 21 steps"
+            fb = pool.submit(c.post, "/v1/generate", json=b)
+            wait_for(lambda: srv.scheduler.stats()["queue_depth"] == 1, "B to queue")
+            gate.release()
+            ra, rb = fa.result(timeout=WAIT), fb.result(timeout=WAIT)
+    finally:
+        gate.release()
+    assert ra.status_code == 200 and rb.status_code == 200, (ra.text, rb.text)
+    assert gate.steps == [(1, 1)] * 21 + [(3, 2)] * 43 + [(2, 1)] * 21  # B runs steps 21 .. 84 of the loop, A 0 .. 63
+    np.testing.assert_array_equal(ra.json()["tokens"], expected(ref, a, 21))
+    np.testing.assert_array_equal(rb.json()["tokens"], expected(ref, b, 22))
+
+
 def test_bad_requests_get_their_4xx_beside_good_ones(main, ref, tmp_path):
     good = {"class_ids": [2, 5], "seed": 11, "top_k": 20}
     bad = [
@@ -368,7 +421,7 @@ def test_full_queue_gives_429_with_retry_after(start, ref):
         holder.release()
 
 
-def test_disconnected_clients_free_their_rows(start):
+def test_disconnected_clients_free_their_rows(start, ref):
     srv = start(max_batch=8, max_queue=8)
     sched = srv.scheduler
     holder = Holder(sched)
@@ -391,8 +444,21 @@ def test_disconnected_clients_free_their_rows(start):
         holder.release()
         wait_for(lambda: sched.stats()["active_rows"] == 0 and sched.stats()["queue_depth"] == 0,
                  "the cancelled rows to leave the batch")
-        assert sched.stats()["outcomes"].get("cancelled", 0) == 3
-        assert holder.req.result(timeout=WAIT).tokens.shape == (1, 64)  # the others ran on
+        st = sched.stats()
+        assert (st["active_rows"], st["active_requests"], st["queue_depth"]) == (0, 0, 0)
+        assert st["outcomes"] == {"ok": 1, "cancelled": 3}
+        # the others ran on: the holder got exactly its offline tokens
+        np.testing.assert_array_equal(holder.req.result(timeout=WAIT).tokens,
+                                      ref.generate([0], [SamplingParams(cfg_scale=1.0, seed=1)]).tokens)
+        # the freed rows serve again: all 8 of them at once (guided: 2 rows each), each one its offline tokens
+        body = {"class_ids": [1, 2, 3, 4], "seed": 9, "cfg_scale": 2.0}
+        with srv.client() as c:
+            r = c.post("/v1/generate", json=body)
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(r.json()["tokens"], expected(ref, body, 9))
+        st = sched.stats()
+        assert (st["active_rows"], st["active_requests"], st["queue_depth"]) == (0, 0, 0)
+        assert st["outcomes"] == {"ok": 5, "cancelled": 3}
     finally:
         holder.release()
 
@@ -450,20 +516,33 @@ def test_shutdown_drains_requests_in_flight(start, ref):
         holder.release()
 
 
-def test_api_key(start):
+def test_api_key(start, ref):
     srv = start(api_key="  s3cret ")  # the surrounding spaces (an env var, a config file) are not part of it
+    how = "API key: send the header 'Authorization: Bearer KEY' with the server's --api-key (or LARP_RT_API_KEY)"
     with srv.client() as c:
         assert c.get("/health").status_code == 200  # probes need no key
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-            r = c.get("/v1/models", headers=headers)
-            assert r.status_code == 401 and "API key" in r.json()["error"], headers
-            assert r.headers["WWW-Authenticate"] == "Bearer"
-            assert c.post("/v1/generate", json={"class_ids": [1]}, headers=headers).status_code == 401
-        assert c.get("/metrics").status_code == 401
+        for headers, why in (({}, "missing"), ({"Authorization": "Bearer wrong"}, "wrong"),
+                             ({"Authorization": "s3cret"}, "wrong"), ({"Authorization": "Bearer  s3cret"}, None)):
+            if why is None:  # the spaces around the token are not part of it either
+                assert c.get("/v1/models", headers=headers).status_code == 200
+                continue
+            for r in (c.get("/v1/models", headers=headers), c.post("/v1/generate", json={"class_ids": [1]},
+                                                                   headers=headers)):
+                assert (r.status_code, r.json()) == (401, {"error": f"{why} {how}", "status": 401}), headers
+                assert r.headers["WWW-Authenticate"] == "Bearer"
+        r = c.get("/metrics")
+        assert (r.status_code, r.json()["error"]) == (401, f"missing {how}")
         ok = {"Authorization": "Bearer s3cret"}
-        assert c.get("/v1/models", headers=ok).status_code == 200
-        r = c.post("/v1/generate", json={"class_ids": [1], "seed": 0}, headers=ok)
-        assert r.status_code == 200 and len(r.json()["tokens"][0]) == 64
+        models = c.get("/v1/models", headers=ok)
+        assert models.status_code == 200 and models.json()["parts"] == ["tokenizer", "generator"]
+        body = {"class_ids": [1, 4], "seed": 0, "top_k": 7}
+        r = c.post("/v1/generate", json=body, headers=ok)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        np.testing.assert_array_equal(out["tokens"], expected(ref, body, 0))
+        params = {f: getattr(ref.default_params, f) for f in ("cfg_scale", "temperature", "top_p")}
+        assert out["seeds"] == [0, 0] and out["class_ids"] == [1, 4]
+        assert out["params"] == {**params, "top_k": 7, "seed": 0}
         text = c.get("/metrics", headers=ok).text
     assert counter(text, "larp_rt_http_requests_total", route="/v1/models", outcome="unauthorized") == 3
 
@@ -485,6 +564,7 @@ def test_encode_upload_and_decode_round_trip(main, ref, tmp_path):
         assert r.status_code == 200 and r.headers["content-type"] == "application/x-npy"
         video = np.load(__import__("io").BytesIO(r.content), allow_pickle=False)
         assert video.shape == (1, 3, 8, 32, 32) and np.allclose(video, ref.decode(want), atol=1e-6)
+        want_frames = grid(ref.decode(want), pad=0)  # (8, 32, 32, 3) uint8: what the server encodes
         for fmt, query in (("mp4", ""), ("gif", "?format=gif")):
             body = {"tokens": out["tokens"][0]} | ({} if query else {"format": fmt})
             r = c.post("/v1/decode" + query, json=body)
@@ -493,11 +573,32 @@ def test_encode_upload_and_decode_round_trip(main, ref, tmp_path):
             back, _ = read_video(tmp_path / f"back.{fmt}")
             # Pillow merges identical consecutive GIF frames (this untrained decoder's video barely moves)
             assert back.shape[1:] == (32, 32, 3) and (back.shape[0] == 8 or fmt == "gif")
-        # generate straight to a video
+        back_mp4 = assert_mp4_frames(tmp_path / "back.mp4", want_frames, tmp_path)
+        # the written mp4 encodes again (over HTTP) to exactly the Engine's tokens of the frames read back from it
+        r = c.post("/v1/encode", files={"file": ("back.mp4", (tmp_path / "back.mp4").read_bytes(), "video/mp4")})
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(r.json()["tokens"], ref.encode(fit_clip(back_mp4, 8, 32, 32)[0][None]))
+        # generate straight to a video: the two decoded samples side by side (pad 2), each pixel doubled
         r = c.post("/v1/generate", json={"class_ids": [1, 2], "seed": 4, "format": "mp4", "scale": 2})
         assert r.status_code == 200 and r.headers["content-type"] == "video/mp4" and r.headers["X-Larp-Seed"] == "4"
         (tmp_path / "gen.mp4").write_bytes(r.content)
-        assert read_video(tmp_path / "gen.mp4")[0].shape[0] == 8
+        gen_tokens = expected(ref, {"class_ids": [1, 2]}, 4)
+        assert_mp4_frames(tmp_path / "gen.mp4", grid(ref.decode(gen_tokens), pad=2, scale=2), tmp_path)
+
+
+def assert_mp4_frames(path, want: np.ndarray, tmp_path) -> np.ndarray:
+    """The frames of the mp4 at ``path`` are exactly those of ``want`` (T, H, W, 3) uint8 written by the same
+    encoder here (H.264 is lossy, and deterministic for the same frames and settings: the server's 8 fps default):
+    a changed pixel, frame or layout in what the server encoded changes them. Returns the frames read."""
+    got, _ = read_video(path)
+    local, _ = read_video(write_video(tmp_path / f"want-{path.stem}.mp4", want, fps=8))
+    assert got.shape == want.shape, (got.shape, want.shape)
+    np.testing.assert_array_equal(got, local)
+    # and against the frames themselves (the encoder's own faults): per frame and channel, the mean level survives
+    # H.264 within 4 of 255 on these noisy decoder outputs (measured <= 2), though single pixels do not
+    level = lambda f: f.reshape(len(f), -1, 3).mean(1)  # noqa: E731
+    assert np.abs(level(got) - level(want)).max() <= 4
+    return got
 
 
 def test_generator_only_bundle_refuses_video_with_a_clear_400(start, bundles):

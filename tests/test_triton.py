@@ -334,6 +334,8 @@ def _go(name):
 def hook(event, model, **info):
     cfg = _cfg()
     if event == "step":
+        if cfg.get("log_steps") == model:
+            log(event="step", model=model, rows=info["rows"], requests=info["requests"])
         time.sleep(cfg.get("step_delay", {}).get(model, 0))
         g = cfg.get("gate")  # hold the loop after the gate's `after`-th step with a request running
         if g and g["model"] == model:
@@ -523,7 +525,8 @@ def _model(pbm, cls: str, bundle, ctl: Ctl | None = None, **params):
 def _gen_req(ids, **cols):
     B = len(ids)
     inputs = {"CLASS_ID": np.asarray(ids, np.int64).reshape(B, 1)}
-    for name, dtype in (("SEED", np.int64), ("TOP_K", np.int32), ("TOP_P", np.float32), ("CFG_SCALE", np.float32)):
+    for name, dtype in (("SEED", np.int64), ("TOP_K", np.int32), ("TOP_P", np.float32), ("CFG_SCALE", np.float32),
+                        ("TEMPERATURE", np.float32)):
         if name in cols:
             inputs[name] = np.broadcast_to(np.asarray(cols[name], dtype).reshape(-1), (B,)).reshape(B, 1)
     return _Req(**inputs)
@@ -533,6 +536,68 @@ def _want(ref, ids, seeds, **kw):
     cols = {k: (v if isinstance(v, list) else [v] * len(ids)) for k, v in kw.items()}
     return ref.generate(ids, [dataclasses.replace(ref.default_params, seed=s, **{k: v[i] for k, v in cols.items()})
                               for i, s in enumerate(seeds)]).tokens
+
+
+def _alone(ref, ids, **cols) -> np.ndarray:
+    """Each row of a larp_generate request generated alone by the Engine: its own (float32, as Triton carries them)
+    parameters; SEED / TOP_K < 0 and NaN floats are the bundle's defaults, as in the model."""
+    rows = []
+    for i, c in enumerate(ids):
+        kw = {}
+        for name, v in cols.items():
+            x = np.asarray(v).reshape(-1)[i]
+            if name in ("SEED", "TOP_K"):
+                if int(x) >= 0:
+                    kw[name.lower()] = int(x)
+            elif not np.isnan(x):
+                kw[name.lower()] = float(np.float32(x))
+        rows.append(ref.generate([c], [dataclasses.replace(ref.default_params, **kw)]).tokens[0])
+    return np.stack(rows)
+
+
+# rows that differ in every parameter (one row on the bundle's defaults: TOP_K -1, NaN floats), two requests
+PER_ROW = [dict(ids=[0, 3, 5, 2], SEED=[1, 2, 3, 4], TOP_K=[0, 50, 3, -1], TOP_P=[1.0, 0.9, 0.8, np.nan],
+                TEMPERATURE=[1.0, 0.7, 1.3, np.nan], CFG_SCALE=[1.0, 1.25, 2.0, np.nan]),
+           dict(ids=[7, 7], SEED=[5, 6], TOP_K=[20, 2], TOP_P=[0.95, 1.0], TEMPERATURE=[0.0, 0.9],
+                CFG_SCALE=[1.5, 1.0])]
+
+
+def test_rows_keep_their_own_parameters_in_process(pbm, bundles, ref):
+    """One execute of two larp_generate requests whose rows each give their own SEED, TOP_K, TOP_P, TEMPERATURE and
+    CFG_SCALE: every row equals the Engine's generation of that row alone (a parameter read from row 0, or from the
+    first request, for every row fails it)."""
+    m = _model(pbm, "Generate", bundles[1])
+    out = m.execute([_gen_req(**case) for case in PER_ROW])
+    for case, r in zip(PER_ROW, out, strict=True):
+        assert r.error is None, r.error and r.error.message()
+        want = _alone(ref, **case)
+        assert r.outputs["TOKENS"].shape == want.shape
+        for i in range(len(want)):
+            np.testing.assert_array_equal(r.outputs["TOKENS"][i], want[i], err_msg=f"{case}, row {i}")
+
+
+def test_generate_join_mid_run_in_process(pbm, bundles, ref, tmp_path):
+    """larp_generate's scheduler: request B (two rows, one guided) is admitted at a known step of A (the hook holds
+    the loop after A's 20th step until B's rows wait): the step log shows B joining at step 20, every row at its
+    own position, and every row equals the Engine alone."""
+    ctl = Ctl(tmp_path / "ctl")
+    ctl.set(gate={"model": "generate", "id": "join", "after": 20, "queued": 2}, log_steps="generate")
+    m = _model(pbm, "Generate", bundles[1], ctl)
+    a = dict(ids=[1], SEED=[21], TOP_K=[3], TOP_P=[1.0], TEMPERATURE=[1.0], CFG_SCALE=[1.0])
+    b = dict(ids=[6, 2], SEED=[22, 23], TOP_K=[50, 0], TOP_P=[0.9, 1.0], TEMPERATURE=[0.8, 1.0],
+             CFG_SCALE=[1.0, 1.25])
+    with ThreadPoolExecutor(2) as ex:
+        fa = ex.submit(m.execute, [_gen_req(**a)])
+        _wait_for(lambda: _events(ctl, "paused", gate="join"), WAIT, "A at its 20th step")
+        fb = ex.submit(m.execute, [_gen_req(**b)])
+        [ra], [rb] = fa.result(WAIT), fb.result(WAIT)
+    [released] = _events(ctl, "released", gate="join")
+    assert released["ok"] and released["stats"]["queue_depth"] == 2
+    steps = [(e["rows"], e["requests"]) for e in _events(ctl, "step")]
+    assert steps == [(1, 1)] * 20 + [(4, 3)] * 44 + [(3, 2)] * 20  # B's rows run the loop's steps 20 .. 83
+    for case, r in ((a, ra), (b, rb)):
+        assert r.error is None
+        np.testing.assert_array_equal(r.outputs["TOKENS"], _alone(ref, **case))
 
 
 def test_refused_row_withdraws_its_request(pbm, bundles, ref):
@@ -826,7 +891,8 @@ def test_server_stream_join_mid_run(server, ref, ctl):
     each with its own TOP_K / temperature: both equal Engine.generate alone."""
     from larp_rt.triton_client import TritonClient
 
-    ctl.set(gate={"model": "larp_generate_stream", "id": "join", "after": 20, "queued": 1})
+    ctl.set(gate={"model": "larp_generate_stream", "id": "join", "after": 20, "queued": 1},
+            log_steps="larp_generate_stream")
     with TritonClient(server.grpc_url, protocol="grpc") as ga, TritonClient(server.grpc_url, protocol="grpc") as gb, \
             ThreadPoolExecutor(1) as ex:
         a = ex.submit(lambda: list(ga.generate_stream(1, seed=21, top_k=3, request_id="a")))
@@ -835,6 +901,9 @@ def test_server_stream_join_mid_run(server, ref, ctl):
         a = a.result(WAIT)
     [paused], [released] = _events(ctl, "paused", gate="join"), _events(ctl, "released", gate="join")
     assert paused["stats"]["active_requests"] == 1 and released["ok"] and released["stats"]["queue_depth"] == 1
+    steps = [(e["rows"], e["requests"]) for e in _events(ctl, "step")]
+    r = 1 + (ref.default_params.cfg_scale != 1.0)  # each one's rows (the bundle's default cfg_scale: guided or not)
+    assert steps == [(r, 1)] * 20 + [(2 * r, 2)] * 44 + [(r, 1)] * 20  # B joined at the loop's step 20
     np.testing.assert_array_equal(a[-1].tokens, _want(ref, [1], [21], top_k=3))
     np.testing.assert_array_equal(b[-1].tokens, _want(ref, [6], [22], top_k=50, temperature=0.8))
 

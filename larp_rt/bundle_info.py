@@ -178,6 +178,22 @@ def _file_kind(m: dict, rel: str) -> str:
     return "file"
 
 
+def _verify_notes(root: Path, m: dict, mach, n_plans: int, problems: dict[str, dict[str, Any]]) -> list[str]:
+    """What ``verify_bundle`` did not check (plans without a GPU) and what its fixes' placeholders mean."""
+    notes = []
+    if not n_plans:
+        notes.append(f"no TensorRT plans (build them with `larp-rt build {root}`)")
+    else:
+        have = ", ".join(f"{k} {v}" for k, v in mach.versions.items() if v) or "no TensorRT"
+        notes.append(f"plans checked without a GPU against {have} installed here; the GPU's compute capability is "
+                     "checked when Engine(backend='tensorrt') loads them")
+    if any("TOKENIZER_DIR" in c or "GENERATOR_DIR" in c for p in problems.values() for c in p["fix"]):
+        held = ", ".join(f"{root / d}" for d in (m.get("checkpoints") or {}).values())
+        notes.append("TOKENIZER_DIR / GENERATOR_DIR: the checkpoint folders the bundle was exported from "
+                     "(manifest.json does not record them)" + (f"; the bundle holds copies: {held}" if held else ""))
+    return notes
+
+
 def verify_bundle(path: str | os.PathLike, manifest: dict | None = None) -> dict[str, Any]:
     """Every file of the bundle against the manifest, without a GPU: ``{"ok", "files", "plans", "problems",
     "notes", "summary"}``. ``files`` / ``plans``: how many were checked; ``problems``: one per bad file,
@@ -245,16 +261,7 @@ def verify_bundle(path: str | os.PathLike, manifest: dict | None = None) -> dict
     else:
         notes.append("the graphs' contents (precision, KV cache, prior) were not checked: some files are damaged")
     n_plans = len(m.get("plans") or {})
-    if not n_plans:
-        notes.append(f"no TensorRT plans (build them with `larp-rt build {root}`)")
-    else:
-        have = ", ".join(f"{k} {v}" for k, v in mach.versions.items() if v) or "no TensorRT"
-        notes.append(f"plans checked without a GPU against {have} installed here; the GPU's compute capability is "
-                     "checked when Engine(backend='tensorrt') loads them")
-    if any("TOKENIZER_DIR" in c or "GENERATOR_DIR" in c for p in problems.values() for c in p["fix"]):
-        held = ", ".join(f"{root / d}" for d in (m.get("checkpoints") or {}).values())
-        notes.append("TOKENIZER_DIR / GENERATOR_DIR: the checkpoint folders the bundle was exported from "
-                     "(manifest.json does not record them)" + (f"; the bundle holds copies: {held}" if held else ""))
+    notes += _verify_notes(root, m, mach, n_plans, problems)
     n_files = len([f for f in files if f not in plans])
     out = list(problems.values())
     summary = f"verified {n_files} files, {n_plans} plans"
@@ -294,14 +301,9 @@ def _profile(p: dict) -> str:
                      else f"{sym} {r}" for sym, r in p.items())
 
 
-def format_info(info: dict[str, Any]) -> str:
-    """The human-readable form of ``bundle_info``'s dict (what ``larp-rt info BUNDLE`` prints)."""
+def _format_models(info: dict[str, Any]) -> list[str]:
+    """The tokenizer, its prior and the generator (with its KV cache and default sampling)."""
     L: list[str] = []
-    L.append(f"bundle {info['path']}: {info['format']} format version {info['format_version']}, "
-             f"precision {info['precision']}")
-    cb = info.get("created_by") or {}
-    if cb:
-        L.append("  exported by " + ", ".join(f"{k} {v}" for k, v in cb.items()))
     tok, gen = info.get("tokenizer"), info.get("generator")
     if tok:
         cfg = {k: v for k, v in (tok["config"] or {}).items() if k != "prior"}  # the prior: its own line
@@ -329,6 +331,12 @@ def format_info(info: dict[str, Any]) -> str:
             L.append(f"  default sampling: {_kv(info['default_sampling'])}")
     else:
         L.append("generator: none")
+    return L
+
+
+def _format_graphs(info: dict[str, Any]) -> list[str]:
+    """The sampler graphs, the quantization summary and every graph with its inputs and outputs."""
+    L: list[str] = []
     s = info.get("sampler")
     if s:
         fused = "none"
@@ -350,35 +358,53 @@ def format_info(info: dict[str, Any]) -> str:
         for arrow, lst in (("in ", g["inputs"]), ("out", g["outputs"])):
             for d in lst:
                 L.append(f"    {arrow} {d['name']:<{w}}  {d['dtype']:<8} {_shape(d['shape'])}")
+    return L
+
+
+def _format_plans(info: dict[str, Any]) -> list[str]:
     plans = info.get("plans") or {}
-    if plans:
-        t = info.get("tensorrt") or {}
-        L.append(f"TensorRT plans ({len(plans)}): {FLAVOUR_NAMES.get(t.get('flavour'), t.get('flavour'))} "
-                 f"{t.get('version')}, batch buckets {','.join(map(str, t.get('buckets') or []))}, KV length "
-                 f"1..{t.get('max_seq')}, built by larp_rt {t.get('built_by')}")
-        for name, e in plans.items():
-            L.append(f"  {name}: {e.get('file')}, {e.get('size')} bytes")
-            L.append(f"    {e.get('flavour_name')} {e.get('version')} ({e.get('flavour')}), compute capability "
-                     f"{', '.join(e.get('compute_capabilities') or [])}, {e.get('precision')}, weights "
-                     f"{e.get('weights')}")
-            for k, p in enumerate(e.get("profiles") or []):
-                L.append(f"    profile {k}: {_profile(p)}")
-    else:
-        L.append("TensorRT plans: none (`larp-rt build BUNDLE` builds them)")
+    if not plans:
+        return ["TensorRT plans: none (`larp-rt build BUNDLE` builds them)"]
+    t = info.get("tensorrt") or {}
+    L = [f"TensorRT plans ({len(plans)}): {FLAVOUR_NAMES.get(t.get('flavour'), t.get('flavour'))} "
+         f"{t.get('version')}, batch buckets {','.join(map(str, t.get('buckets') or []))}, KV length "
+         f"1..{t.get('max_seq')}, built by larp_rt {t.get('built_by')}"]
+    for name, e in plans.items():
+        L.append(f"  {name}: {e.get('file')}, {e.get('size')} bytes")
+        L.append(f"    {e.get('flavour_name')} {e.get('version')} ({e.get('flavour')}), compute capability "
+                 f"{', '.join(e.get('compute_capabilities') or [])}, {e.get('precision')}, weights "
+                 f"{e.get('weights')}")
+        for k, p in enumerate(e.get("profiles") or []):
+            L.append(f"    profile {k}: {_profile(p)}")
+    return L
+
+
+def _format_verify(v: dict[str, Any]) -> list[str]:
+    L = [""]
+    for p in v["problems"]:
+        L.append(f"BAD {p['file']} ({p['kind']}):")
+        for r in p["reasons"]:
+            L.append(f"    {r}")
+        L.append(f"  fix: {' && '.join(p['fix'])}")
+    for note in v["notes"]:
+        L += _fill(f"note: {note}")
+    L.append(("OK " if v["ok"] else "FAILED ") + v["summary"])
+    return L
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human-readable form of ``bundle_info``'s dict (what ``larp-rt info BUNDLE`` prints)."""
+    L = [f"bundle {info['path']}: {info['format']} format version {info['format_version']}, "
+         f"precision {info['precision']}"]
+    cb = info.get("created_by") or {}
+    if cb:
+        L.append("  exported by " + ", ".join(f"{k} {v}" for k, v in cb.items()))
+    L += _format_models(info) + _format_graphs(info) + _format_plans(info)
     ck = info.get("checkpoints") or {}
     L.append("PyTorch checkpoints: " + (", ".join(f"{k} {v}" for k, v in ck.items()) if ck else "none (onnx only)"))
     n = len(info["files"])
     total = sum(f["bytes"] or 0 for f in info["files"].values())
     L.append(f"files: {n} listed in manifest.json, {_bytes(total)}")
-    v = info.get("verify")
-    if v is not None:
-        L.append("")
-        for p in v["problems"]:
-            L.append(f"BAD {p['file']} ({p['kind']}):")
-            for r in p["reasons"]:
-                L.append(f"    {r}")
-            L.append(f"  fix: {' && '.join(p['fix'])}")
-        for note in v["notes"]:
-            L += _fill(f"note: {note}")
-        L.append(("OK " if v["ok"] else "FAILED ") + v["summary"])
+    if info.get("verify") is not None:
+        L += _format_verify(info["verify"])
     return "\n".join(L)

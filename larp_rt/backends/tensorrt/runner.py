@@ -18,6 +18,7 @@ import numpy as np
 
 from ... import kernels
 from ..base import StepRunner, StepSample
+from ..layout import cache_window, rebind_width, step_position
 from .device import DeviceBuffer, PinnedBuffer, cuda_ok
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class TrtRunner(StepRunner):
             self.V = prior.codebook_size
             self.samples = False
         self.S = min(kv.max_seq, plan.entry.max_of("S") or kv.max_seq)
-        self.window = max(16, self.S // 8)
+        self.window = cache_window(self.S)
         self.kv_dtype = plan.dtypes["past_k_0"]
         es = self.kv_dtype.itemsize
         cudart = self.cudart = be.cudart
@@ -187,8 +188,8 @@ class TrtRunner(StepRunner):
         self.h_token.array[rows:, 0] = 0
         self.h_pos.array[:rows] = pos
         self.h_pos.array[rows:] = 0  # rows beyond the step: idle at position 0 (their slot 0 is rewritten on join)
-        need = min(self.S, -(-(top + 1) // self.window) * self.window)
-        if need > self.width or need <= self.width // 2:
+        need = rebind_width(top, self.window, self.S, self.width)
+        if need is not None:
             self._rewidth(need, min(self.width, need))
         B = R = 0
         guided = False
@@ -290,7 +291,7 @@ class TrtRunner(StepRunner):
             while k0 < N:
                 n = min(chunk, N - k0)
                 steps = np.arange(k0, k0 + n)
-                pos = np.where(steps == 0, 0, cls - 1 + steps)  # step 0 prefills at 0; step k feeds at cls - 1 + k
+                pos = step_position(steps, cls)  # step 0 prefills at 0; step k feeds at cls - 1 + k
                 self.h_pos_tab.array[:n] = np.where(active[None, :], pos[:, None], 0)
                 self.h_steps_tab.array[:n] = steps[:, None]
                 cuda_ok(cudart.cudaMemcpyAsync(self.d_pos_tab.ptr, self.h_pos_tab.ptr, n * cap * 8, h2d, s), "H2D")
@@ -298,8 +299,8 @@ class TrtRunner(StepRunner):
                 top = int(pos.max())
                 if top >= self.S:
                     raise ValueError(f"position {top} is past the cache's {self.S} slots")
-                need = min(self.S, -(-(top + 1) // self.window) * self.window)
-                if need > self.width or need <= self.width // 2:
+                need = rebind_width(top, self.window, self.S, self.width)
+                if need is not None:
                     self._rewidth(need, min(self.width, need))
                 key = ("chunk", self.width, n, B, R, guided)
                 g = self.graphs.get(key) if self.use_graphs else None

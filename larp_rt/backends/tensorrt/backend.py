@@ -192,6 +192,20 @@ class TensorRTBackend(Backend):
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         return self._run_graph("decoder", {"indices": tokens})["video"]
 
+    def encode_latents(self, video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, N, d) normalised latents of the encoder plan (its ``latents`` output, next to the indices) and the
+        bundle's normalised codebook (K, d) (``codebook.npy``): the inputs of the stochastic SVQ draw."""
+        if "latents" not in self.plan("encoder").outputs:
+            raise self._lacks("stochastic encoder (encode_latents: this bundle's encoder plan has no 'latents' "
+                              "output; rebuild it from a re-exported bundle)")
+        spec = self.bundle.tokenizer_spec
+        rel = spec.codebook if spec is not None else None
+        if rel is None:
+            raise ValueError(f"bundle {str(self.bundle.path)!r} has no codebook.npy (exported before larp_rt wrote "
+                             "one): re-export the tokenizer for stochastic_cond, or use the deterministic encoder")
+        codes = np.load(self.bundle.path / rel)
+        return self._run_graph("encoder", {"video": video})["latents"], codes
+
     def prior_logprobs_full(self, tokens: np.ndarray) -> np.ndarray:
         return self._run_graph("prior_score", {"tokens": tokens})["logprobs"]
 

@@ -21,11 +21,12 @@ import numpy as np
 
 from .. import __version__
 from ..engine import Engine
+from ..errors import BackendCapabilityError
 from ..sampling import SamplingParams, fresh_seed
 from ..video import fit_clip
 from . import media
 from . import schemas as S
-from .errors import HTTPError
+from .errors import HTTPError, unsupported
 from .limits import DEFAULT_MAX_MEDIA_JOBS, DEFAULT_MAX_UPLOAD_PIXELS, DEFAULT_MAX_VIDEO_PIXELS, GIF_COST
 from .metrics import ServingMetrics
 from .scheduler import QueueFull, RequestCancelled, Scheduler, SchedulerClosed
@@ -223,6 +224,9 @@ class State:
         except ValueError as e:
             cancel_all(reqs)
             raise HTTPError(400, str(e)) from None
+        except BackendCapabilityError as e:  # e.g. stochastic_cond on a backend without the stochastic encoder
+            cancel_all(reqs)
+            raise unsupported(e) from None
         except BaseException:
             cancel_all(reqs)
             raise
@@ -239,6 +243,8 @@ class State:
                                 f"({self.request_timeout} s, --request-timeout)") from None
             except RequestCancelled:
                 raise HTTPError(503, "the request was cancelled: the server stopped before it finished") from None
+            except BackendCapabilityError as e:  # a NotImplementedError, so a RuntimeError: before the 500
+                raise unsupported(e) from None
             except (ValueError, RuntimeError) as e:
                 log.error("generation failed: %s", e)
                 raise HTTPError(500, f"generation failed: {e}") from None
@@ -261,6 +267,8 @@ class State:
             nll = self.engine.prior_nll(tokens, method=method)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
+        except BackendCapabilityError as e:
+            raise unsupported(e) from None
         out = S.ScoreResult(nll=[float(x) for x in nll], uniform=math.log(self.engine.tokenizer_config.codebook_size),
                             method=method, seconds=round(time.monotonic() - t0, 6))
         if uploads is not None:

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from .. import __version__
+from .. import __version__, checks
 from ..engine import Engine
 from ..errors import BackendCapabilityError
 from ..sampling import SamplingParams, fresh_seed
@@ -30,9 +30,8 @@ from .errors import HTTPError, unsupported
 from .limits import DEFAULT_MAX_MEDIA_JOBS, DEFAULT_MAX_UPLOAD_PIXELS, DEFAULT_MAX_VIDEO_PIXELS, GIF_COST
 from .metrics import ServingMetrics
 from .scheduler import QueueFull, RequestCancelled, Scheduler, SchedulerClosed
-from .streaming import cancel_all
 
-__all__ = ["Job", "State"]
+__all__ = ["Job", "State", "cancel_all"]
 
 log = logging.getLogger("larp_rt.serving.app")  # the name it logged under before the split (log filters)
 
@@ -56,6 +55,13 @@ class Job:
     @property
     def n(self) -> int:
         return len(self.class_ids) if self.clip is None else 1
+
+
+def cancel_all(reqs) -> None:
+    """Cancel the scheduler requests of ``reqs`` that have not finished (their rows free at the next step)."""
+    for r in reqs:
+        if not r.done():
+            r.cancel()
 
 
 def _given(body, names) -> dict:
@@ -176,9 +182,10 @@ class State:
     def predict_job(self, form: S.PredictForm, path: str, name: str) -> Job:
         """(a thread) The upload -> its clip fitted to the model, and the request's sampling."""
         C, T, H, W = self.engine.tokenizer_config.video_shape
-        n = form.num_cond_frames
-        if n > T:
-            raise HTTPError(400, f"num_cond_frames must be an int in [1, {T}] (the tokenizer's {T} frames), got {n}")
+        try:
+            n = checks.check_num_cond_frames(form.num_cond_frames, self.engine.tokenizer_config)
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
         if form.cond_seed is not None and not form.stochastic_cond:
             raise HTTPError(400, "cond_seed seeds the stochastic conditioning draw: give it with stochastic_cond=true")
         frames, fps = media.read_upload(path, name, T, self.max_upload_pixels)

@@ -5,31 +5,48 @@ the device (bound with a cache window that follows the longest row, moved when i
 input and parameter buffers, and per step: inputs H2D, the plan, the KV slot writes, the sampled rows' gather and
 the CUDA sampling kernel (``kernels.launch_cuda``), captured once per shape as a CUDA graph and replayed.
 ``run_chunks`` runs several steps per graph for generation from step 0, the tokens fed on the device.
-It uses the device layer (buffers, NVRTC kernels) and the backend's loaded plans; it creates no plan itself.
+It uses the device layer (buffers, NVRTC kernels) and the backend's loaded plans (through ``RunnerHost``, so it
+imports nothing above it); it creates no plan itself.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from ... import kernels
+from ...bundle import Bundle
+from ...config import GeneratorConfig
 from ..base import StepRunner, StepSample
 from ..layout import cache_window, rebind_width, step_position
-from .device import DeviceBuffer, PinnedBuffer, cuda_ok
+from .device import DeviceBuffer, KVKernels, PinnedBuffer, cuda_ok
 
-if TYPE_CHECKING:
-    from .backend import TensorRTBackend
+
+class RunnerHost(Protocol):
+    """What a runner uses of its backend (``backend.TensorRTBackend``, which sits above this module): the bundle,
+    the loaded plans, the CUDA runtime, stream and GPU, and the NVRTC kernels."""
+
+    bundle: Bundle
+    generator_config: GeneratorConfig | None
+    cuda_sampler: bool
+    cudart: Any
+    stream: int
+
+    def plan(self, name: str) -> Any: ...
+
+    def kernels(self) -> KVKernels: ...
+
+    def set_device(self) -> None: ...
 
 
 class TrtRunner(StepRunner):
     """The decode plan over ``capacity`` rows (a batch bucket of the plan; every step runs all of them, idle rows at
     position 0), its KV cache on the device, the step + KV write + sampling captured as CUDA graphs."""
 
-    def __init__(self, be: TensorRTBackend, capacity: int, graph: str = "decode"):
+    def __init__(self, be: RunnerHost, capacity: int, graph: str = "decode"):
         self.be = be
         be.set_device()
         plan = self.plan = be.plan(graph)

@@ -319,3 +319,31 @@ def test_form_fields_are_validated_on_encode(server, clips):
         r = c.post("/v1/encode", files={"file": (clips[0][0], clips[0][1])})
         assert r.status_code == 200 and len(r.json()["tokens"][0]) == N_TOK
         assert json.loads(r.text)["model_input"] == {"frames": 8, "height": 32, "width": 32}
+
+
+def test_work_the_backend_cannot_do_is_a_501(server, clips, monkeypatch):
+    """A BackendCapabilityError (a NotImplementedError) from engine work is the server's limit, not a crash: 501 with
+    the error body naming what is missing, on a JSON predict, a streamed one (refused before its events) and decode;
+    the server goes on serving."""
+    from larp_rt.errors import BackendCapabilityError
+
+    backend = server.server.state.engine.backend
+
+    def lacks(what):
+        def fail(*a, **k):
+            raise BackendCapabilityError(f"backend 'minimal' has no {what}: use backend='onnxruntime'")
+        return fail
+
+    monkeypatch.setattr(backend, "encode_latents", lacks("stochastic encoder"))
+    monkeypatch.setattr(backend, "decode", lacks("tokenizer decoder"))
+    with server.client() as c:
+        for stream in ("false", "true"):
+            r = post_predict(c, clips[0], {"num_cond_frames": 2, "stochastic_cond": "true", "stream": stream})
+            assert r.status_code == 501, r.text
+            assert r.json() == {"error": "this server cannot do that: backend 'minimal' has no stochastic encoder: "
+                                         "use backend='onnxruntime'", "status": 501}
+        r = c.post("/v1/decode", json={"tokens": [[0] * N_TOK], "format": "npy"})
+        assert r.status_code == 501 and "has no tokenizer decoder" in r.json()["error"], r.text
+        r = post_predict(c, clips[0], {"num_cond_frames": 2, "seed": 5})  # the deterministic encoder still serves
+        assert r.status_code == 200, r.text
+    wait_for(lambda: server.scheduler.stats()["active_requests"] == 0, "the batch to empty")

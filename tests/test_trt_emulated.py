@@ -356,3 +356,23 @@ def test_emulated_encode_decode_equal_onnx_runtime(bundle, monkeypatch):
     video = ref.decode(tokens[:3])
     np.testing.assert_array_equal(eng.encode(video), ref.encode(video))
 
+
+
+def test_emulated_encode_latents_equal_onnx_runtime(bundle, monkeypatch):
+    """The stochastic encoder (predict(stochastic_cond=True)): the encoder plan's latents output and the bundle's
+    codebook, as ONNX Runtime gives them; a plan without the output is a worded capability error."""
+    from larp_rt.errors import BackendCapabilityError
+
+    ref = Engine(bundle, backend="onnxruntime")
+    eng, _ = emulated_engine(bundle, monkeypatch, device_sampler=False)
+    cfg = eng.tokenizer_config
+    tokens = np.random.default_rng(1).integers(0, cfg.codebook_size, (5, cfg.num_tokens))
+    video = ref.decode(tokens)  # 5 rows: chunks of the 4-row bucket
+    z, codes = eng.backend.encode_latents(video)
+    z_ref, codes_ref = ref.backend.encode_latents(video)
+    assert z.shape == (5, cfg.num_tokens, codes.shape[1])
+    np.testing.assert_allclose(z, z_ref, atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(codes, codes_ref)
+    monkeypatch.setattr(eng.backend.plan("encoder"), "outputs", ["indices"])
+    with pytest.raises(BackendCapabilityError, match="no 'latents' output"):
+        eng.backend.encode_latents(video)

@@ -17,9 +17,10 @@ scheduler request whose tokens equal ``Engine.predict``'s.
 Failure modes, each with a JSON body ``{"error": message, "status": code}``: bad input 400 (the field's rule or
 the Engine's own message), JSON sent under another Content-Type 415, a missing or wrong API key 401, a body over
 the limit 413 (the Content-Length, else the bytes read), a full queue 429 with Retry-After, shutting down 503, the
-request's deadline 504. A client that goes away (also mid-stream) cancels its scheduler requests, which frees
-their rows at the next step. The lifespan starts the scheduler and, at shutdown, drains it: uvicorn stops
-accepting and lets the requests in flight finish first.
+request's deadline 504, work this server's backend cannot do 501 (a ``BackendCapabilityError``, e.g.
+stochastic_cond on a backend without the stochastic encoder). A client that goes away (also mid-stream)
+cancels its scheduler requests, which frees their rows at the next step. The lifespan starts the scheduler and,
+at shutdown, drains it: uvicorn stops accepting and lets the requests in flight finish first.
 
 Where things live: ``app`` assembles (create_app, the error handlers, the uvicorn server); ``routes/`` holds one
 module per route family; ``state`` the per-app state and the work it does; ``schemas`` the request / response
@@ -44,9 +45,10 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..engine import Engine
+from ..errors import BackendCapabilityError
 from . import routes
 from . import schemas as S
-from .errors import HTTPError, error_response
+from .errors import HTTPError, error_response, unsupported
 from .limits import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES,
@@ -191,6 +193,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPError)
     async def _on_http_error(request: Request, e: HTTPError):
         return error_response(e.status, request.app.state.larp.scrub(e.message), e.headers)
+
+    @app.exception_handler(BackendCapabilityError)
+    async def _on_unsupported(request: Request, e: BackendCapabilityError):  # engine work in a route or a thread
+        u = unsupported(e)
+        return error_response(u.status, request.app.state.larp.scrub(u.message))
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, e: RequestValidationError):

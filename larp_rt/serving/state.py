@@ -19,19 +19,19 @@ from typing import Any
 import anyio
 import numpy as np
 
-from .. import __version__
+from .. import __version__, checks
 from ..engine import Engine
+from ..errors import BackendCapabilityError
 from ..sampling import SamplingParams, fresh_seed
 from ..video import fit_clip
 from . import media
 from . import schemas as S
-from .errors import HTTPError
+from .errors import HTTPError, unsupported
 from .limits import DEFAULT_MAX_MEDIA_JOBS, DEFAULT_MAX_UPLOAD_PIXELS, DEFAULT_MAX_VIDEO_PIXELS, GIF_COST
 from .metrics import ServingMetrics
 from .scheduler import QueueFull, RequestCancelled, Scheduler, SchedulerClosed
-from .streaming import cancel_all
 
-__all__ = ["Job", "State"]
+__all__ = ["Job", "State", "cancel_all"]
 
 log = logging.getLogger("larp_rt.serving.app")  # the name it logged under before the split (log filters)
 
@@ -55,6 +55,13 @@ class Job:
     @property
     def n(self) -> int:
         return len(self.class_ids) if self.clip is None else 1
+
+
+def cancel_all(reqs) -> None:
+    """Cancel the scheduler requests of ``reqs`` that have not finished (their rows free at the next step)."""
+    for r in reqs:
+        if not r.done():
+            r.cancel()
 
 
 def _given(body, names) -> dict:
@@ -175,9 +182,10 @@ class State:
     def predict_job(self, form: S.PredictForm, path: str, name: str) -> Job:
         """(a thread) The upload -> its clip fitted to the model, and the request's sampling."""
         C, T, H, W = self.engine.tokenizer_config.video_shape
-        n = form.num_cond_frames
-        if n > T:
-            raise HTTPError(400, f"num_cond_frames must be an int in [1, {T}] (the tokenizer's {T} frames), got {n}")
+        try:
+            n = checks.check_num_cond_frames(form.num_cond_frames, self.engine.tokenizer_config)
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
         if form.cond_seed is not None and not form.stochastic_cond:
             raise HTTPError(400, "cond_seed seeds the stochastic conditioning draw: give it with stochastic_cond=true")
         frames, fps = media.read_upload(path, name, T, self.max_upload_pixels)
@@ -223,6 +231,9 @@ class State:
         except ValueError as e:
             cancel_all(reqs)
             raise HTTPError(400, str(e)) from None
+        except BackendCapabilityError as e:  # e.g. stochastic_cond on a backend without the stochastic encoder
+            cancel_all(reqs)
+            raise unsupported(e) from None
         except BaseException:
             cancel_all(reqs)
             raise
@@ -239,6 +250,8 @@ class State:
                                 f"({self.request_timeout} s, --request-timeout)") from None
             except RequestCancelled:
                 raise HTTPError(503, "the request was cancelled: the server stopped before it finished") from None
+            except BackendCapabilityError as e:  # a NotImplementedError, so a RuntimeError: before the 500
+                raise unsupported(e) from None
             except (ValueError, RuntimeError) as e:
                 log.error("generation failed: %s", e)
                 raise HTTPError(500, f"generation failed: {e}") from None
@@ -261,6 +274,8 @@ class State:
             nll = self.engine.prior_nll(tokens, method=method)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
+        except BackendCapabilityError as e:
+            raise unsupported(e) from None
         out = S.ScoreResult(nll=[float(x) for x in nll], uniform=math.log(self.engine.tokenizer_config.codebook_size),
                             method=method, seconds=round(time.monotonic() - t0, 6))
         if uploads is not None:

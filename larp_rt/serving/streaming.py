@@ -13,7 +13,6 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
 
 import anyio
 import numpy as np
@@ -22,19 +21,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import HTTPError
 from .media import MEDIA
-
-if TYPE_CHECKING:  # annotations only: the state module imports this one
-    from .state import Job, State
+from .state import Job, State, cancel_all  # the state sits below: it validates and submits, this module answers
 
 __all__ = ["HEARTBEAT_S", "cancel_all", "call_soon", "Waker", "await_all", "sse", "EventStream", "answer_job"]
 
 HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
-
-
-def cancel_all(reqs) -> None:
-    for r in reqs:
-        if not r.done():
-            r.cancel()
 
 
 def call_soon(loop: asyncio.AbstractEventLoop, fn: Callable) -> None:

@@ -19,7 +19,8 @@ import numpy as np
 from ... import kernels, sampling
 from ...bundle import Bundle, BundleError
 from ...manifest import PlanEntry
-from ..base import NON_FINITE, Backend, StepEvent
+from ..base import Backend, StepEvent, device_row_exception
+from ..layout import RowLayout
 from .device import PKG, DeviceBuffer, KVKernels, cuda_ok, load_cudart, machine
 from .plans import PlanMismatchError, check_plans, rebuild_command
 from .runner import TrtRunner
@@ -191,6 +192,20 @@ class TensorRTBackend(Backend):
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         return self._run_graph("decoder", {"indices": tokens})["video"]
 
+    def encode_latents(self, video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, N, d) normalised latents of the encoder plan (its ``latents`` output, next to the indices) and the
+        bundle's normalised codebook (K, d) (``codebook.npy``): the inputs of the stochastic SVQ draw."""
+        if "latents" not in self.plan("encoder").outputs:
+            raise self._lacks("stochastic encoder (encode_latents: this bundle's encoder plan has no 'latents' "
+                              "output; rebuild it from a re-exported bundle)")
+        spec = self.bundle.tokenizer_spec
+        rel = spec.codebook if spec is not None else None
+        if rel is None:
+            raise ValueError(f"bundle {str(self.bundle.path)!r} has no codebook.npy (exported before larp_rt wrote "
+                             "one): re-export the tokenizer for stochastic_cond, or use the deterministic encoder")
+        codes = np.load(self.bundle.path / rel)
+        return self._run_graph("encoder", {"video": video})["latents"], codes
+
     def prior_logprobs_full(self, tokens: np.ndarray) -> np.ndarray:
         return self._run_graph("prior_score", {"tokens": tokens})["logprobs"]
 
@@ -208,26 +223,17 @@ class TensorRTBackend(Backend):
             yield from super().generate_iter(class_ids, params)
             return
         cfg = self.generator_config
-        B, N, V = len(class_ids), cfg.max_seq_len, cfg.vocab_size
-        guided = np.flatnonzero(params.cfg_scale != 1.0)
-        G = len(guided)
-        runner = self.runner(B + G)
-        null = np.arange(B, B + G)
-        row_req = np.full(runner.capacity, -1, np.int64)
-        row_req[:B] = np.arange(B)
-        row_req[null] = guided
-        first = np.zeros(runner.capacity, np.int64)
-        first[:B] = V + class_ids
-        first[null] = V + cfg.null_class
-        if G:
-            uncond = np.arange(B)
-            uncond[guided] = null
-            sample_rows = np.concatenate([np.arange(B), uncond])
-        else:
-            sample_rows = np.arange(B)
-        for k, tokens in runner.run_chunks(first, row_req, sample_rows, params, N, cfg.cls_token_num, chunk):
-            if (tokens < 0).any():
-                raise ValueError(NON_FINITE)
+        N, V = cfg.max_seq_len, cfg.vocab_size
+        layout = RowLayout.offline(params.cfg_scale != 1.0)  # requests on rows [0, B), then their null rows
+        runner = self.runner(layout.num_rows)
+        cap = runner.capacity
+        row_req = layout.row_request(cap)
+        first = layout.row_values(V + np.asarray(class_ids, np.int64), V + cfg.null_class, cap)
+        for k, tokens in runner.run_chunks(first, row_req, layout.sample_rows(), params, N, cfg.cls_token_num,
+                                           chunk):
+            bad = np.flatnonzero(tokens < 0)
+            if len(bad):  # the kernel marked a row: -1 NaN/Inf logits, -2 parameters out of bounds
+                raise device_row_exception(tokens[bad[0]], row=int(bad[0]))
             yield StepEvent(k, N, tokens)
 
     def prior_runner(self, capacity: int) -> TrtRunner:

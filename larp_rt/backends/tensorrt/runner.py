@@ -5,30 +5,48 @@ the device (bound with a cache window that follows the longest row, moved when i
 input and parameter buffers, and per step: inputs H2D, the plan, the KV slot writes, the sampled rows' gather and
 the CUDA sampling kernel (``kernels.launch_cuda``), captured once per shape as a CUDA graph and replayed.
 ``run_chunks`` runs several steps per graph for generation from step 0, the tokens fed on the device.
-It uses the device layer (buffers, NVRTC kernels) and the backend's loaded plans; it creates no plan itself.
+It uses the device layer (buffers, NVRTC kernels) and the backend's loaded plans (through ``RunnerHost``, so it
+imports nothing above it); it creates no plan itself.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from ... import kernels
+from ...bundle import Bundle
+from ...config import GeneratorConfig
 from ..base import StepRunner, StepSample
-from .device import DeviceBuffer, PinnedBuffer, cuda_ok
+from ..layout import cache_window, rebind_width, step_position
+from .device import DeviceBuffer, KVKernels, PinnedBuffer, cuda_ok
 
-if TYPE_CHECKING:
-    from .backend import TensorRTBackend
+
+class RunnerHost(Protocol):
+    """What a runner uses of its backend (``backend.TensorRTBackend``, which sits above this module): the bundle,
+    the loaded plans, the CUDA runtime, stream and GPU, and the NVRTC kernels."""
+
+    bundle: Bundle
+    generator_config: GeneratorConfig | None
+    cuda_sampler: bool
+    cudart: Any
+    stream: int
+
+    def plan(self, name: str) -> Any: ...
+
+    def kernels(self) -> KVKernels: ...
+
+    def set_device(self) -> None: ...
 
 
 class TrtRunner(StepRunner):
     """The decode plan over ``capacity`` rows (a batch bucket of the plan; every step runs all of them, idle rows at
     position 0), its KV cache on the device, the step + KV write + sampling captured as CUDA graphs."""
 
-    def __init__(self, be: TensorRTBackend, capacity: int, graph: str = "decode"):
+    def __init__(self, be: RunnerHost, capacity: int, graph: str = "decode"):
         self.be = be
         be.set_device()
         plan = self.plan = be.plan(graph)
@@ -49,7 +67,7 @@ class TrtRunner(StepRunner):
             self.V = prior.codebook_size
             self.samples = False
         self.S = min(kv.max_seq, plan.entry.max_of("S") or kv.max_seq)
-        self.window = max(16, self.S // 8)
+        self.window = cache_window(self.S)
         self.kv_dtype = plan.dtypes["past_k_0"]
         es = self.kv_dtype.itemsize
         cudart = self.cudart = be.cudart
@@ -187,8 +205,8 @@ class TrtRunner(StepRunner):
         self.h_token.array[rows:, 0] = 0
         self.h_pos.array[:rows] = pos
         self.h_pos.array[rows:] = 0  # rows beyond the step: idle at position 0 (their slot 0 is rewritten on join)
-        need = min(self.S, -(-(top + 1) // self.window) * self.window)
-        if need > self.width or need <= self.width // 2:
+        need = rebind_width(top, self.window, self.S, self.width)
+        if need is not None:
             self._rewidth(need, min(self.width, need))
         B = R = 0
         guided = False
@@ -290,7 +308,7 @@ class TrtRunner(StepRunner):
             while k0 < N:
                 n = min(chunk, N - k0)
                 steps = np.arange(k0, k0 + n)
-                pos = np.where(steps == 0, 0, cls - 1 + steps)  # step 0 prefills at 0; step k feeds at cls - 1 + k
+                pos = step_position(steps, cls)  # step 0 prefills at 0; step k feeds at cls - 1 + k
                 self.h_pos_tab.array[:n] = np.where(active[None, :], pos[:, None], 0)
                 self.h_steps_tab.array[:n] = steps[:, None]
                 cuda_ok(cudart.cudaMemcpyAsync(self.d_pos_tab.ptr, self.h_pos_tab.ptr, n * cap * 8, h2d, s), "H2D")
@@ -298,8 +316,8 @@ class TrtRunner(StepRunner):
                 top = int(pos.max())
                 if top >= self.S:
                     raise ValueError(f"position {top} is past the cache's {self.S} slots")
-                need = min(self.S, -(-(top + 1) // self.window) * self.window)
-                if need > self.width or need <= self.width // 2:
+                need = rebind_width(top, self.window, self.S, self.width)
+                if need is not None:
                     self._rewidth(need, min(self.width, need))
                 key = ("chunk", self.width, n, B, R, guided)
                 g = self.graphs.get(key) if self.use_graphs else None

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import FastAPI, Form, Query
 from fastapi.responses import Response
 
+from ... import checks
 from .. import schemas as S
 from ..errors import HTTPError
 from ..media import MEDIA, spooled
@@ -41,7 +42,7 @@ def register(app: FastAPI, st: State) -> None:
             raise HTTPError(400, f"format is {format!r} in the query but {body.format!r} in the body: give one")
         fmt = format or body.format or "mp4"
         try:
-            tokens = engine.check_tokens(S.tokens_array(body.tokens))
+            tokens = checks.check_tokens(S.tokens_array(body.tokens), engine.tokenizer_config)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
         st.check_video_budget(len(tokens), fmt, 1 if fmt == "npy" else body.scale)

@@ -6,6 +6,7 @@ import time
 
 from fastapi import FastAPI, Request
 
+from ... import checks
 from .. import schemas as S
 from ..errors import HTTPError
 from ..media import spooled
@@ -39,7 +40,7 @@ def register(app: FastAPI, st: State) -> None:
                             f"multipart/form-data (curl -F file=@clip.mp4 ...), got Content-Type {ctype!r}")
         body = S.validate_body(S.ScoreTokensRequest, await request.body(), "/v1/score")
         try:
-            tokens = engine.check_tokens(S.tokens_array(body.tokens))
+            tokens = checks.check_tokens(S.tokens_array(body.tokens), engine.tokenizer_config)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
         return await st.work(st.score, tokens, body.method, t0)

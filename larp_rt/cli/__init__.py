@@ -1,6 +1,6 @@
 """``larp-rt`` command line.
 
-One module per verb family, each with ``register(subparsers)`` (and ``VERBS``, its verbs' sub-parser builders):
+One module per verb family, each with ``VERBS`` (verb -> the function that adds its sub-parser):
 ``demo`` (demo, bench), ``generate`` (generate, predict), ``codec`` (encode, decode), ``prior`` (score,
 prior-generate), ``serve``, ``bundle`` (build, triton), ``info`` (info, presets); ``common`` holds the flags and
 the Engine they share. Subsystems add their own verbs: each module named in ``VERB_MODULES`` has

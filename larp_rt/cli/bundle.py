@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["register", "VERBS"]
+__all__ = ["VERBS"]
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -69,8 +69,3 @@ def add_triton(sub) -> None:
 
 # verb -> its sub-parser (the package assembles them in `larp-rt --help` order)
 VERBS = {"build": add_build, "triton": add_triton}
-
-
-def register(sub) -> None:
-    for add in VERBS.values():
-        add(sub)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .common import engine_args, open_engine, video_args
 
-__all__ = ["register", "VERBS"]
+__all__ = ["VERBS"]
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
@@ -69,8 +69,3 @@ def add_decode(sub) -> None:
 
 # verb -> its sub-parser (the package assembles them in `larp-rt --help` order)
 VERBS = {"encode": add_encode, "decode": add_decode}
-
-
-def register(sub) -> None:
-    for add in VERBS.values():
-        add(sub)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 __all__ = ["engine_args", "video_args", "open_engine", "sampling_params", "param_count"]
 
@@ -37,3 +38,11 @@ def sampling_params(args: argparse.Namespace):
 
 def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def video_out(out: str) -> Path:
+    """``--out`` of a verb that writes videos or tokens: a path ending in .mp4, .gif or .npy."""
+    path = Path(out)
+    if path.suffix.lower() not in (".mp4", ".gif", ".npy"):
+        raise ValueError(f"--out must end in .mp4, .gif or .npy, got {out!r}")
+    return path

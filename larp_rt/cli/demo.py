@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["register", "VERBS"]
+__all__ = ["VERBS"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -59,8 +59,3 @@ def add_bench(sub) -> None:
 
 # verb -> its sub-parser (the package assembles them in `larp-rt --help` order)
 VERBS = {"demo": add_demo, "bench": add_bench}
-
-
-def register(sub) -> None:
-    for add in VERBS.values():
-        add(sub)

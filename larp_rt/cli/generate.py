@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
-from .common import engine_args, open_engine, sampling_params, video_args
+from .common import engine_args, open_engine, sampling_params, video_args, video_out
 
-__all__ = ["register", "VERBS"]
+__all__ = ["VERBS"]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -20,9 +19,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         classes = [int(c) for c in args.classes.split(",") if c.strip()]
     except ValueError:
         raise ValueError(f"--classes must be comma-separated ints, got {args.classes!r}") from None
-    out = Path(args.out)
-    if out.suffix.lower() not in (".mp4", ".gif", ".npy"):
-        raise ValueError(f"--out must end in .mp4, .gif or .npy, got {args.out!r}")
+    out = video_out(args.out)
     eng = open_engine(args)
     params = sampling_params(args)
     if args.cfg_scale is None:
@@ -49,9 +46,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from ..sampling import SamplingParams
     from ..video import fit_clip, grid, read_video, write_video
 
-    out = Path(args.out)
-    if out.suffix.lower() not in (".mp4", ".gif", ".npy"):
-        raise ValueError(f"--out must end in .mp4, .gif or .npy, got {args.out!r}")
+    out = video_out(args.out)
     eng = open_engine(args)
     eng.require_frame_prediction()  # a class-conditional bundle says so before the video is read
     C, T, H, W = eng.tokenizer_config.video_shape
@@ -124,8 +119,3 @@ def add_predict(sub) -> None:
 
 # verb -> its sub-parser (the package assembles them in `larp-rt --help` order)
 VERBS = {"generate": add_generate, "predict": add_predict}
-
-
-def register(sub) -> None:
-    for add in VERBS.values():
-        add(sub)

@@ -9,7 +9,7 @@ import sys
 from ..config import GeneratorConfig, PriorConfig, TokenizerConfig
 from .common import param_count
 
-__all__ = ["register", "VERBS"]
+__all__ = ["VERBS"]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -92,8 +92,3 @@ def add_presets(sub) -> None:
 
 # verb -> its sub-parser (the package assembles them in `larp-rt --help` order)
 VERBS = {"info": add_info, "presets": add_presets}
-
-
-def register(sub) -> None:
-    for add in VERBS.values():
-        add(sub)

@@ -8,9 +8,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .common import engine_args, open_engine, sampling_params, video_args
+from .common import engine_args, open_engine, sampling_params, video_args, video_out
 
-__all__ = ["register", "VERBS"]
+__all__ = ["VERBS"]
 
 
 def _video_tokens(eng, path: str):
@@ -58,9 +58,7 @@ def _cmd_prior_generate(args: argparse.Namespace) -> int:
 
     from ..video import grid, write_video
 
-    out = Path(args.out)
-    if out.suffix.lower() not in (".mp4", ".gif", ".npy"):
-        raise ValueError(f"--out must end in .mp4, .gif or .npy, got {args.out!r}")
+    out = video_out(args.out)
     eng = open_engine(args)
     eng.require_prior()
     N = eng.tokenizer_config.num_tokens
@@ -112,8 +110,3 @@ def add_prior_generate(sub) -> None:
 
 # verb -> its sub-parser (the package assembles them in `larp-rt --help` order)
 VERBS = {"score": add_score, "prior-generate": add_prior_generate}
-
-
-def register(sub) -> None:
-    for add in VERBS.values():
-        add(sub)

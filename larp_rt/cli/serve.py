@@ -7,7 +7,7 @@ import sys
 
 from .common import engine_args, open_engine
 
-__all__ = ["register", "VERBS"]
+__all__ = ["VERBS"]
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -97,8 +97,3 @@ def add_serve(sub) -> None:
 
 # verb -> its sub-parser (the package assembles them in `larp-rt --help` order)
 VERBS = {"serve": add_serve}
-
-
-def register(sub) -> None:
-    for add in VERBS.values():
-        add(sub)

@@ -103,7 +103,7 @@ def verify_decode(w: BundleWriter, step: DecodeStep, tol: dict) -> list[GraphChe
     gen, cfg = step.gen, step.gen.config
     V, kv_dtype, narrow = cfg.vocab_size, step.kv_dtype, step.narrow
     sess = ort_session(w.path("decode.onnx"), custom_ops=narrow)
-    present = [o["name"] for o in w.manifest["graphs"]["decode"]["outputs"][1:]]
+    present = w.graph("decode").output_names[1:]
     checks = []
 
     def kv_tol(ref_kv: np.ndarray) -> float:  # + the rounding of the narrow entry (int8: up to 1.5 steps)

@@ -121,10 +121,10 @@ def export_prefill(w: BundleWriter, gen: LARPGenerator, dtype: torch.dtype, opse
     model = trace_module(graph, (prefix, pos), *names, opset)
     onnx.checker.check_model(model, full_check=False)
     path = w.path(f"{PREFILL_GRAPH}.onnx")
-    decode = w.manifest["graphs"]["decode"]
-    data = list(decode.get("data") or [])
+    decode = w.graph("decode")
+    data = list(decode.data or [])
     if data:  # the decode graph's weights file holds these tensors: point at it instead of a second copy
-        share_external_data(model, w.path(decode["file"]))
+        share_external_data(model, w.path(decode.file))
         left = sum(t.ByteSize() for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
         if left > trace.EXTERNAL_DATA_BYTES:
             raise RuntimeError(f"the prefill graph shares too few weights with decode.onnx ({left} bytes left)")

@@ -128,14 +128,14 @@ def _export_fused_step(w, tok: LARPTokenizer, args: tuple, opset: int) -> None:
     its weights point into prior.onnx's external data when prior.onnx has some (one weights file for both)."""
     L = tok.prior_model.config.depth
     step = PriorStepGraph(tok, fused_attention=True).eval()
-    info = w.manifest["graphs"]["prior"]
+    info = w.graph("prior")
     path = w.path(f"{FUSED_GRAPH}.onnx")
-    if info.get("data"):  # shared weights: the fused graph reads prior.onnx.data
+    if info.data:  # shared weights: the fused graph reads prior.onnx.data
         model = trace_module(step, args, *decode_names(L), opset, custom_opsets={"larp_rt": 1})
         onnx.checker.check_model(model, full_check=False)  # before sharing: the checker would look for the data here
-        share_external_data(model, w.path(info["file"]))
+        share_external_data(model, w.path(info.file))
         onnx.save_model(model, str(path))
-        files = [path.name, *info["data"]]
+        files = [path.name, *info.data]
     else:
         files = export_module(step, args, path, *decode_names(L), opset, custom_opsets={"larp_rt": 1})
-    w.add_graph(FUSED_GRAPH, files[0], info["inputs"], info["outputs"], files[1:])
+    w.add_graph(FUSED_GRAPH, files[0], list(info.inputs), list(info.outputs), files[1:])

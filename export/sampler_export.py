@@ -53,7 +53,7 @@ def export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: int
     fp32 = gen.tok_embeddings.weight.dtype == torch.float32
     # float32 weights: the fused step's projections become larp_rt::PackedMatMul over weights packed in panels
     # (int8/int4 bundles quantize these MatMuls afterwards, fp16 ones keep ONNX Runtime's)
-    pack = fused and fp32 and w.manifest["precision"] == "fp32"
+    pack = fused and fp32 and w.precision == "fp32"
     if fused:
         _write_fused(w, gen, opset, batch, kv_dtype, fp32, pack)
     if not verify:
@@ -67,7 +67,7 @@ def export_samplers(w: BundleWriter, gen: LARPGenerator, fused: bool, opset: int
         seed=np_rng.integers(0, 2**63, batch).astype(np.uint64), stream=np.arange(batch, dtype=np.uint64))
     checks = [_verify_sample(w, V, params, batch, np_rng)]
     if fused:
-        checks += verify_fused(w, cfg, params, batch, np_rng, TOLERANCES[w.manifest["precision"]],
+        checks += verify_fused(w, cfg, params, batch, np_rng, TOLERANCES[w.precision],
                                exact_prefill=not pack)
     return checks
 
@@ -77,7 +77,7 @@ def _write_fused(w: BundleWriter, gen: LARPGenerator, opset: int, batch: int, kv
     """``decode_sample.onnx``: decode.onnx (or, float32 with a float32 cache, the step traced again with the fused
     attention op) with ``larp_rt::Sample`` on its logits; ``pack``: its projections as ``larp_rt::PackedMatMul``."""
     cfg = gen.config
-    decode_info = w.manifest["graphs"]["decode"]
+    decode_info = w.graph("decode")
     if fp32 and kv_dtype != "fp32":  # decode.onnx already reads its narrow cache through the fused op
         dec = onnx.load(str(w.path("decode.onnx")), load_external_data=pack)
     elif fp32:  # trace again with the fused attention op
@@ -89,19 +89,19 @@ def _write_fused(w: BundleWriter, gen: LARPGenerator, opset: int, batch: int, kv
     else:  # fp16: the standard attention (the custom op is float32); initializers stay external
         dec = onnx.load(str(w.path("decode.onnx")), load_external_data=False)
     fused_model = fuse_decode_sample(dec)
-    data = decode_info.get("data", [])
+    data = list(decode_info.data or [])
     if pack:  # its own (packed) weights: embedded, or one external file of its own when large
         w.manifest.setdefault("sampler", {})["packed_matmuls"] = pack_matmuls(fused_model)
         data = save_graph(fused_model, w.path("decode_sample.onnx"))
     else:
-        if fp32 and kv_dtype == "fp32" and decode_info.get("data"):
+        if fp32 and kv_dtype == "fp32" and decode_info.data:
             share_external_data(fused_model, w.path("decode.onnx"))
         onnx.save_model(fused_model, str(w.path("decode_sample.onnx")))
     w.add_graph("decode_sample", "decode_sample.onnx",
-                decode_info["inputs"] + [io_spec(n, t, ["R_req" if n == "sample_rows" else "B_req"])
+                [*decode_info.inputs] + [io_spec(n, t, ["R_req" if n == "sample_rows" else "B_req"])
                                          for n, t in FUSED_EXTRA_INPUTS],
                 [io_spec("tokens", "int64", ["B_req"]), io_spec("logprobs", "float64", ["B_req"])]
-                + decode_info["outputs"][1:], data)
+                + [*decode_info.outputs[1:]], data)
 
 
 def _verify_sample(w: BundleWriter, V: int, params: S.RowParams, batch: int, rng: np.random.Generator,
@@ -130,10 +130,10 @@ def verify_fused(w: BundleWriter, cfg: GeneratorConfig, params: S.RowParams, bat
       shuffled in the step's rows (``sample_rows`` picks them), each request at its own sample step: tokens equal,
       the new cache entries of every layer within the kv tolerance (they carry the attention of the layers
       below), logprobs within the logits tolerance."""
-    info = w.manifest["graphs"]["decode"]
+    info = w.graph("decode")
     fused = ort_session(w.path("decode_sample.onnx"), custom_ops=True)
     plain = ort_session(w.path("decode.onnx"), custom_ops=True)
-    present = [o["name"] for o in info["outputs"][1:]]
+    present = info.output_names[1:]
     checks = []
     R = 2 * batch
     # step-0 tokens: a class token (vocab + class id), or for frame prediction any token of its table (the video
@@ -153,7 +153,7 @@ def verify_fused(w: BundleWriter, cfg: GeneratorConfig, params: S.RowParams, bat
             rows = rng.permutation(R)
             steps = rng.integers(0, 1000, batch)
         feeds = {"token": token.astype(np.int64).reshape(-1, 1), "pos": pos.astype(np.int64),
-                 **cache_feeds(info["inputs"], R, 8, rng, zeros=name == "fused")[0]}
+                 **cache_feeds(info.inputs, R, 8, rng, zeros=name == "fused")[0]}
         logits, *kv = plain.run(["logits", *present], feeds)
         if not np.isfinite(logits).all():  # decode.onnx's own checks fail already; the sampler cannot be compared
             checks.append(GraphCheck(name, "logits", float("inf"), float("inf"), tol["logits"]))

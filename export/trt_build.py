@@ -369,7 +369,7 @@ def build_plans(
     stage = Path(tempfile.mkdtemp(prefix=".plans.tmp-", dir=root))
     moved: list[Path] = []
     made_dir = not plans_dir.exists()
-    old_plans = dict(bundle.manifest.get("plans") or {})
+    old_plans = {n: e.to_dict() for n, e in bundle.plans.items()}  # as recorded: the manifest is rewritten below
     timing_stage = stage / "timing.cache" if flavour == "tensorrt" else None
     if timing_stage is not None and (root / TIMING_CACHE).is_file():
         shutil.copyfile(root / TIMING_CACHE, timing_stage)
@@ -409,14 +409,14 @@ def _check_precision(precision: str | None, bundle: Bundle) -> None:
 def _kv_lengths(bundle: Bundle, max_seq: int | None) -> dict[str, int]:
     """The KV lengths the plans' profiles cover: {"gen": generator, "prior": prior}; ValueError for a bundle whose
     decode graphs TensorRT cannot parse or a ``max_seq`` outside what a generation needs and the cache holds."""
-    kv = bundle.kv_cache
-    if kv.get("attention") == "larp_rt::DecodeAttention":
-        raise ValueError(f"this bundle's decode graphs read a {kv.get('dtype')} KV cache through the custom op "
+    kv = bundle.kv_cache_spec
+    if kv is not None and kv.attention == "larp_rt::DecodeAttention":
+        raise ValueError(f"this bundle's decode graphs read a {kv.dtype} KV cache through the custom op "
                          "larp_rt::DecodeAttention (ONNX Runtime CPU), which TensorRT cannot parse: build plans from "
                          "a bundle exported without --kv-dtype (fp16 plans keep an fp16 cache)")
-    gen_max = int(kv.get("max_seq", 0) or 0)
-    prior = bundle.prior or {}
-    prior_max = int((prior.get("kv_cache") or {}).get("max_seq", 0) or 0)
+    gen_max = kv.max_seq if kv is not None else 0
+    prior = bundle.prior_spec
+    prior_max = prior.kv_cache.max_seq if prior is not None else 0
     if max_seq is not None:
         if not isinstance(max_seq, int) or max_seq < 1:
             raise ValueError(f"max_seq must be a positive int, got {max_seq!r}")
@@ -474,13 +474,13 @@ def _build_plan(bundle: Bundle, trtmod, flavour: str, version: str, name: str, b
     digest = hashlib.sha256(plan).hexdigest()
     rel = f"plans/{name}-{digest[:12]}.plan"
     (stage / Path(rel).name).write_bytes(plan)
-    weight_files = [info.file, *bundle.manifest["graphs"][name].get("data", [])]
+    weight_files = info.files
     weight_bytes = sum((root / f).stat().st_size for f in weight_files)
     printer(f"  {name:<12} {dt:7.2f} s  {len(plan) / 1e6:9.2f} MB  ({len(buckets)} profiles) -> {rel}")
     return {
         "file": rel, "sha256": digest, "size": len(plan),
         "onnx": info.file, "onnx_sha256": sha256_file(onnx_path),
-        "onnx_data": bundle.manifest["graphs"][name].get("data", []),
+        "onnx_data": list(info.data or []),
         "flavour": FLAVOURS[flavour][1], "version": version,
         "compute_capabilities": entry["compute_capabilities"], "precision": bundle.precision,
         "strongly_typed": True, "weights": "stripped" if strip_weights else "embedded",

@@ -9,6 +9,7 @@ I/O entries. No torch import: the quantizers use these helpers on saved graphs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .. import kernels
+from ..manifest import TensorSpec
 
 __all__ = ["TOLERANCES", "ExportError", "GraphCheck", "io_spec", "ort_session", "compare", "scale_name",
            "cache_feeds", "dequantized_presents", "narrow_step"]
@@ -83,13 +85,14 @@ def scale_name(cache_name: str) -> str:
     return f"{base}_scale_{i}"
 
 
-def cache_feeds(inputs: list[dict], rows: int, slots: int, rng: np.random.Generator, *, zeros: bool = False,
-                ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+def cache_feeds(inputs: Sequence[dict | TensorSpec], rows: int, slots: int, rng: np.random.Generator, *,
+                zeros: bool = False) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """Random (or zero) cache feeds for a decode graph's ``past_*`` inputs (the manifest's io list), in each
     input's dtype (int8 caches come with their ``past_*_scale_*`` inputs), and the same caches as float32 (the
-    dequantized values, in input order) for a float reference."""
+    dequantized values, in input order) for a float reference. ``inputs``: TensorSpecs (a recorded graph's) or
+    ``io_spec`` dicts (a graph being traced)."""
     feeds, floats = {}, []
-    for io in inputs:
+    for io in (x.to_dict() if isinstance(x, TensorSpec) else x for x in inputs):
         name = io["name"]
         if not name.startswith("past_") or "_scale_" in name:
             continue

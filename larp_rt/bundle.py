@@ -493,6 +493,18 @@ class BundleWriter:
         for rel in (file, *extra_files):
             self.add_file(rel)
 
+    def graph(self, name: str) -> GraphSpec:
+        """Graph ``name`` as recorded so far (BundleError when it has not been added)."""
+        entry = self.manifest["graphs"].get(name)
+        if entry is None:
+            raise BundleError(f"the bundle being written has no {name!r} graph yet: add_graph it first")
+        return GraphSpec.from_dict(entry, f"graphs.{name}", name=name)
+
+    @property
+    def precision(self) -> str | None:
+        """The generator weights' precision recorded so far (None before the exporter records it)."""
+        return self.manifest.get("precision")
+
     def set_tokenizer(self, spec: TokenizerSpec | None) -> None:
         self.manifest["tokenizer"] = None if spec is None else spec.to_dict()
 

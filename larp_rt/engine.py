@@ -36,6 +36,7 @@ import numpy as np
 from . import checks, prior
 from .backends.base import Backend
 from .bundle import Bundle
+from .manifest import PriorSpec
 from .sampling import RowParams, SamplingParams, resolve_params, svq_sample
 
 __all__ = ["Engine", "Generation"]
@@ -327,17 +328,19 @@ class Engine:
     # ------------------------------------------------------------------------------------------
     @property
     def has_prior(self) -> bool:
-        return self.bundle.prior is not None
+        return self.bundle.prior_spec is not None
 
-    def require_prior(self) -> dict:
-        """The bundle's prior entry (its manifest), or a ValueError saying the tokenizer was exported without one."""
+    def require_prior(self) -> PriorSpec:
+        """The bundle's prior entry (its manifest's, typed), or a ValueError saying the tokenizer was exported
+        without one."""
         self.require("tokenizer")
-        if self.bundle.prior is None:
+        prior = self.bundle.prior_spec
+        if prior is None:
             raise ValueError(
                 f"bundle {str(self.bundle.path)!r} has no AR prior: its tokenizer was exported without one (a "
                 "checkpoint without prior_model.* weights, or a bundle exported before larp_rt exported priors); "
                 "export a tokenizer trained with the prior (`larp-rt export --tokenizer DIR`)")
-        return self.bundle.prior
+        return prior
 
 
     def prior_logprobs(self, tokens, *, method: str = "auto") -> np.ndarray:

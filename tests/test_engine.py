@@ -99,7 +99,7 @@ def test_every_graph_matches_pytorch(models_and_bundle):
     seq = torch.randint(0, 1024, (2, 10))
     with torch.no_grad():
         full = gen(torch.tensor([1, 8]), seq)  # (2, 11, V)
-    S = b.kv_cache["max_seq"]
+    S = b.kv_cache_spec.max_seq
     caches = [np.zeros((2, 4, S, 32), np.float32) for _ in range(4)]
     feeds_tok = np.array([[1024 + 1], [1024 + 8]])  # prefill: class tokens at position 0
     for pos in range(11):
@@ -121,7 +121,7 @@ def test_manifest_is_self_describing(models_and_bundle):
     fused = {"fused", "fused@mix"} if HAVE_ORT_OP else set()
     assert {v["graph"] for v in m["verification"]} == {"encoder", "decoder", "decode", "prefill", "join",
                                                         "sample"} | fused
-    assert m["format_version"] == 2 and b.graph("decode").inputs[1] == {"name": "pos", "dtype": "int64", "shape": ["B"]}
+    assert m["format_version"] == 2 and b.graph("decode").inputs[1].to_dict() == {"name": "pos", "dtype": "int64", "shape": ["B"]}
     assert m["sampler"]["graph"] == "sample" and ("decode_sample" in b.graphs) == HAVE_ORT_OP
     assert b.checkpoint_dir("generator").is_dir() and b.tokenizer_config == TokenizerConfig.from_name("tiny")
     assert b.graph("decode").input_names[:2] == ["token", "pos"]
@@ -415,7 +415,7 @@ def test_default_export_carries_the_fused_step_and_the_engine_picks_it(tmp_path,
     assert {"decode", "decode_sample"} <= set(b.graphs)
     assert b.manifest["sampler"]["fused"] == "decode_sample"
     assert b.manifest["sampler"]["fused_attention"] == "larp_rt::DecodeAttention"
-    assert b.kv_cache["attention"] == "standard"  # decode.onnx stays the portable graph
+    assert b.kv_cache_spec.attention == "standard"  # decode.onnx stays the portable graph
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(bundle / "decode.onnx"), load_external_data=False).graph.node}

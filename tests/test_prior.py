@@ -86,13 +86,13 @@ def test_export_manifest_and_verification(prior_bundle):
     b = Bundle(path)
     m = b.manifest
     assert {"prior", "prior_score"} <= set(b.graphs)
-    entry = b.prior
-    assert entry["graph"] == "prior" and entry["score_graph"] == "prior_score" and entry["codebook_size"] == 1024
-    assert entry["kv_cache"] == {"layers": 2, "heads": 4, "head_dim": 16, "max_seq": 64, "dtype": "fp32"}
-    assert entry["latent_ce_temperature"] == 0.1 and b.tokenizer_config.prior.latent_ce_temperature == 0.1
+    entry = b.prior_spec
+    assert entry.graph == "prior" and entry.score_graph == "prior_score" and entry.codebook_size == 1024
+    assert entry.kv_cache.to_dict() == {"layers": 2, "heads": 4, "head_dim": 16, "max_seq": 64, "dtype": "fp32"}
+    assert entry.latent_ce_temperature == 0.1 and b.tokenizer_config.prior.latent_ce_temperature == 0.1
     g = b.graph("prior")
-    assert g.input_names[:2] == ["token", "pos"] and g.inputs[1]["shape"] == ["B"]
-    assert g.output_names[0] == "logits" and g.outputs[0]["shape"] == ["B", 1024]
+    assert g.input_names[:2] == ["token", "pos"] and g.inputs[1].shape == ("B",)
+    assert g.output_names[0] == "logits" and g.outputs[0].shape == ("B", 1024)
     assert b.graph("prior_score").outputs[0] == {"name": "logprobs", "dtype": "float32", "shape": ["B", 63]}
     checks = {(c["graph"], c["output"]): c for c in m["verification"]}
     for key in (("prior", "logits"), ("prior_score", "logprobs")):
@@ -104,7 +104,7 @@ def test_tokenizer_without_prior_exports_as_before(tmp_path, capsys):
     save_pretrained(LARPTokenizer(TokenizerConfig.from_name("tiny")), tmp_path / "tok")
     path = export_bundle(tmp_path / "tok", None, tmp_path / "b", onnx_only=True, **quiet)
     b = Bundle(path)
-    assert b.manifest["tokenizer"]["prior"] is None and b.prior is None
+    assert b.manifest["tokenizer"]["prior"] is None and b.prior_spec is None
     assert set(b.graphs) == {"encoder", "decoder"}
     eng = Engine(path)
     tokens = np.zeros((1, 64), np.int64)
@@ -364,8 +364,8 @@ def test_fused_graph_in_the_manifest_and_verified(prior_bundle):
     import onnx
 
     b = Bundle(prior_bundle[1])
-    entry = b.prior
-    assert entry["fused_graph"] == "prior_fused" and entry["fused_attention"] == "larp_rt::DecodeAttention"
+    entry = b.prior_spec
+    assert entry.fused_graph == "prior_fused" and entry.fused_attention == "larp_rt::DecodeAttention"
     g = b.graph("prior_fused")
     assert g.inputs == b.graph("prior").inputs and g.outputs == b.graph("prior").outputs
     ops = [n.op_type for n in onnx.load(str(b.graph_path("prior_fused")), load_external_data=False).graph.node
@@ -443,7 +443,7 @@ def test_bundle_without_the_fused_graph_runs_prior_onnx(tmp_path, monkeypatch):
         m.setattr(kernels, "ort_custom_op_library", lambda *a, **k: None)
         path = export_bundle(tmp_path / "tok", None, tmp_path / "b", onnx_only=True, **quiet)
     b = Bundle(path)
-    assert "fused_graph" not in b.prior and "prior_fused" not in b.graphs
+    assert b.prior_spec.fused_graph is None and "prior_fused" not in b.graphs
     eng = Engine(path)
     assert eng.prior_graph_name == "prior"
     tokens = np.random.default_rng(12).integers(0, 1024, (2, 64))
@@ -458,7 +458,7 @@ def test_fp16_prior_keeps_the_standard_graph(tmp_path):
     path = export_bundle(tmp_path / "tok", None, tmp_path / "b", precision="fp16", onnx_only=True, verify=False,
                          **quiet)
     b = Bundle(path)
-    assert b.prior["kv_cache"]["dtype"] == "fp16" and "fused_graph" not in b.prior and "prior_fused" not in b.graphs
+    assert b.prior_spec.kv_cache.dtype == "fp16" and b.prior_spec.fused_graph is None and "prior_fused" not in b.graphs
     assert Engine(path).prior_graph_name == "prior"
 
 

@@ -165,11 +165,11 @@ def make_fake_plan(cudart):
     class FakePlan(tb.LoadedPlan):
         def __init__(self, be, name, entry):
             self.be, self.name, self.entry = be, name, entry
-            self.session = ort.InferenceSession(str(be.bundle.path / entry["onnx"]), providers=["CPUExecutionProvider"])
-            self.buckets = list(entry["buckets"])
-            self.inputs = [i["name"] for i in entry["inputs"]]
-            self.outputs = [o["name"] for o in entry["outputs"]]
-            self.dtypes = {d["name"]: np.dtype(d["dtype"]) for d in entry["inputs"] + entry["outputs"]}
+            self.session = ort.InferenceSession(str(be.bundle.path / entry.onnx), providers=["CPUExecutionProvider"])
+            self.buckets = list(entry.buckets)
+            self.inputs = [i.name for i in entry.inputs]
+            self.outputs = [o.name for o in entry.outputs]
+            self.dtypes = {d.name: np.dtype(d.dtype) for d in (*entry.inputs, *entry.outputs)}
             self._contexts = {}
             self.runtime_cache = self.cache_path = None
 

@@ -27,6 +27,7 @@ import numpy as np
 from .. import sampling
 from ..bundle import Bundle
 from ..errors import NonFiniteLogitsError, kernel_error
+from ..manifest import KVCacheSpec
 from ..sampling import RowParams
 from .base import Backend, StepRunner, StepSample
 from .layout import cache_window, rebind_width, window_width
@@ -104,12 +105,12 @@ class OnnxRuntimeBackend(Backend):
         self._sessions: dict[str, object] = {}
         self._session_lock = threading.Lock()
         self._custom_ops = False
-        kv = bundle.kv_cache
-        self.kv_dtype = KV_NUMPY[kv.get("dtype") or ("fp16" if bundle.precision == "fp16" else "fp32")]
+        kv = bundle.kv_cache_spec or KVCacheSpec()  # none without a generator: the weights' float type
+        self.kv_dtype = KV_NUMPY[kv.dtype_or(bundle.precision)]
         self.kv_scaled = self.kv_dtype == np.int8  # per-slot float32 scales beside the int8 cache
         if bundle.generator_config is not None:
-            if kv.get("attention") == "larp_rt::DecodeAttention":  # a narrow cache read by the fused op
-                self._need_custom_ops(f"the bundle's {kv['dtype']} KV cache")
+            if kv.attention == "larp_rt::DecodeAttention":  # a narrow cache read by the fused op
+                self._need_custom_ops(f"the bundle's {kv.dtype} KV cache")
             self._choose_sampler(sampler)
         self.prior_graph = prior_graph
         if prior_graph == "fused" and (why := self._prior_fused_unavailable()) is not None:
@@ -198,7 +199,8 @@ class OnnxRuntimeBackend(Backend):
 
     def encode_latents(self, video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, N, d) normalised latents of the encoder graph and the bundle's normalised codebook (K, d)."""
-        rel = (self.bundle.manifest.get("tokenizer") or {}).get("codebook")
+        tok = self.bundle.tokenizer_spec
+        rel = tok.codebook if tok is not None else None
         if rel is None:
             raise ValueError(f"bundle {str(self.bundle.path)!r} has no codebook.npy (exported before larp_rt wrote "
                              "one): re-export the tokenizer for stochastic_cond, or use the deterministic encoder")
@@ -239,10 +241,10 @@ class OnnxRuntimeBackend(Backend):
         """None when the prior's fused step graph can run here now, else why not."""
         from .. import kernels
 
-        prior = self.bundle.prior
+        prior = self.bundle.prior_spec
         if prior is None:
             return f"bundle {str(self.bundle.path)!r} has no AR prior"
-        if not prior.get("fused_graph"):
+        if not prior.fused_graph:
             return ("the bundle has no fused prior step graph (an fp16 prior, or exported where the ONNX Runtime "
                     "custom-op library was not built): re-export it with the kernels built (pip install -e .)")
         if self.on_gpu:
@@ -259,17 +261,17 @@ class OnnxRuntimeBackend(Backend):
     def prior_graph_name(self) -> str | None:
         """The bundle graph the next prior runner steps through: the fused one (``prior_fused``) or ``prior``; None
         without a prior. With prior_graph='fused' where it cannot run (kernels disabled since), raises."""
-        prior = self.bundle.prior
+        prior = self.bundle.prior_spec
         if prior is None:
             return None
         if self.prior_graph == "standard":
-            return prior["graph"]
+            return prior.graph
         why = self._prior_fused_unavailable()
         if why is None:
-            return prior["fused_graph"]
+            return prior.fused_graph
         if self.prior_graph == "fused":
             raise ValueError(f"prior_graph='fused' is not available: {why}; use prior_graph='auto'")
-        return prior["graph"]
+        return prior.graph
 
     def prior_runner(self, capacity: int) -> _OrtPriorRunner:
         """A StepRunner over the prior's step graph (``prior_graph_name``: the fused graph where it can run, else
@@ -277,7 +279,7 @@ class OnnxRuntimeBackend(Backend):
         graph = self.prior_graph_name
         if graph is None:
             raise ValueError(f"bundle {str(self.bundle.path)!r} has no AR prior")
-        fused = graph == self.bundle.prior.get("fused_graph")
+        fused = graph == self.bundle.prior_spec.fused_graph
         if fused:
             with self._session_lock:  # the library is registered once, before the graph's session is created
                 self._need_custom_ops("the prior's fused step graph")
@@ -315,17 +317,17 @@ class _OrtRunner(StepRunner):
     """
 
     def __init__(self, be: OnnxRuntimeBackend, capacity: int):
-        cfg, kv = be.generator_config, be.bundle.kv_cache
+        cfg, kv = be.generator_config, be.bundle.kv_cache_spec
         self.be, self.capacity = be, int(capacity)
-        self.L, self.H, self.S, self.hd = cfg.n_layer, cfg.n_head, int(kv["max_seq"]), cfg.head_dim
+        self.L, self.H, self.S, self.hd = cfg.n_layer, cfg.n_head, kv.max_seq, cfg.head_dim
         self.V = cfg.vocab_size
         self.window = cache_window(self.S)
         self.samples = be.sampler_name == "fused"
         self.sess = be.session("decode_sample" if self.samples else "decode")
         # the fused graph of a float32 bundle reads the cache through its own op (only the valid slots); so does
         # every decode graph of a narrow-cache bundle
-        attention = (be.bundle.manifest.get("sampler") or {}).get("fused_attention")
-        op_reads = kv.get("attention") == "larp_rt::DecodeAttention" or (
+        attention = be.bundle.sampler.fused_attention if be.bundle.sampler else None
+        op_reads = kv.attention == "larp_rt::DecodeAttention" or (
             self.samples and attention == "larp_rt::DecodeAttention")
         self.windowed = not op_reads and not be.on_gpu
         self.scaled = be.kv_scaled
@@ -472,8 +474,9 @@ class _OrtRunner(StepRunner):
     def prefill(self, rows: np.ndarray, prefix: np.ndarray) -> np.ndarray:
         """Frame prediction: ``prefix_prefill.onnx`` over the prefixes (R, P) of rows ``rows``; its P entries per
         layer go into slots 0 .. P-1 of those rows (the cache window grows to hold them first)."""
-        entry = (self.be.bundle.manifest.get("generator") or {}).get("prefill") or {}
-        if "graph" not in entry:
+        gen = self.be.bundle.generator_spec
+        entry = gen.prefill if gen is not None else None
+        if entry is None:
             raise ValueError(f"bundle {str(self.be.bundle.path)!r} has no multi-token prefill graph: re-export the "
                              "frame-prediction generator with this larp_rt (`larp-rt export --generator DIR`)")
         rows = np.asarray(rows, np.int64)
@@ -484,7 +487,7 @@ class _OrtRunner(StepRunner):
             raise NotImplementedError("the multi-token prefill writes host caches; on a GPU execution provider "
                                       "frame prediction is not supported yet: use device='cpu' or backend='torch'")
         pos = np.broadcast_to(np.arange(P, dtype=np.int64), (R, P)).copy()
-        logits, *new = self.be.session(entry["graph"]).run(None, {"tokens": np.ascontiguousarray(prefix, np.int64),
+        logits, *new = self.be.session(entry.graph).run(None, {"tokens": np.ascontiguousarray(prefix, np.int64),
                                                                   "pos": pos})
         hi = int(rows.max()) + 1
         if hi > self.rows:
@@ -534,20 +537,20 @@ class _OrtPriorRunner(_OrtRunner):
     is small, the generator's device cache is not reused."""
 
     def __init__(self, be: OnnxRuntimeBackend, capacity: int, graph: str, *, fused: bool):
-        prior = be.bundle.prior
+        prior = be.bundle.prior_spec
         if prior is None:
             raise ValueError(f"bundle {str(be.bundle.path)!r} has no AR prior")
-        kv = prior["kv_cache"]
+        kv = prior.kv_cache
         self.be, self.capacity = be, int(capacity)
-        self.L, self.H, self.S, self.hd = int(kv["layers"]), int(kv["heads"]), int(kv["max_seq"]), int(kv["head_dim"])
-        self.V = int(prior["codebook_size"])
+        self.L, self.H, self.S, self.hd = kv.layers, kv.heads, kv.max_seq, kv.head_dim
+        self.V = prior.codebook_size
         self.window = cache_window(self.S)
         self.samples = False
         self.graph_name = graph
         self.sess = be.session(graph)
         self.windowed = not fused and not be.on_gpu
         self.scaled = False
-        dt = np.float16 if kv.get("dtype") == "fp16" else np.float32
+        dt = np.float16 if kv.dtype == "fp16" else np.float32
         cap = self.capacity
         self.token = np.zeros((cap, 1), np.int64)
         self.pos = np.zeros(cap, np.int64)

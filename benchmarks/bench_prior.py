@@ -58,9 +58,9 @@ def _bundle(name: str, tokenizer_dir: Path, generator_dir: Path | None) -> Path:
     out = CACHE / name
     if (out / "manifest.json").exists():
         try:
-            prior = Bundle(out).prior
+            prior = Bundle(out).prior_spec
             # a bundle cached before prior_fused.onnx existed is re-exported where the kernels can build it
-            if prior is not None and (prior.get("fused_graph") or kernels.ort_custom_op_library() is None):
+            if prior is not None and (prior.fused_graph or kernels.ort_custom_op_library() is None):
                 return out
         except BundleError:
             pass

@@ -95,7 +95,7 @@ def variant_bundle(preset: str, weights: str, kv: str) -> Path | str:
             if "kv_dtype" in str(e):
                 return "skipped: kv_dtype not on this branch"
             raise
-    got = Bundle(out).kv_cache.get("dtype", "fp32")
+    got = Bundle(out).kv_cache_spec.dtype or "fp32"
     if got != kv:
         raise RuntimeError(f"bundle {out} records KV dtype {got!r}, not {kv!r}: delete it and re-run")
     return out

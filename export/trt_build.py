@@ -42,6 +42,7 @@ from typing import Any
 from .. import __version__
 from ..backends import tensorrt as trt_backend
 from ..bundle import MANIFEST, Bundle, BundleError, sha256_file
+from ..manifest import TensorSpec
 
 __all__ = ["build_plans", "PlanBuildError", "PROFILES", "PLAN_EXCLUDED", "FLAVOURS", "DEFAULT_BATCH",
            "RTX_DEFAULT_CC", "import_trt", "trt_version"]
@@ -308,8 +309,9 @@ def _build_one(trt, flavour: str, graph: str, onnx_path: Path, buckets: list[int
 
 def _same_io(graph: str, info, inputs: list[dict], outputs: list[dict]) -> None:
     """The network TensorRT parsed must expose the bundle graph's I/O exactly (names, dtypes, shapes)."""
-    def norm(lst):
-        return [(d["name"], d["dtype"], [str(x) if isinstance(x, str) else int(x) for x in d["shape"]]) for d in lst]
+    def norm(lst):  # TensorRT's parsed I/O (dicts) and the manifest's (TensorSpecs) as comparable tuples
+        dicts = [d.to_dict() if isinstance(d, TensorSpec) else d for d in lst]
+        return [(d["name"], d["dtype"], [str(x) if isinstance(x, str) else int(x) for x in d["shape"]]) for d in dicts]
 
     if norm(inputs) != norm(info.inputs) or norm(outputs) != norm(info.outputs):
         raise PlanBuildError(f"graph {graph!r}: TensorRT's network I/O {norm(inputs)} -> {norm(outputs)} differs from "

@@ -288,18 +288,6 @@ class Bundle:
         rel = (self.spec.checkpoints or {}).get(kind)
         return None if rel is None else self.path / rel
 
-    # transitional: the raw-dict views of the prior and the KV cache that engine.py, backends/onnxruntime.py and
-    # export/trt_build.py still index; they move to ``prior_spec`` / ``kv_cache_spec``, then these two go
-    @property
-    def prior(self) -> dict[str, Any] | None:
-        """The tokenizer's AR prior entry as a dict (transitional: use ``prior_spec``), or None."""
-        return (self.manifest.get("tokenizer") or {}).get("prior")
-
-    @property
-    def kv_cache(self) -> dict[str, Any]:
-        """The generator's KV cache entry as a dict, {} without a generator (transitional: use ``kv_cache_spec``)."""
-        return dict((self.manifest.get("generator") or {}).get("kv_cache") or {})
-
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")  # int8/int4: weight-only MatMulNBits generator (export/quantize.py)
 _NBITS = {"int8": 8, "int4": 4}

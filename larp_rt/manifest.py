@@ -144,20 +144,8 @@ class _Spec:
 # ---------------------------------------------------------------------------------------------------------------
 # graphs
 # ---------------------------------------------------------------------------------------------------------------
-class _DictView:
-    """Transitional: read access by JSON key (``spec["file"]``, ``spec.get("weights")``) for the readers and tests
-    that still index these entries as dicts (graph I/O in tests, plan entries in tests/test_trt_emulated.py's fake
-    plan). Remove once every caller uses the attributes."""
-
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]  # type: ignore[attr-defined]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_dict().get(key, default)  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True, eq=False)
-class TensorSpec(_DictView, _Spec):
+@dataclass(frozen=True)
+class TensorSpec(_Spec):
     """One input or output of a graph or plan: ``{"name", "dtype", "shape"}`` (axis names for dynamic axes)."""
 
     KEYS: ClassVar = ("name", "dtype", "shape")
@@ -169,14 +157,6 @@ class TensorSpec(_DictView, _Spec):
     def _parse(cls, d, where):
         return {"name": _field(d, where, "name", "str", cls.FIX), "dtype": _field(d, where, "dtype", "str", cls.FIX),
                 "shape": _field(d, where, "shape", "dims", cls.FIX)}
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, TensorSpec | Mapping):
-            return self.to_dict() == (other.to_dict() if isinstance(other, TensorSpec) else dict(other))
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.dtype, self.shape))
 
 
 def _tensors(d: Mapping[str, Any], where: str, key: str, fix: str) -> tuple[TensorSpec, ...]:
@@ -376,7 +356,7 @@ class SamplerSpec(_Spec):
 # TensorRT plans
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class PlanEntry(_DictView, _Spec):
+class PlanEntry(_Spec):
     """``plans.NAME``: one TensorRT plan: its file (content-addressed, ``sha256``, ``size``), the ONNX graph it was
     built from (``onnx``, ``onnx_sha256``, ``onnx_data``), the builder (``flavour`` tensorrt-rtx | tensorrt,
     ``version``, ``compute_capabilities``), the build options (``precision``, ``weights`` embedded | stripped,

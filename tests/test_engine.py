@@ -121,7 +121,8 @@ def test_manifest_is_self_describing(models_and_bundle):
     fused = {"fused", "fused@mix"} if HAVE_ORT_OP else set()
     assert {v["graph"] for v in m["verification"]} == {"encoder", "decoder", "decode", "prefill", "join",
                                                         "sample"} | fused
-    assert m["format_version"] == 2 and b.graph("decode").inputs[1].to_dict() == {"name": "pos", "dtype": "int64", "shape": ["B"]}
+    assert m["format_version"] == 2
+    assert b.graph("decode").inputs[1].to_dict() == {"name": "pos", "dtype": "int64", "shape": ["B"]}
     assert m["sampler"]["graph"] == "sample" and ("decode_sample" in b.graphs) == HAVE_ORT_OP
     assert b.checkpoint_dir("generator").is_dir() and b.tokenizer_config == TokenizerConfig.from_name("tiny")
     assert b.graph("decode").input_names[:2] == ["token", "pos"]

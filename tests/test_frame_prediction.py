@@ -414,7 +414,7 @@ def test_prefill_graph_builds_a_tensorrt_plan_with_a_dynamic_prefix(fp_bundle, t
     b = Bundle(dst)
     e = b.manifest["plans"][PREFILL_GRAPH]
     assert [x["name"] for x in e["inputs"]] == ["tokens", "pos"]
-    S = b.kv_cache["max_seq"]
+    S = b.kv_cache_spec.max_seq
     assert [p["P"] for p in e["profiles"]] == [[1, S // 2, S]] * 2
     assert [p["B"] for p in e["profiles"]] == [[1, 1, 1], [2, 2, 2]]
 

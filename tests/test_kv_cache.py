@@ -205,18 +205,18 @@ def test_manifest_and_graph_inputs(bundles):
 
     for name, want in (("fp16", 10), ("int8", 3), ("int8+int8", 3)):
         b = Bundle(bundles[name])
-        kv = b.kv_cache
-        assert kv["dtype"] == name.split("+")[-1] and kv["attention"] == "larp_rt::DecodeAttention"
+        kv = b.kv_cache_spec
+        assert kv.dtype == name.split("+")[-1] and kv.attention == "larp_rt::DecodeAttention"
         for graph in ("decode", "decode_sample"):
             g = onnx.load(str(b.graph_path(graph)), load_external_data=False).graph
             types = {i.name: i.type.tensor_type.elem_type for i in g.input}
             assert types["past_k_0"] == want and types["past_v_0"] == want
-            assert ("past_k_scale_0" in types) == (kv["dtype"] == "int8")
+            assert ("past_k_scale_0" in types) == (kv.dtype == "int8")
             assert sum(n.op_type == "DecodeAttention" for n in g.node) == b.generator_config.n_layer
-        if kv["dtype"] == "int8":
-            assert kv["scales"]["granularity"] == "per (row, head, slot)"
+        if kv.dtype == "int8":
+            assert kv.scales["granularity"] == "per (row, head, slot)"
     assert Bundle(bundles["int8+int8"]).manifest["quantization"]["kv_cache"] == "int8"
-    assert Bundle(bundles["fp32"]).kv_cache["attention"] == "standard"
+    assert Bundle(bundles["fp32"]).kv_cache_spec.attention == "standard"
 
 
 @pytest.mark.parametrize("name", ["fp16", "int8", "int8+int8"])

@@ -91,9 +91,10 @@ def test_the_parts_hold_what_the_exporter_wrote(bundles):
     g = b.graph("decode")
     assert isinstance(g, GraphSpec) and GraphInfo is GraphSpec and g.input_names[:2] == ["token", "pos"]
     assert g.inputs[1] == TensorSpec(name="pos", dtype="int64", shape=("B",))
-    assert g.inputs[1] == {"name": "pos", "dtype": "int64", "shape": ["B"]}  # transitional: dict-compatible
-    # the transitional dict views say the same as the specs
-    assert b.kv_cache == b.kv_cache_spec.to_dict() and b.prior == b.prior_spec.to_dict()
+    assert g.inputs[1].to_dict() == {"name": "pos", "dtype": "int64", "shape": ["B"]}
+    # the specs write back exactly the manifest's entries
+    assert b.kv_cache_spec.to_dict() == b.manifest["generator"]["kv_cache"]
+    assert b.prior_spec.to_dict() == b.manifest["tokenizer"]["prior"]
     if "frame_prediction" in bundles:
         fp = Bundle(bundles["frame_prediction"])
         assert fp.generator_spec.prefill == PrefillSpec(graph="prefix_prefill", prefix_tokens=65, separator=1024)

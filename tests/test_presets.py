@@ -75,7 +75,7 @@ def test_cli_preset_fast_exports_int4_weights_fp16_cache_int8_tokenizer(tmp_path
     assert main(["export", str(out), "--tokenizer", str(TOK), "--generator", str(GEN), "--preset", "fast",
                  "--onnx-only", "--no-verify"]) == 0
     b = Bundle(out)
-    assert (b.precision, b.kv_cache["dtype"], b.manifest["tokenizer"]["precision"]) == ("int4", "fp16", "int8")
+    assert (b.precision, b.kv_cache_spec.dtype, b.manifest["tokenizer"]["precision"]) == ("int4", "fp16", "int8")
     assert b.manifest["sampler"]["fused"] == "decode_sample"
     eng = Engine(out)
     assert eng.sampler_name == "fused"

@@ -93,7 +93,7 @@ def test_export_manifest_and_verification(prior_bundle):
     g = b.graph("prior")
     assert g.input_names[:2] == ["token", "pos"] and g.inputs[1].shape == ("B",)
     assert g.output_names[0] == "logits" and g.outputs[0].shape == ("B", 1024)
-    assert b.graph("prior_score").outputs[0] == {"name": "logprobs", "dtype": "float32", "shape": ["B", 63]}
+    assert b.graph("prior_score").outputs[0].to_dict() == {"name": "logprobs", "dtype": "float32", "shape": ["B", 63]}
     checks = {(c["graph"], c["output"]): c for c in m["verification"]}
     for key in (("prior", "logits"), ("prior_score", "logprobs")):
         assert checks[key]["max_abs"] <= checks[key]["tol"] == 1e-3

@@ -54,7 +54,7 @@ def test_manifest_and_graphs(bundles):
     for p, bits in (("int8", 8), ("int4", 4)):
         b = Bundle(bundles[p])
         m = b.manifest
-        assert b.precision == p and b.kv_cache["dtype"] == "fp32"
+        assert b.precision == p and b.kv_cache_spec.dtype == "fp32"
         q = m["quantization"]
         assert (q["bits"], q["block_size"], q["accuracy_level"], q["symmetric"]) == (bits, 32, 4, True)
         assert "decode" in q["graphs"]

@@ -243,7 +243,7 @@ def test_with_an_int8_generator(tmp_path):
                          kv_dtype=kv, verify=False, printer=lambda *a: None)
     b = Bundle(path)
     assert (b.precision, b.tokenizer_precision, b.manifest["quantization"]["tokenizer"]) == ("int8", "int8", "int8")
-    assert b.kv_cache["dtype"] == kv
+    assert b.kv_cache_spec.dtype == kv
     eng = Engine(path, backend="onnxruntime")
     out = eng.generate([1, 5], SamplingParams(temperature=1.0, cfg_scale=2.0, seed=0))
     video = eng.decode(np.asarray(out.tokens))

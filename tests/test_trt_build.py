@@ -74,8 +74,9 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
-def norm(lst):
-    return [(d["name"], d["dtype"], [str(x) if isinstance(x, str) else int(x) for x in d["shape"]]) for d in lst]
+def norm(lst):  # the plan entry's I/O (JSON dicts) and the graph's (TensorSpecs) as comparable tuples
+    dicts = [d if isinstance(d, dict) else d.to_dict() for d in lst]
+    return [(d["name"], d["dtype"], [str(x) if isinstance(x, str) else int(x) for x in d["shape"]]) for d in dicts]
 
 
 def test_tiny_fp32_plans_build_with_manifest_entries(built):
@@ -98,7 +99,7 @@ def test_tiny_fp32_plans_build_with_manifest_entries(built):
         assert e["onnx_sha256"] == hashlib.sha256((path / e["onnx"]).read_bytes()).hexdigest()
         assert e["size"] == plan.stat().st_size > 0
         assert [p["B"] for p in e["profiles"]] == [[1, 1, 1], [2, 2, 2]]  # one profile per batch bucket
-    S = b.kv_cache["max_seq"]
+    S = b.kv_cache_spec.max_seq
     assert [p["S"] for p in plans["decode"]["profiles"]] == [[1, S // 2, S]] * 2  # the KV length stays dynamic
     assert b.manifest["tensorrt"]["buckets"] == [1, 2]
     assert sum(1 for line in lines if " MB " in line and " s " in line) == len(plans)  # a line per plan

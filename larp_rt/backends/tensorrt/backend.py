@@ -115,7 +115,7 @@ class TensorRTBackend(Backend):
         self.machine = machine(probe=True)
         entries = check_plans(bundle, self.machine, device=dev)  # raises without a GPU: nothing created yet
         self.gpu = self.machine.gpus[min(dev, len(self.machine.gpus) - 1)]
-        self.flavour = next(iter(entries.values()))["flavour"]
+        self.flavour = next(iter(entries.values())).flavour
         self.trt = trt = importlib.import_module(PKG[self.flavour])
         self.cudart = cudart = load_cudart()
         cuda_ok(cudart.cudaSetDevice(int(self.gpu["index"])), "cudaSetDevice")

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import GeneratorConfig, TokenizerConfig
 from .manifest import (
     BUILD_FIX,
@@ -230,6 +232,15 @@ class Bundle:
     def tokenizer_spec(self) -> TokenizerSpec | None:
         """The manifest's ``tokenizer`` entry (config, codebook, prior, precision), None without a tokenizer."""
         return self.spec.tokenizer
+
+    def load_codebook(self) -> np.ndarray:
+        """The tokenizer's normalised codebook (K, d) float32 from ``codebook.npy``: what the stochastic SVQ draw
+        of ``Backend.encode_latents`` needs. ValueError for a bundle exported before larp_rt wrote it."""
+        rel = self.spec.tokenizer.codebook if self.spec.tokenizer is not None else None
+        if rel is None:
+            raise ValueError(f"bundle {str(self.path)!r} has no codebook.npy (exported before larp_rt wrote "
+                             "one): re-export the tokenizer for stochastic_cond, or use the deterministic encoder")
+        return np.load(self.path / rel)
 
     @property
     def generator_spec(self) -> GeneratorSpec | None:

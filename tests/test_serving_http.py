@@ -587,13 +587,17 @@ def test_encode_upload_and_decode_round_trip(main, ref, tmp_path):
 
 
 def assert_mp4_frames(path, want: np.ndarray, tmp_path) -> np.ndarray:
-    """The frames of the mp4 at ``path`` are exactly those of ``want`` (T, H, W, 3) uint8 written by the same
-    encoder here (H.264 is lossy, and deterministic for the same frames and settings: the server's 8 fps default):
-    a changed pixel, frame or layout in what the server encoded changes them. Returns the frames read."""
+    """The frames of the mp4 at ``path`` match those of ``want`` (T, H, W, 3) uint8 written by the same encoder here
+    (the server's 8 fps default). H.264 is deterministic for the same frames but amplifies one-level differences,
+    and the decoder's float output is not bit-stable from run to run (ONNX Runtime's threaded reductions: the npy
+    check above is allclose for that reason): a pixel rounded the other way moved 39% of the encoded pixels by up
+    to 28 levels in one CI run. So every frame's mean absolute difference to the local encoding is bounded: 0 in
+    most runs, up to 3.8 measured in 1 of 5, against 30-48 for swapped colour channels. Returns the frames read."""
     got, _ = read_video(path)
     local, _ = read_video(write_video(tmp_path / f"want-{path.stem}.mp4", want, fps=8))
-    assert got.shape == want.shape, (got.shape, want.shape)
-    np.testing.assert_array_equal(got, local)
+    assert got.shape == want.shape == local.shape, (got.shape, want.shape, local.shape)
+    per_frame = np.abs(got.astype(np.int16) - local).reshape(len(got), -1).mean(1)
+    assert per_frame.max() <= 8, per_frame
     # and against the frames themselves (the encoder's own faults): per frame and channel, the mean level survives
     # H.264 within 4 of 255 on these noisy decoder outputs (measured <= 2), though single pixels do not
     level = lambda f: f.reshape(len(f), -1, 3).mean(1)  # noqa: E731

@@ -199,12 +199,7 @@ class OnnxRuntimeBackend(Backend):
 
     def encode_latents(self, video: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, N, d) normalised latents of the encoder graph and the bundle's normalised codebook (K, d)."""
-        tok = self.bundle.tokenizer_spec
-        rel = tok.codebook if tok is not None else None
-        if rel is None:
-            raise ValueError(f"bundle {str(self.bundle.path)!r} has no codebook.npy (exported before larp_rt wrote "
-                             "one): re-export the tokenizer for stochastic_cond, or use the deterministic encoder")
-        codes = np.load(self.bundle.path / rel)
+        codes = self.bundle.load_codebook()
         return self.session("encoder").run(["latents"], {"video": video})[0], codes
 
     # sampling through the bundle's standard-ops graph -----------------------------------------

@@ -198,12 +198,7 @@ class TensorRTBackend(Backend):
         if "latents" not in self.plan("encoder").outputs:
             raise self._lacks("stochastic encoder (encode_latents: this bundle's encoder plan has no 'latents' "
                               "output; rebuild it from a re-exported bundle)")
-        spec = self.bundle.tokenizer_spec
-        rel = spec.codebook if spec is not None else None
-        if rel is None:
-            raise ValueError(f"bundle {str(self.bundle.path)!r} has no codebook.npy (exported before larp_rt wrote "
-                             "one): re-export the tokenizer for stochastic_cond, or use the deterministic encoder")
-        codes = np.load(self.bundle.path / rel)
+        codes = self.bundle.load_codebook()
         return self._run_graph("encoder", {"video": video})["latents"], codes
 
     def prior_logprobs_full(self, tokens: np.ndarray) -> np.ndarray:

@@ -145,14 +145,19 @@ MALFORMED = [  # (dotted key, bad value, the key the error names)
 ]
 
 
+def _copy_with_manifest(src: Path, dst: Path, manifest: dict) -> Path:
+    """A copy of bundle ``src`` at ``dst`` whose manifest.json is ``manifest``."""
+    shutil.copytree(src, dst)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
 @pytest.mark.parametrize(("path", "value", "key"), MALFORMED, ids=[m[0] + "=" + repr(m[1]) for m in MALFORMED])
 def test_a_malformed_entry_is_refused_naming_its_key(bundles, tmp_path, path, value, key):
     m = _break(manifest(bundles["fp32"]), path, value)
     with pytest.raises(BundleError, match=rf"manifest key {key.replace('.', '[.]')} .*re-export the bundle"):
         ManifestSpec.from_dict(m, "")
-    dst = tmp_path / "b"
-    shutil.copytree(bundles["fp32"], dst)
-    (dst / "manifest.json").write_text(json.dumps(m))
+    dst = _copy_with_manifest(bundles["fp32"], tmp_path / "b", m)
     with pytest.raises(BundleError, match=rf"manifest.json'?: manifest key {key.replace('.', '[.]')} "):
         Bundle(dst)  # at load, before any backend
 
@@ -164,9 +169,7 @@ def test_a_malformed_plan_entry_names_the_build_command(bundles, tmp_path, path,
     m = _break(manifest(bundles["plans"]), path, value)
     with pytest.raises(PlanError, match=r"manifest key (plans|tensorrt)[.]\S+ .*rebuild its plans"):
         ManifestSpec.from_dict(m, "")
-    dst = tmp_path / "b"
-    shutil.copytree(bundles["plans"], dst)
-    (dst / "manifest.json").write_text(json.dumps(m))
+    dst = _copy_with_manifest(bundles["plans"], tmp_path / "b", m)
     with pytest.raises(PlanError, match=f"rebuild the plans with `larp-rt build {dst} --trt rtx"):
         Bundle(dst)
 
